@@ -1,0 +1,109 @@
+"""Composition root: wires the model repository into an aiohttp application and runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from aiohttp import web
+
+from batchserve.config import ServerConfig
+from batchserve.http import REPOSITORY, STATE, ServerState, add_routes, error_middleware
+from batchserve.repository import ModelRepository
+
+log = logging.getLogger("batchserve.server")
+
+
+def create_app(repository: ModelRepository, config: ServerConfig) -> web.Application:
+    """The aiohttp application; its startup loads every model, its cleanup drains them."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[REPOSITORY] = repository
+    app[STATE] = ServerState(config.max_body_bytes)
+    app.cleanup_ctx.append(_models)
+    add_routes(app)
+    return app
+
+
+async def _models(app: web.Application) -> AsyncIterator[None]:
+    async with app[REPOSITORY]:
+        app[STATE].accepting = True
+        yield
+        app[STATE].accepting = False
+
+
+class Server:
+    """A running HTTP server: `start()` returns once models are loaded and the port listens.
+
+    Shutdown order: readiness false and new infer requests refused → listening socket closed →
+    in-flight requests finished (up to the grace period) → queues drained → sessions closed.
+    """
+
+    def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
+        self.config = config
+        self.app = create_app(repository, config)
+        self._runner = web.AppRunner(self.app, access_log=None)
+        self._port: int | None = None
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            self.config.host,
+            self.config.port,
+            shutdown_timeout=self.config.shutdown_grace_s,
+        )
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self._port = int(self._runner.addresses[0][1])
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the server has not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def aclose(self) -> None:
+        self.app[STATE].accepting = False
+        await self._runner.cleanup()
+
+
+async def serve_until_signalled(server: Server) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with server:
+            log.info("listening on %s", server.url)
+            await stop.wait()
+            log.info("signal received: draining")
+            server.app[STATE].accepting = False
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")

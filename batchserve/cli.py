@@ -1,0 +1,174 @@
+"""Command line: `batchserve serve MODEL.onnx` and `batchserve example-model NAME`.
+
+Every `serve` flag can also be set by an environment variable `BATCHSERVE_<FLAG>` (for example
+`BATCHSERVE_MAX_BATCH_SIZE=32`); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from batchserve.config import BatchConfig, Device, RuntimeConfig, ServerConfig
+from batchserve.errors import DeviceUnavailable, ModelLoadError
+
+EXIT_USAGE = 2
+
+
+def _env(flag: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
+    value = os.environ.get("BATCHSERVE_" + flag.upper().replace("-", "_"))
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(
+            f"batchserve: error: BATCHSERVE_{flag.upper()}={value!r} is invalid"
+        ) from None
+
+
+def _device(text: str) -> Device:
+    try:
+        return Device.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve an ONNX model over HTTP (Open Inference Protocol)"
+    )
+    serve.add_argument("model", help="path to the .onnx model file")
+    serve.add_argument(
+        "--name", default=_env("name", None), help="model name in URLs (default: file stem)"
+    )
+    serve.add_argument("--host", default=_env("host", "0.0.0.0"))
+    serve.add_argument("--port", type=int, default=_env("port", 8000, int))
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=_env("max-batch-size", 64, int),
+        help="most rows in one ONNX Runtime run (default 64)",
+    )
+    serve.add_argument(
+        "--max-latency-ms",
+        type=float,
+        default=_env("max-latency-ms", 2.0, float),
+        help="longest a request is held for company while a session is free",
+    )
+    serve.add_argument(
+        "--max-queue-rows",
+        type=int,
+        default=_env("max-queue-rows", 8192, int),
+        help="rows allowed to wait; more are rejected with 429",
+    )
+    serve.add_argument(
+        "--instances",
+        type=int,
+        default=_env("instances", 1, int),
+        help="ONNX Runtime sessions in the pool (one thread / CUDA stream each)",
+    )
+    serve.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=_env("intra-op-threads", 0, int),
+        help="threads per session (0: cores / instances on CPU, 1 on CUDA)",
+    )
+    serve.add_argument(
+        "--device", type=_device, default=_device(_env("device", "cpu")), help="cpu or cuda[:N]"
+    )
+    serve.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=_env("max-body-mb", 64.0, float),
+        help="largest accepted request body (413 above it)",
+    )
+    serve.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=_env("shutdown-grace-s", 30.0, float),
+        help="how long SIGTERM waits for in-flight requests",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("log-level", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchserve", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    example = commands.add_parser("example-model", help="write a generated example ONNX model")
+    example.add_argument("name", help="mlp, wide-mlp or resnet50")
+    example.add_argument("-o", "--output", required=True, help="where to write the .onnx file")
+    example.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from batchserve.app import Server, serve_until_signalled
+    from batchserve.engine import Engine
+    from batchserve.repository import ModelRepository
+
+    try:
+        batch = BatchConfig(args.max_batch_size, args.max_latency_ms, args.max_queue_rows)
+        runtime = RuntimeConfig(args.instances, args.intra_op_threads, args.device)
+        server_config = ServerConfig(
+            args.host, args.port, int(args.max_body_mb * 1024 * 1024), args.shutdown_grace_s
+        )
+    except ValueError as err:
+        return _fail(str(err))
+    engine = Engine(args.model, batch, runtime, name=args.name)
+    server = Server(ModelRepository([engine]), server_config)
+    try:
+        _run(serve_until_signalled(server))
+    except (ModelLoadError, DeviceUnavailable) as err:
+        return _fail(err.message)
+    except OSError as err:  # e.g. the port is taken
+        return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    return 0
+
+
+def _run(main: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is not built for every platform
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+def _example(args: argparse.Namespace) -> int:
+    from batchserve.examples import write_example
+
+    try:
+        path = write_example(args.name, args.output, seed=args.seed)
+    except (ValueError, RuntimeError, OSError) as err:
+        return _fail(str(err))
+    print(f"wrote {args.name} to {path}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"batchserve: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        return _serve(args)
+    return _example(args)

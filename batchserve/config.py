@@ -1,0 +1,110 @@
+"""Frozen, validated configuration for every part; only the CLI reads flags and environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """How requests are merged into ONNX Runtime runs.
+
+    max_batch_size: most rows (along the batch dimension) in one run.
+    max_latency_ms: longest a request is held back waiting for company while a session is free;
+        it never delays a request when the whole pool is idle (see docs/batching.md).
+    max_queue_rows: rows allowed to wait; past it new requests are rejected (429).
+    """
+
+    max_batch_size: int = 64
+    max_latency_ms: float = 2.0
+    max_queue_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        _positive("max_batch_size", self.max_batch_size)
+        _non_negative("max_latency_ms", self.max_latency_ms)
+        _positive("max_queue_rows", self.max_queue_rows)
+
+    @property
+    def max_latency_s(self) -> float:
+        return self.max_latency_ms / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """An execution device: `cpu` or `cuda` with a device index."""
+
+    kind: Literal["cpu", "cuda"] = "cpu"
+    index: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Device:
+        kind, _, index = text.strip().lower().partition(":")
+        if kind == "cpu" and not index:
+            return cls("cpu", 0)
+        if kind == "cuda":
+            if not index:
+                return cls("cuda", 0)
+            if index.isdigit():
+                return cls("cuda", int(index))
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {text!r}")
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """The ONNX Runtime session pool.
+
+    instances: sessions in the pool; each runs in its own thread (and, on CUDA, its own stream).
+    intra_op_threads: threads per session for one operator; 0 picks cores // instances on CPU
+        and 1 on CUDA.
+    spin: let ORT's intra-op threads spin while waiting for work; off by default because on a
+        small machine spinning threads steal the core the event loop needs.
+    warmup: run each session once on generated inputs before reporting ready.
+    """
+
+    instances: int = 1
+    intra_op_threads: int = 0
+    device: Device = field(default_factory=Device)
+    spin: bool = False
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("instances", self.instances)
+        _non_negative("intra_op_threads", self.intra_op_threads)
+
+    def resolved_intra_op_threads(self) -> int:
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        if self.device.kind == "cuda":
+            return 1
+        return max(1, (os.cpu_count() or 1) // self.instances)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The HTTP front end."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 * 1024 * 1024
+    shutdown_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        _positive("max_body_bytes", self.max_body_bytes)
+        _non_negative("shutdown_grace_s", self.shutdown_grace_s)

@@ -1,0 +1,158 @@
+"""One served model: validation, the batching queue and the session pool, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from batchserve.clock import Clock, MonotonicClock
+from batchserve.config import BatchConfig, RuntimeConfig
+from batchserve.errors import NotReady
+from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
+from batchserve.runtime import ModelMetadata, SessionPool, load_sessions
+from batchserve.runtime.pool import PoolStatistics
+from batchserve.runtime.session import sample_inputs
+
+log = logging.getLogger("batchserve.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    batcher: BatcherStatistics
+    pool: PoolStatistics
+    load_seconds: float
+
+
+class Engine:
+    """Serve one ONNX model to concurrent callers, merging their requests into batches.
+
+    >>> async with Engine("mlp.onnx", BatchConfig(max_batch_size=32)) as engine:
+    ...     outputs = await engine.infer({"input": array})
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        batch: BatchConfig | None = None,
+        runtime: RuntimeConfig | None = None,
+        *,
+        name: str | None = None,
+        version: str = "1",
+        clock: Clock | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.batch_config = batch or BatchConfig()
+        self.runtime_config = runtime or RuntimeConfig()
+        self.name = name or self.model_path.stem
+        self.version = version
+        self._clock = clock or MonotonicClock()
+        self._metadata: ModelMetadata | None = None
+        self._batcher: Batcher | None = None
+        self._pool: SessionPool | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._ready = False
+        self._load_seconds = 0.0
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Load the model, build and warm up the sessions; returns when ready to serve."""
+        started = time.perf_counter()
+        sessions, metadata = await asyncio.to_thread(
+            load_sessions, self.model_path, self.runtime_config
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            pool = await stack.enter_async_context(SessionPool(sessions, metadata.input_names))
+            if self.runtime_config.warmup:
+                await self._warm_up(pool, metadata)
+            policy = BatchPolicy(self.batch_config.max_batch_size, self.batch_config.max_latency_s)
+            batcher = Batcher(
+                pool,
+                policy,
+                self._clock,
+                max_queue_rows=self.batch_config.max_queue_rows,
+                batched=metadata.batched,
+            )
+            # Closed in reverse: the batcher drains before the pool stops its threads.
+            self._batcher = await stack.enter_async_context(batcher)
+            self._stack = stack.pop_all()
+        self._pool, self._metadata = pool, metadata
+        self._load_seconds = time.perf_counter() - started
+        self._ready = True
+        log.info(
+            "model %s loaded in %.2fs: %d session(s) on %s, batching %s",
+            self.name,
+            self._load_seconds,
+            self.runtime_config.instances,
+            self.runtime_config.device,
+            f"up to {self.batch_config.max_batch_size} rows" if metadata.batched else "off",
+        )
+
+    async def _warm_up(self, pool: SessionPool, metadata: ModelMetadata) -> None:
+        # The first run of each shape allocates and plans; pay it before taking traffic.
+        sizes = {1, self.batch_config.max_batch_size} if metadata.batched else {1}
+        for rows in sorted(sizes):
+            inputs = sample_inputs(metadata, rows)
+            await pool.run_each([inputs[name] for name in metadata.input_names])
+
+    async def aclose(self) -> None:
+        """Stop taking requests, finish the queued ones, stop the sessions."""
+        self._ready = False
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        if self._metadata is None:
+            raise NotReady(f"model {self.name!r} is not loaded")
+        return self._metadata
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model on `inputs`; returns the requested outputs (all when None)."""
+        batcher = self._batcher
+        metadata = self._metadata
+        if batcher is None or metadata is None or not self._ready:
+            raise NotReady(f"model {self.name!r} is not ready")
+        selected = metadata.select_outputs(outputs)
+        arrays, rows = metadata.validate(inputs)
+        item = batcher.submit(arrays, rows, tuple(a.shape[1:] for a in arrays))
+        try:
+            results = await item.future
+        except asyncio.CancelledError:
+            batcher.withdraw(item)
+            raise
+        names = metadata.output_names
+        return {names[i]: results[i] for i in selected}
+
+    def statistics(self) -> EngineStatistics:
+        if self._batcher is None or self._pool is None:
+            raise NotReady(f"model {self.name!r} is not loaded")
+        return EngineStatistics(
+            self._batcher.statistics(), self._pool.statistics(), self._load_seconds
+        )

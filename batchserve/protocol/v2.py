@@ -1,0 +1,263 @@
+"""Decode V2 inference requests into numpy arrays and encode results, JSON or binary."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from math import prod
+from typing import Any, Final
+
+import numpy as np
+import orjson
+
+from batchserve.datatypes import V2_TO_NUMPY, v2_name
+from batchserve.errors import InvalidInput
+
+HEADER_LENGTH: Final = "Inference-Header-Content-Length"
+_NUMPY: Final = orjson.OPT_SERIALIZE_NUMPY
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None = None
+    binary_outputs: frozenset[str] | None = None  # None: none binary; empty: all binary
+    id: Any = None
+    parameters: dict[str, Any] | None = None
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Parse a request body; `header_length` is the binary extension's JSON header length."""
+    blob: bytes | memoryview = b""
+    if header_length is None:
+        header = _loads(body)
+    else:
+        if not 0 <= header_length <= len(body):
+            raise InvalidInput(
+                f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
+            )
+        view = memoryview(body)
+        header, blob = _loads(view[:header_length]), view[header_length:]
+    if not isinstance(header, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    inputs = _decode_inputs(header.get("inputs"), blob)
+    outputs, binary = _decode_outputs(header)
+    parameters = header.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    return InferRequest(inputs, outputs, binary, header.get("id"), parameters)
+
+
+def _loads(data: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as err:
+        raise InvalidInput(f"malformed JSON: {err}") from None
+
+
+def _decode_inputs(specs: Any, blob: bytes | memoryview) -> dict[str, np.ndarray]:
+    if not isinstance(specs, list) or not specs:
+        raise InvalidInput("'inputs' must be a non-empty list")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in specs:
+        if not isinstance(spec, dict):
+            raise InvalidInput("each input must be an object")
+        name, shape, dtype = _tensor_header(spec)
+        if name in arrays:
+            raise InvalidInput(f"input {name!r} appears twice")
+        size = _binary_size(spec)
+        if size is None:
+            arrays[name] = _from_json(name, spec.get("data"), shape, dtype)
+        else:
+            if offset + size > len(blob):
+                raise InvalidInput(
+                    f"input {name!r} declares binary_data_size {size} but only "
+                    f"{len(blob) - offset} binary bytes remain"
+                )
+            arrays[name] = _from_binary(name, blob[offset : offset + size], shape, dtype)
+            offset += size
+    if offset != len(blob):
+        raise InvalidInput(f"{len(blob) - offset} bytes of binary data follow the last tensor")
+    return arrays
+
+
+def _tensor_header(spec: Mapping[str, Any]) -> tuple[str, tuple[int, ...], np.dtype[Any]]:
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("each input needs a 'name' string")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(
+        type(d) is int and d >= 0
+        for d in shape  # bool is an int subclass: exclude it
+    ):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    datatype = spec.get("datatype")
+    dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
+        raise InvalidInput(
+            f"input {name!r}: unknown datatype {datatype!r}; expected one of {list(V2_TO_NUMPY)}"
+        )
+    return name, tuple(shape), dtype
+
+
+def _binary_size(spec: Mapping[str, Any]) -> int | None:
+    parameters = spec.get("parameters")
+    if not parameters:
+        return None
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"input {spec['name']!r}: 'parameters' must be an object")
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if type(size) is not int or size < 0:
+        raise InvalidInput(f"input {spec['name']!r}: binary_data_size must be an integer >= 0")
+    return size
+
+
+def _from_json(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    if not isinstance(data, list):
+        raise InvalidInput(f"input {name!r} needs 'data' (a list) or binary_data_size")
+    count = prod(shape)
+    try:
+        array = _strings(data) if dtype.kind == "O" else np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise InvalidInput(f"input {name!r}: data does not fit {v2_name(dtype)}: {err}") from None
+    if array.size != count:
+        raise InvalidInput(
+            f"input {name!r}: shape {list(shape)} needs {count} elements, data has {array.size}"
+        )
+    return array.reshape(shape)
+
+
+def _strings(data: list[Any]) -> np.ndarray:
+    flat: list[Any] = []
+    _flatten(data, flat)
+    array = np.empty(len(flat), dtype=object)
+    for i, value in enumerate(flat):
+        if not isinstance(value, str):
+            raise TypeError(f"element {i} is {type(value).__name__}, not a string")
+        array[i] = value
+    return array
+
+
+def _flatten(data: list[Any], out: list[Any]) -> None:
+    for value in data:
+        if isinstance(value, list):
+            _flatten(value, out)
+        else:
+            out.append(value)
+
+
+def _from_binary(
+    name: str, raw: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype[Any]
+) -> np.ndarray:
+    count = prod(shape)
+    if dtype.kind == "O":
+        return _bytes_elements(name, raw, count).reshape(shape)
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input {name!r}: shape {list(shape)} of {v2_name(dtype)} needs "
+            f"{count * dtype.itemsize} bytes, binary_data_size is {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=count).reshape(shape)
+
+
+def _bytes_elements(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
+    array = np.empty(count, dtype=object)
+    view, offset = memoryview(raw), 0
+    for i in range(count):
+        if offset + 4 > len(view):
+            raise InvalidInput(f"input {name!r}: BYTES data ends inside element {i}")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidInput(f"input {name!r}: BYTES element {i} runs past the data")
+        try:
+            array[i] = bytes(view[offset : offset + length]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input {name!r}: BYTES element {i} is not UTF-8") from None
+        offset += length
+    if offset != len(view):
+        raise InvalidInput(f"input {name!r}: {len(view) - offset} bytes after the last element")
+    return array
+
+
+def _decode_outputs(header: Mapping[str, Any]) -> tuple[list[str] | None, frozenset[str] | None]:
+    parameters = header.get("parameters")
+    all_binary = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
+    specs = header.get("outputs")
+    if specs is None:
+        return None, frozenset() if all_binary else None
+    if not isinstance(specs, list):
+        raise InvalidInput("'outputs' must be a list")
+    names: list[str] = []
+    binary: set[str] = set()
+    for spec in specs:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str):
+            raise InvalidInput("each requested output needs a 'name' string")
+        names.append(name)
+        params = spec.get("parameters")
+        if isinstance(params, dict):
+            flag = params.get("binary_data")
+            if flag is True or (flag is None and all_binary):
+                binary.add(name)
+        elif all_binary:
+            binary.add(name)
+    return names, frozenset(binary) if binary else None
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request: InferRequest,
+    results: Mapping[str, np.ndarray],
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header length when binary outputs follow it."""
+    binary = request.binary_outputs
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, array in results.items():
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": v2_name(array.dtype),
+            "shape": list(array.shape),
+        }
+        if binary is not None and (not binary or name in binary):
+            blob = _to_binary(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _to_json(array)
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        body["id"] = request.id
+    if request.parameters:
+        body["parameters"] = request.parameters
+    body["outputs"] = outputs
+    header = orjson.dumps(body, option=_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _to_json(array: np.ndarray) -> Any:
+    if array.dtype.kind in "OSU":
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in array.flat]
+    # orjson writes contiguous native-endian arrays directly, without Python floats.
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def _to_binary(array: np.ndarray) -> bytes:
+    if array.dtype.kind in "OSU":
+        parts = []
+        for value in array.flat:
+            raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            parts.append(_LENGTH.pack(len(raw)))
+            parts.append(raw)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()

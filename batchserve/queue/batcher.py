@@ -1,0 +1,318 @@
+"""The async batcher: queues requests, asks the policy when to dispatch, splits results back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from types import TracebackType
+from typing import Protocol
+
+import numpy as np
+
+from batchserve.clock import Clock
+from batchserve.errors import InferenceFailed, NotReady, Overloaded
+from batchserve.queue.policy import ArrivalRate, BatchPolicy, QueueState
+
+Signature = tuple[tuple[int, ...], ...]
+Outputs = list[np.ndarray]
+
+
+class Runner(Protocol):
+    """What the batcher needs from a session pool."""
+
+    @property
+    def idle(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def try_run(
+        self, arrays: list[np.ndarray], done: Callable[[Outputs | BaseException], None]
+    ) -> bool: ...
+
+
+class Pending:
+    """One request in the queue; the caller's future travels with it."""
+
+    __slots__ = ("arrays", "enqueued_at", "future", "rows", "signature")
+
+    def __init__(
+        self,
+        arrays: list[np.ndarray],
+        rows: int,
+        signature: Signature,
+        future: asyncio.Future[Outputs],
+        now: float,
+    ) -> None:
+        self.arrays = arrays
+        self.rows = rows
+        self.signature = signature
+        self.future = future
+        self.enqueued_at = now
+
+
+@dataclass(slots=True)
+class BatcherStatistics:
+    requests: int = 0
+    rows: int = 0
+    batches: int = 0
+    batch_rows: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    queued_rows: int = 0
+    in_flight_batches: int = 0
+    queue_wait_s: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+class Batcher:
+    """Merges requests with the same non-batch shapes into runs of at most `max_rows` rows.
+
+    Requests are served FIFO across shape groups. A request with more rows than `max_rows` runs
+    alone as one batch (it is not split). For models without a batch dimension every request is
+    its own run.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        policy: BatchPolicy,
+        clock: Clock,
+        *,
+        max_queue_rows: int,
+        batched: bool = True,
+    ) -> None:
+        self._runner = runner
+        self._policy = policy
+        self._clock = clock
+        self._max_queue_rows = max_queue_rows
+        self._max_rows = policy.max_rows if batched else 1
+        self._batched = batched
+        self._groups: dict[Signature, deque[Pending]] = {}
+        self._arrivals = ArrivalRate()
+        self._stats = BatcherStatistics()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._closing = False
+        self._idle: asyncio.Event | None = None
+
+    async def __aenter__(self) -> Batcher:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    def submit(self, arrays: list[np.ndarray], rows: int, signature: Signature) -> Pending:
+        """Queue a request; await `.future` for its own output rows."""
+        loop = self._loop
+        if loop is None or self._closing:
+            raise NotReady("the model is not accepting requests")
+        stats = self._stats
+        if stats.queued_rows + rows > self._max_queue_rows and stats.queued_rows:
+            stats.rejected += 1
+            raise Overloaded(
+                f"queue full ({stats.queued_rows} rows waiting, limit {self._max_queue_rows})"
+            )
+        now = self._clock.now()
+        item = Pending(arrays, rows, signature, loop.create_future(), now)
+        group = self._groups.get(signature)
+        if group is None:
+            group = self._groups[signature] = deque()
+        group.append(item)
+        stats.requests += 1
+        stats.queued_rows += rows
+        self._arrivals.observe(now)
+        assert self._idle is not None
+        self._idle.clear()
+        self._schedule()
+        return item
+
+    def withdraw(self, item: Pending) -> None:
+        """The caller gave up (client gone): drop the item unless its batch already runs."""
+        if item.future.done() and not item.future.cancelled():
+            return
+        if not item.future.done():
+            item.future.cancel()
+        if self._remove(item):
+            self._stats.cancelled += 1
+
+    def _remove(self, item: Pending) -> bool:
+        group = self._groups.get(item.signature)
+        if group is None:
+            return False
+        try:
+            group.remove(item)
+        except ValueError:
+            return False  # already taken into a running batch
+        self._stats.queued_rows -= item.rows
+        if not group:
+            del self._groups[item.signature]
+        self._check_idle()
+        return True
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        # Deferred to the next loop iteration so every request that arrived in this one joins.
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        while self._stats.queued_rows > 0:
+            now = self._clock.now()
+            decision = self._policy.decide(self._state(), now)
+            if not decision.dispatch:
+                if decision.wake_at is not None:
+                    self._arm(decision.wake_at, now)
+                return
+            batch, rows = self._take()
+            if not self._runner.try_run(self._assemble(batch), partial(self._done, batch, rows)):
+                self._requeue(batch)
+                return
+            self._record(batch, rows, now)
+
+    def _state(self) -> QueueState:
+        oldest = min(group[0].enqueued_at for group in self._groups.values())
+        idle = self._runner.idle
+        return QueueState(
+            queued_rows=self._stats.queued_rows,
+            oldest_enqueued_at=oldest,
+            idle_sessions=idle,
+            busy_sessions=self._runner.size - idle,
+            arrival_gap_s=self._arrivals.gap_s,
+            flush=self._closing,
+        )
+
+    def _take(self) -> tuple[list[Pending], int]:
+        """The oldest group's head requests, in order, up to max rows (at least one request)."""
+        signature = min(self._groups, key=lambda s: self._groups[s][0].enqueued_at)
+        group = self._groups[signature]
+        batch = [group.popleft()]
+        rows = batch[0].rows
+        while group and rows + group[0].rows <= self._max_rows and self._batched:
+            item = group.popleft()
+            batch.append(item)
+            rows += item.rows
+        if not group:
+            del self._groups[signature]
+        self._stats.queued_rows -= rows
+        return batch, rows
+
+    def _requeue(self, batch: list[Pending]) -> None:
+        group = self._groups.setdefault(batch[0].signature, deque())
+        group.extendleft(reversed(batch))
+        self._stats.queued_rows += sum(item.rows for item in batch)
+
+    @staticmethod
+    def _assemble(batch: list[Pending]) -> list[np.ndarray]:
+        if len(batch) == 1:
+            return batch[0].arrays
+        columns = zip(*(item.arrays for item in batch), strict=True)
+        return [np.concatenate(column) for column in columns]
+
+    def _record(self, batch: list[Pending], rows: int, now: float) -> None:
+        stats = self._stats
+        stats.batches += 1
+        stats.batch_rows += rows
+        stats.in_flight_batches += 1
+        stats.rows += rows
+        stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
+        stats.queue_wait_s += sum(now - item.enqueued_at for item in batch)
+
+    def _done(self, batch: list[Pending], rows: int, result: Outputs | BaseException) -> None:
+        self._stats.in_flight_batches -= 1
+        if isinstance(result, BaseException):
+            self._fail(batch, InferenceFailed(f"inference failed: {_describe(result)}"))
+        elif len(batch) == 1:
+            _resolve(batch[0].future, result)
+        else:
+            self._split(batch, rows, result)
+        self._check_idle()
+        if self._stats.queued_rows:
+            self._schedule()
+
+    def _split(self, batch: list[Pending], rows: int, outputs: Outputs) -> None:
+        bad = [o.shape for o in outputs if not o.shape or o.shape[0] != rows]
+        if bad:
+            self._fail(batch, InferenceFailed(f"model returned shapes {bad} for {rows} rows"))
+            return
+        offset = 0
+        for item in batch:
+            end = offset + item.rows
+            _resolve(item.future, [o[offset:end] for o in outputs])
+            offset = end
+
+    def _fail(self, batch: list[Pending], error: BaseException) -> None:
+        self._stats.failed += len(batch)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _arm(self, wake_at: float, now: float) -> None:
+        if self._timer is not None and self._timer_at <= wake_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_at = wake_at
+        self._timer = self._loop.call_later(max(0.0, wake_at - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self._pump()
+
+    def _check_idle(self) -> None:
+        if self._stats.queued_rows == 0 and self._stats.in_flight_batches == 0:
+            assert self._idle is not None
+            self._idle.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop accepting, run everything already queued, wait for it to finish."""
+        if self._loop is None:
+            return
+        self._closing = True
+        self._schedule()
+        assert self._idle is not None
+        await self._idle.wait()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def statistics(self) -> BatcherStatistics:
+        return replace(self._stats, batch_sizes=dict(self._stats.batch_sizes))
+
+
+def _resolve(future: asyncio.Future[Outputs], outputs: Outputs) -> None:
+    if not future.done():
+        future.set_result(outputs)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,7 @@
+"""ONNX Runtime adapter and the session pool that runs batches off the event loop."""
+
+from batchserve.runtime.metadata import ModelMetadata, TensorSpec
+from batchserve.runtime.pool import SessionPool
+from batchserve.runtime.session import load_sessions, provider_chain
+
+__all__ = ["ModelMetadata", "SessionPool", "TensorSpec", "load_sessions", "provider_chain"]

@@ -1,0 +1,134 @@
+"""What a model takes and returns, read from the ONNX Runtime session, and input validation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import numpy as np
+
+from batchserve.datatypes import ORT_TO_V2, V2_TO_NUMPY, v2_name
+from batchserve.errors import InvalidInput, UnsupportedInput
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One model input or output; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype[np.generic]:
+        return V2_TO_NUMPY[self.datatype]
+
+    @classmethod
+    def from_ort(cls, node: Any) -> TensorSpec:
+        datatype = ORT_TO_V2.get(node.type)
+        if datatype is None:
+            raise UnsupportedInput(f"tensor {node.name!r} has unsupported type {node.type}")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+        return cls(node.name, datatype, shape)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """Inputs and outputs of a model and whether its first dimension is a batch dimension."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batched: bool
+
+    @classmethod
+    def from_session(cls, session: Any) -> ModelMetadata:
+        inputs = tuple(TensorSpec.from_ort(n) for n in session.get_inputs())
+        outputs = tuple(TensorSpec.from_ort(n) for n in session.get_outputs())
+        # Batching needs every input and output to start with a variable dimension.
+        batched = all(len(t.shape) > 0 and t.shape[0] == -1 for t in inputs + outputs)
+        return cls(inputs, outputs, batched)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def validate(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """Check names, dtypes and shapes; return the arrays in model order and their row count."""
+        specs = self.inputs
+        if len(feeds) != len(specs):
+            self._names_error(feeds)
+        arrays: list[np.ndarray] = []
+        rows = -1
+        for spec in specs:
+            array = feeds.get(spec.name)
+            if array is None:
+                self._names_error(feeds)
+            _check_tensor(spec, array)
+            if self.batched:
+                if rows < 0:
+                    rows = array.shape[0]
+                elif array.shape[0] != rows:
+                    raise InvalidInput(
+                        f"all inputs must have the same batch size: {spec.name!r} has "
+                        f"{array.shape[0]} rows, expected {rows}"
+                    )
+            arrays.append(array)
+        return arrays, max(rows, 1)
+
+    def _names_error(self, feeds: Mapping[str, np.ndarray]) -> NoReturn:
+        expected = sorted(self.input_names)
+        got = sorted(feeds)
+        missing = [n for n in expected if n not in feeds]
+        unknown = [n for n in got if n not in expected]
+        raise InvalidInput(
+            f"model expects inputs {expected}, got {got}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unknown {unknown}" if unknown else "")
+        )
+
+    def select_outputs(self, requested: Sequence[str] | None) -> list[int]:
+        """Indexes of the requested outputs (all when None), or 400 for an unknown name."""
+        names = self.output_names
+        if not requested:
+            return list(range(len(names)))
+        indexes = []
+        for name in requested:
+            try:
+                indexes.append(names.index(name))
+            except ValueError:
+                raise InvalidInput(
+                    f"unknown output {name!r}; the model has outputs {list(names)}"
+                ) from None
+        return indexes
+
+
+def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
+    expected = spec.dtype
+    if array.dtype != expected and not (expected.kind == "O" and array.dtype.kind in "OUS"):
+        raise InvalidInput(
+            f"input {spec.name!r} has datatype {_v2(array.dtype)}, "
+            f"the model expects {spec.datatype}"
+        )
+    shape = array.shape
+    if len(shape) != len(spec.shape) or any(
+        want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
+    ):
+        raise InvalidInput(
+            f"input {spec.name!r} has shape {list(shape)}, the model expects "
+            f"{list(spec.shape)} (-1 = any size)"
+        )
+
+
+def _v2(dtype: np.dtype[Any]) -> str:
+    try:
+        return v2_name(dtype)
+    except ValueError:
+        return str(dtype)

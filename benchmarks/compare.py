@@ -1,0 +1,392 @@
+"""Measure batchserve against its baselines side by side with ``wrk``.
+
+One command, one machine, one run: for each repeat, every server in turn
+(interleaved, start rotated each repeat) is started on a free port on
+127.0.0.1, polled until ``GET /v2/health/ready`` answers 200, checked with one
+real infer request, warmed up with a 2 s ``wrk`` run, measured with
+``wrk -t1 -cN -dDs --latency``, and stopped. Per server the medians of the
+repeats are printed as a Markdown table; raw runs and medians go to ``--json``.
+
+Servers:
+
+* ``bare``: ``benchmarks/baselines/bare_aiohttp.py``, the HTTP ceiling;
+* ``batchserve``: ``python -m batchserve serve MODEL --name NAME ...``;
+* ``fastapi-async`` / ``fastapi-sync``: ``benchmarks/baselines/fastapi_server.py``.
+
+Example::
+
+    .venv/bin/python benchmarks/compare.py --model models/mlp.onnx --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LUA_SCRIPT = HERE / "post.lua"
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+WARMUP_S = 2
+BODY_SEED = 1234
+FEATURES = 64
+BASELINES = ("bare", "fastapi-async", "fastapi-sync")
+PERCENTILES = ("50", "75", "90", "99")
+
+CommandBuilder = Callable[[argparse.Namespace, int], list[str]]
+
+
+@dataclass
+class RunResult:
+    server: str
+    repeat: int
+    rps: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    requests: int | None = None
+    non_2xx: int = 0
+    socket_errors: int = 0
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def bare_command(_args: argparse.Namespace, port: int) -> list[str]:
+    script = HERE / "baselines" / "bare_aiohttp.py"
+    return [sys.executable, str(script), "--host", HOST, "--port", str(port)]
+
+
+def fastapi_command(mode: str) -> CommandBuilder:
+    def build(args: argparse.Namespace, port: int) -> list[str]:
+        script = HERE / "baselines" / "fastapi_server.py"
+        command = [sys.executable, str(script), args.model, "--mode", mode]
+        return [*command, "--host", HOST, "--port", str(port)]
+
+    return build
+
+
+def batchserve_command(args: argparse.Namespace, port: int) -> list[str]:
+    command = [sys.executable, "-m", "batchserve", "serve", args.model]
+    command += ["--name", args.model_name, "--host", HOST, "--port", str(port)]
+    return command + shlex.split(args.batchserve_args)
+
+
+SERVERS: dict[str, CommandBuilder] = {
+    "bare": bare_command,
+    "batchserve": batchserve_command,
+    "fastapi-async": fastapi_command("async"),
+    "fastapi-sync": fastapi_command("sync"),
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: workers die with it
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)  # pgid == pid thanks to start_new_session
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    signal_group(proc, signal.SIGKILL)  # stragglers left in the group, if any
+
+
+def http_status(url: str, body: bytes | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+    except (OSError, ValueError):
+        return 0, b""
+
+
+def wait_ready(proc: subprocess.Popen[bytes], base_url: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before ready")
+        if http_status(f"{base_url}/v2/health/ready", timeout=1.0)[0] == 200:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s")
+
+
+def check_infer(url: str, body: bytes) -> None:
+    status, payload = http_status(url, body, timeout=10.0)
+    if status != 200:
+        raise RuntimeError(f"infer check: HTTP {status}: {payload[:200]!r}")
+    outputs = json.loads(payload).get("outputs")
+    if not outputs or not outputs[0].get("data"):
+        raise RuntimeError(f"infer check: no outputs in {payload[:200]!r}")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- wrk
+
+UNIT_TO_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+RPS_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+REQUESTS_RE = re.compile(r"^\s*(\d+) requests in", re.M)
+PERCENTILE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m)\s*$", re.M)
+NON_2XX_RE = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+SOCKET_RE = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+def run_wrk(args: argparse.Namespace, url: str, body_path: Path, duration: int) -> str:
+    command = ["wrk", "-t1", f"-c{args.connections}", f"-d{duration}s", "--latency"]
+    command += ["-s", str(LUA_SCRIPT), url, "--", str(body_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr.strip()[:300]}")
+    return done.stdout
+
+
+def parse_wrk(output: str, result: RunResult) -> None:
+    rps = RPS_RE.search(output)
+    if rps is None:
+        raise RuntimeError(f"no Requests/sec in wrk output:\n{output}")
+    result.rps = float(rps.group(1))
+    if requests := REQUESTS_RE.search(output):
+        result.requests = int(requests.group(1))
+    for pct, value, unit in PERCENTILE_RE.findall(output):
+        result.latency_ms[f"p{pct.removesuffix('.00')}"] = float(value) * UNIT_TO_MS[unit]
+    if non_2xx := NON_2XX_RE.search(output):
+        result.non_2xx = int(non_2xx.group(1))
+    if sock := SOCKET_RE.search(output):
+        result.socket_errors = sum(int(n) for n in sock.groups())
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def write_body(path: Path) -> bytes:
+    rng = random.Random(BODY_SEED)
+    data = [round(rng.uniform(-1.0, 1.0), 6) for _ in range(FEATURES)]
+    tensor = {"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": data}
+    body = json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode()
+    path.write_bytes(body)
+    return body
+
+
+def measure(args: argparse.Namespace, server: str, repeat: int, workdir: Path) -> RunResult:
+    result = RunResult(server=server, repeat=repeat)
+    port = free_port()
+    base_url = f"http://{HOST}:{port}"
+    url = f"{base_url}/v2/models/{args.model_name}/infer"
+    body_path = workdir / "body.json"
+    log_path = workdir / f"{server}-{repeat}.log"
+    proc = start_server(SERVERS[server](args, port), log_path)
+    try:
+        wait_ready(proc, base_url)
+        check_infer(url, body_path.read_bytes())
+        run_wrk(args, url, body_path, WARMUP_S)
+        parse_wrk(run_wrk(args, url, body_path, args.duration), result)
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+        result.error = f"{exc}\n{log_tail(log_path)}".strip()
+    finally:
+        stop_server(proc)
+    return result
+
+
+def run_all(args: argparse.Namespace, servers: list[str], workdir: Path) -> list[RunResult]:
+    results: list[RunResult] = []
+    for repeat in range(args.repeats):
+        shift = repeat % len(servers)
+        for server in servers[shift:] + servers[:shift]:
+            print(f"[repeat {repeat + 1}/{args.repeats}] {server} ...", file=sys.stderr, flush=True)
+            result = measure(args, server, repeat, workdir)
+            print(f"    {describe(result)}", file=sys.stderr, flush=True)
+            results.append(result)
+    return results
+
+
+def describe(result: RunResult) -> str:
+    if result.error:
+        return "FAILED: " + result.error.replace("\n", "\n    ")
+    p50, p99 = result.latency_ms.get("p50"), result.latency_ms.get("p99")
+    return (
+        f"{result.rps:.0f} req/s, p50 {p50} ms, p99 {p99} ms, "
+        f"non-2xx {result.non_2xx}, socket errors {result.socket_errors}"
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def median_of(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(results: list[RunResult], servers: list[str]) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    for server in servers:
+        ok = [r for r in results if r.server == server and r.error is None and r.rps]
+        entry: dict[str, Any] = {
+            "runs_ok": len(ok),
+            "runs_failed": sum(1 for r in results if r.server == server and r.error),
+            "rps": median_of([r.rps for r in ok if r.rps is not None]),
+            "non_2xx": sum(r.non_2xx for r in ok),
+            "socket_errors": sum(r.socket_errors for r in ok),
+        }
+        for pct in PERCENTILES:
+            key = f"p{pct}"
+            entry[f"{key}_ms"] = median_of([r.latency_ms[key] for r in ok if key in r.latency_ms])
+        summary[server] = entry
+    for entry in summary.values():
+        entry["rps_ratio"] = {
+            base: ratio(entry["rps"], summary[base]["rps"]) for base in BASELINES if base in summary
+        }
+    return summary
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value and base else None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    bases = [b for b in BASELINES if b in summary]
+    header = ["server", "req/s", "p50 ms", "p99 ms", "non-2xx", "sock err", "runs"]
+    header += [f"req/s ÷ {b}" for b in bases]
+    lines = [
+        f"wrk -t1 -c{args.connections} -d{args.duration}s, median of {args.repeats} repeat(s)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for server, entry in summary.items():
+        runs = f"{entry['runs_ok']}/{entry['runs_ok'] + entry['runs_failed']}"
+        row = [
+            server,
+            fmt(entry["rps"], ",.0f"),
+            fmt(entry["p50_ms"], ".2f"),
+            fmt(entry["p99_ms"], ".2f"),
+            str(entry["non_2xx"]),
+            str(entry["socket_errors"]),
+            runs,
+        ]
+        row += [fmt(entry["rps_ratio"][b], ".2f") + "x" for b in bases]
+        lines.append("| " + " | ".join(row).replace("n/ax", "n/a") + " |")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "wrk": (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else "",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(path: str, args: argparse.Namespace, results: list[RunResult], summary: Any) -> None:
+    config = {k: v for k, v in vars(args).items() if k != "json"}
+    document = {
+        "config": config,
+        "environment": environment(),
+        "runs": [asdict(r) for r in results],
+        "medians": summary,
+    }
+    Path(path).write_text(json.dumps(document, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="ONNX mlp: input 'input' FP32 [batch,64]")
+    parser.add_argument("--model-name", default="mlp", help="name used in the URL path")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--servers", default="bare,batchserve,fastapi-async,fastapi-sync")
+    parser.add_argument("--batchserve-args", default="", help="extra args, shlex-split")
+    parser.add_argument("--json", metavar="OUT", help="write raw runs and medians here")
+    args = parser.parse_args(argv)
+    args.model = str(Path(args.model).resolve())
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = [s for s in args.servers if s not in SERVERS]
+    if unknown:
+        parser.error(f"unknown server(s) {unknown}; choose from {sorted(SERVERS)}")
+    if not Path(args.model).is_file():
+        parser.error(f"model not found: {args.model}")
+    if shutil.which("wrk") is None:
+        parser.error("wrk not found on PATH (apt-get install -y wrk)")
+    if args.duration < 1 or args.repeats < 1 or args.connections < 1:
+        parser.error("--duration, --repeats and --connections must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="batchserve-compare-") as tmp:
+        workdir = Path(tmp)
+        write_body(workdir / "body.json")
+        results = run_all(args, args.servers, workdir)
+    summary = summarize(results, args.servers)
+    print(markdown_table(summary, args))
+    if args.json:
+        write_json(args.json, args, results, summary)
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
