@@ -11,7 +11,7 @@ from types import TracebackType
 from aiohttp import web
 
 from batchserve.config import ServerConfig
-from batchserve.http import REPOSITORY, STATE, ServerState, add_routes, error_middleware
+from batchserve.http import REPOSITORY, STATE, ServerState, add_routes
 from batchserve.repository import ModelRepository
 
 log = logging.getLogger("batchserve.server")
@@ -19,7 +19,7 @@ log = logging.getLogger("batchserve.server")
 
 def create_app(repository: ModelRepository, config: ServerConfig) -> web.Application:
     """The aiohttp application; its startup loads every model, its cleanup drains them."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(client_max_size=config.max_body_bytes)
     app[REPOSITORY] = repository
     app[STATE] = ServerState(config.max_body_bytes)
     app.cleanup_ctx.append(_models)
@@ -44,7 +44,14 @@ class Server:
     def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
         self.config = config
         self.app = create_app(repository, config)
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its handler, which withdraws
+        # its request from the batching queue before any inference is spent on it.
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=config.shutdown_grace_s,
+        )
         self._port: int | None = None
 
     async def __aenter__(self) -> Server:
@@ -61,12 +68,7 @@ class Server:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            self.config.host,
-            self.config.port,
-            shutdown_timeout=self.config.shutdown_grace_s,
-        )
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
         try:
             await site.start()
         except BaseException:

@@ -112,7 +112,11 @@ class Engine:
         sizes = {1, self.batch_config.max_batch_size} if metadata.batched else {1}
         for rows in sorted(sizes):
             inputs = sample_inputs(metadata, rows)
-            await pool.run_each([inputs[name] for name in metadata.input_names])
+            try:
+                await pool.run_each([inputs[name] for name in metadata.input_names])
+            except Exception as err:  # generated inputs may be meaningless to some models
+                log.warning("warm-up of %s at %d rows failed, skipped: %s", self.name, rows, err)
+                return
 
     async def aclose(self) -> None:
         """Stop taking requests, finish the queued ones, stop the sessions."""

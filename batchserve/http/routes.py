@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -41,21 +42,28 @@ def error_response(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as `{"error": ...}` with its status; never a traceback."""
-    try:
-        return await handler(request)
-    except BatchserveError as err:
+def to_response(request: web.Request, err: BaseException) -> web.Response:
+    """The one mapping from an exception to an HTTP answer: `{"error": ...}`, never a traceback."""
+    if isinstance(err, BatchserveError):
         return error_response(err.status, err.message)
-    except web.HTTPException as err:
-        if err.status < 400:
-            raise
-        message = err.text if err.text and not err.text.startswith(str(err.status)) else err.reason
-        return error_response(err.status, message)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal server error")
+    if isinstance(err, web.HTTPException) and err.status >= 400:
+        text = err.text or ""
+        return error_response(err.status, err.reason if text.startswith(str(err.status)) else text)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=err)
+    return error_response(500, "internal server error")
+
+
+def guarded(handler: Handler) -> Handler:
+    """Route errors of a handler through `to_response` (a middleware costs more per request)."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as err:
+            return to_response(request, err)
+
+    return wrapper
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -98,6 +106,14 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
+    # Guarded inline rather than by `guarded`: one coroutine less on the hot path.
+    try:
+        return await _infer(request)
+    except Exception as err:
+        return to_response(request, err)
+
+
+async def _infer(request: web.Request) -> web.Response:
     app = request.app
     state = app[STATE]
     engine = app[REPOSITORY].get(request.match_info["name"], request.match_info.get("version"))
@@ -129,11 +145,52 @@ def _header_length(request: web.Request) -> int | None:
         raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
 
 
+async def model_statistics(request: web.Request) -> web.Response:
+    engine = request.app[REPOSITORY].get(
+        request.match_info["name"], request.match_info.get("version")
+    )
+    stats = engine.statistics()
+    batcher = stats.batcher
+    return json_response(
+        {
+            "model_stats": [
+                {
+                    "name": engine.name,
+                    "version": engine.version,
+                    "inference_count": batcher.rows,
+                    "request_count": batcher.requests,
+                    "execution_count": batcher.batches,
+                    "rejected_count": batcher.rejected,
+                    "cancelled_count": batcher.cancelled,
+                    "failed_count": batcher.failed,
+                    "queued_rows": batcher.queued_rows,
+                    "queue_wait_ns": int(batcher.queue_wait_s * 1e9),
+                    "mean_batch_rows": batcher.rows / batcher.batches if batcher.batches else 0.0,
+                    "batch_stats": [
+                        {"batch_size": size, "execution_count": count}
+                        for size, count in sorted(batcher.batch_sizes.items())
+                    ],
+                    "sessions": stats.pool.instances,
+                    "load_seconds": stats.load_seconds,
+                }
+            ]
+        }
+    )
+
+
+async def no_route(request: web.Request) -> web.Response:
+    return error_response(404, f"no endpoint {request.method} {request.path}")
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v2", server_metadata)
-    app.router.add_get("/v2/health/live", live)
-    app.router.add_get("/v2/health/ready", ready)
+    get = app.router.add_get
+    get("/v2", guarded(server_metadata))
+    get("/v2/health/live", guarded(live))
+    get("/v2/health/ready", guarded(ready))
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        app.router.add_get(prefix, model_metadata)
-        app.router.add_get(prefix + "/ready", model_ready)
+        get(prefix, guarded(model_metadata))
+        get(prefix + "/ready", guarded(model_ready))
+        get(prefix + "/stats", guarded(model_statistics))
         app.router.add_post(prefix + "/infer", infer)
+    # Last, so unknown paths and methods answer in JSON like every other error.
+    app.router.add_route("*", "/{tail:.*}", no_route)

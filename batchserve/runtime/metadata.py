@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import numpy as np
@@ -43,6 +43,15 @@ class ModelMetadata:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batched: bool
+    input_names: tuple[str, ...] = field(init=False)
+    output_names: tuple[str, ...] = field(init=False)
+    _all_outputs: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: validation runs on every request.
+        object.__setattr__(self, "input_names", tuple(t.name for t in self.inputs))
+        object.__setattr__(self, "output_names", tuple(t.name for t in self.outputs))
+        object.__setattr__(self, "_all_outputs", list(range(len(self.outputs))))
 
     @classmethod
     def from_session(cls, session: Any) -> ModelMetadata:
@@ -51,14 +60,6 @@ class ModelMetadata:
         # Batching needs every input and output to start with a variable dimension.
         batched = all(len(t.shape) > 0 and t.shape[0] == -1 for t in inputs + outputs)
         return cls(inputs, outputs, batched)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
 
     def validate(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
         """Check names, dtypes and shapes; return the arrays in model order and their row count."""
@@ -96,9 +97,9 @@ class ModelMetadata:
 
     def select_outputs(self, requested: Sequence[str] | None) -> list[int]:
         """Indexes of the requested outputs (all when None), or 400 for an unknown name."""
-        names = self.output_names
         if not requested:
-            return list(range(len(names)))
+            return self._all_outputs
+        names = self.output_names
         indexes = []
         for name in requested:
             try:
@@ -117,7 +118,9 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
             f"input {spec.name!r} has datatype {_v2(array.dtype)}, "
             f"the model expects {spec.datatype}"
         )
-    shape = array.shape
+    shape, want = array.shape, spec.shape
+    if shape == want or (want and want[0] == -1 and shape[1:] == want[1:] and shape):
+        return  # the common case: only the batch dimension varies
     if len(shape) != len(spec.shape) or any(
         want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
     ):

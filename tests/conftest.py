@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import models
+from batchserve import Engine, ServerConfig
+from batchserve.app import Server
+from batchserve.examples import write_example
+from batchserve.repository import ModelRepository
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def mlp_path(model_dir: Path) -> Path:
+    return write_example("mlp", model_dir / "mlp.onnx")
+
+
+@pytest.fixture(scope="session")
+def echo_path(model_dir: Path) -> Path:
+    return models.echo(model_dir / "echo.onnx")
+
+
+@pytest.fixture(scope="session")
+def two_inputs_path(model_dir: Path) -> Path:
+    return models.two_inputs(model_dir / "two_inputs.onnx")
+
+
+@pytest.fixture(scope="session")
+def fixed_path(model_dir: Path) -> Path:
+    return models.fixed(model_dir / "fixed.onnx")
+
+
+@pytest.fixture(scope="session")
+def variable_path(model_dir: Path) -> Path:
+    return models.variable(model_dir / "variable.onnx")
+
+
+@pytest.fixture(scope="session")
+def slow_path(model_dir: Path) -> Path:
+    return models.slow(model_dir / "slow.onnx")
+
+
+@pytest.fixture(scope="session")
+def gather_path(model_dir: Path) -> Path:
+    return models.gather(model_dir / "gather.onnx")
+
+
+StartServer = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """Start a real server on 127.0.0.1, an ephemeral port; stopped at the end of the test."""
+    servers: list[Server] = []
+
+    async def start(*engines: Engine, **config: object) -> Server:
+        settings = {"host": "127.0.0.1", "port": 0, **config}
+        server = Server(ModelRepository(list(engines)), ServerConfig(**settings))  # type: ignore[arg-type]
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.aclose()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

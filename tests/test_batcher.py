@@ -1,0 +1,120 @@
+"""Batcher mechanics with a runner the test completes by hand (deterministic, no ORT timing)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from batchserve.errors import NotReady
+from batchserve.queue import Batcher, BatchPolicy
+from batchserve.testing import FakeClock
+
+Done = Callable[[list[np.ndarray] | BaseException], None]
+
+
+class ManualRunner:
+    """A one-session runner whose runs finish only when the test says so."""
+
+    def __init__(self, size: int = 1) -> None:
+        self.size = size
+        self.running: list[tuple[list[np.ndarray], Done]] = []
+
+    @property
+    def idle(self) -> int:
+        return self.size - len(self.running)
+
+    def try_run(self, arrays: list[np.ndarray], done: Done) -> bool:
+        if not self.idle:
+            return False
+        self.running.append((arrays, done))
+        return True
+
+    def finish(self, transform: Callable[[np.ndarray], np.ndarray] = lambda a: a * 2) -> None:
+        arrays, done = self.running.pop(0)
+        done([transform(arrays[0])])
+
+
+def rows(n: int, value: float, width: int = 2) -> list[np.ndarray]:
+    return [np.full((n, width), value, dtype=np.float32)]
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_requests_queued_while_busy_form_one_batch_in_order() -> None:
+    runner = ManualRunner()
+    async with Batcher(runner, BatchPolicy(8, 0.0), FakeClock(), max_queue_rows=100) as batcher:
+        first = batcher.submit(rows(1, 1), 1, ((2,),))
+        await settle()
+        assert len(runner.running) == 1  # idle pool: dispatched at once, alone
+        later = [batcher.submit(rows(2, v), 2, ((2,),)) for v in (2, 3, 4, 5, 6)]
+        await settle()
+        runner.finish()
+        await settle()
+        # Four requests (8 rows) fill the next batch; the fifth waits for the one after.
+        batch = runner.running[0][0][0]
+        assert batch.shape == (8, 2)
+        assert list(batch[:, 0]) == [2, 2, 3, 3, 4, 4, 5, 5]
+        runner.finish()
+        await settle()
+        runner.finish()
+        results = [await item.future for item in [first, *later]]
+    for item, result in zip([first, *later], results, strict=True):
+        np.testing.assert_array_equal(result[0], item.arrays[0] * 2)
+
+
+async def test_groups_by_shape_and_serves_them_oldest_first() -> None:
+    runner = ManualRunner()
+    async with Batcher(runner, BatchPolicy(8, 0.0), FakeClock(), max_queue_rows=100) as batcher:
+        blocker = batcher.submit(rows(1, 0), 1, ((2,),))
+        await settle()
+        clock_order = [
+            batcher.submit(rows(1, 1, width=3), 1, ((3,),)),
+            batcher.submit(rows(1, 2, width=2), 1, ((2,),)),
+            batcher.submit(rows(1, 3, width=3), 1, ((3,),)),
+        ]
+        runner.finish()
+        await settle()
+        assert runner.running[0][0][0].shape == (2, 3)  # the width-3 group arrived first
+        runner.finish()
+        await settle()
+        assert runner.running[0][0][0].shape == (1, 2)
+        runner.finish()
+        await asyncio.gather(blocker.future, *(i.future for i in clock_order))
+
+
+async def test_mismatched_result_rows_fail_the_batch() -> None:
+    runner = ManualRunner()
+    async with Batcher(runner, BatchPolicy(8, 0.0), FakeClock(), max_queue_rows=100) as batcher:
+        blocker = batcher.submit(rows(1, 0), 1, ((2,),))
+        await settle()
+        a = batcher.submit(rows(1, 1), 1, ((2,),))
+        b = batcher.submit(rows(1, 2), 1, ((2,),))
+        runner.finish()
+        await settle()
+        runner.finish(lambda arr: arr[:1])  # a broken model: one row for two requests
+        with pytest.raises(Exception, match="returned shapes"):
+            await a.future
+        with pytest.raises(Exception, match="returned shapes"):
+            await b.future
+        await blocker.future
+
+
+async def test_closing_refuses_new_requests_and_drains_old_ones() -> None:
+    runner = ManualRunner()
+    batcher = Batcher(runner, BatchPolicy(8, 0.0), FakeClock(), max_queue_rows=100)
+    await batcher.__aenter__()
+    item = batcher.submit(rows(1, 1), 1, ((2,),))
+    closing = asyncio.create_task(batcher.aclose())
+    await settle()
+    with pytest.raises(NotReady):
+        batcher.submit(rows(1, 1), 1, ((2,),))
+    assert not closing.done()  # still waiting for the running batch
+    runner.finish()
+    await closing
+    np.testing.assert_array_equal((await item.future)[0], item.arrays[0] * 2)
