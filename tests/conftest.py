@@ -6,11 +6,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-import models
 from batchserve import Engine, ServerConfig
 from batchserve.app import Server
 from batchserve.examples import write_example
 from batchserve.repository import ModelRepository
+
+import models
 
 
 @pytest.fixture(scope="session")

@@ -97,7 +97,7 @@ def variable(path: Path) -> Path:
 
 
 def slow(path: Path, width: int = 1024, layers: int = 8, seed: int = 0) -> Path:
-    """`x` FP32 [batch, width] -> `y`: a stack of dense layers, slow enough to keep a session busy."""
+    """`x` FP32 [batch, width] -> `y`: dense layers, slow enough to keep a session busy."""
     rng = np.random.default_rng(seed)
     nodes, weights, prev = [], [], "x"
     for i in range(layers):

@@ -16,6 +16,7 @@ import pytest
 
 from batchserve import BatchConfig, Engine
 from batchserve.http import STATE
+
 from conftest import StartServer
 from models import ECHO_TYPES
 
