@@ -907,6 +907,16 @@ def test_data_of_the_wrong_kind(datatype: str, data: list[Any]) -> None:
         ("INT32", [2.5]),
         ("UINT8", [1.9]),
     ],
+    ids=[
+        "FP32-numeric-string",
+        "FP64-nan-string",
+        "INT32-numeric-string",
+        "BOOL-string-false",
+        "BOOL-string-a",
+        "FP32-null",
+        "INT32-fraction",
+        "UINT8-fraction",
+    ],
 )
 def test_data_of_the_wrong_kind_not_silently_converted(datatype: str, data: list[Any]) -> None:
     with pytest.raises(InvalidInput, match=rf"input 'x': data does not fit {datatype}"):

@@ -122,7 +122,7 @@ def _from_json(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[Any
         raise InvalidInput(f"input {name!r} needs 'data' (a list) or binary_data_size")
     count = prod(shape)
     try:
-        array = _strings(data) if dtype.kind == "O" else np.asarray(data, dtype=dtype)
+        array = _strings(data) if dtype.kind == "O" else _numbers(data, dtype)
     except (ValueError, TypeError, OverflowError) as err:
         raise InvalidInput(f"input {name!r}: data does not fit {v2_name(dtype)}: {err}") from None
     if array.size != count:
@@ -130,6 +130,44 @@ def _from_json(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[Any
             f"input {name!r}: shape {list(shape)} needs {count} elements, data has {array.size}"
         )
     return array.reshape(shape)
+
+
+# JSON value kinds (as numpy infers them) that each target kind accepts: numbers for floats,
+# integers for integers, true/false for BOOL. Strings, nulls and floats for integers are refused
+# rather than converted, because numpy's casts would silently parse, truncate or flip them.
+_ACCEPTS: Final = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
+
+
+def _numbers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
+    inferred = np.asarray(data)  # one C pass; the kind tells which JSON values were present
+    if not inferred.size:
+        return inferred.astype(dtype)
+    kind = inferred.dtype.kind
+    if kind in "fO" and dtype.kind in "iu":
+        return _big_integers(data, dtype)
+    if kind not in _ACCEPTS[dtype.kind]:
+        found = {"f": "numbers with a fraction", "b": "true/false", "i": "integers"}
+        raise TypeError(f"got {found.get(kind, 'non-numeric values')}")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if int(inferred.min()) < info.min or int(inferred.max()) > info.max:
+            raise OverflowError("a value is outside its range")
+    elif (
+        dtype.kind == "f"
+        and dtype.itemsize < 8
+        and float(np.abs(inferred).max()) > float(np.finfo(dtype).max)
+    ):
+        raise OverflowError("a value is outside its range")
+    return inferred.astype(dtype)
+
+
+def _big_integers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
+    # numpy infers float64 (losing precision) when int64 and uint64-only values are mixed.
+    flat: list[Any] = []
+    _flatten(data, flat)
+    if not all(type(v) is int for v in flat):
+        raise TypeError("got values that are not integers")
+    return np.array(flat, dtype=dtype)  # raises OverflowError outside the range
 
 
 def _strings(data: list[Any]) -> np.ndarray:
