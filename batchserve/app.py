@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
 from aiohttp import web
@@ -93,14 +93,16 @@ class Server:
         await self._runner.cleanup()
 
 
-async def serve_until_signalled(server: Server) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+async def serve_until_signalled(server: Server, on_ready: Callable[[], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return; `on_ready` runs once listening."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         async with server:
+            if on_ready is not None:
+                on_ready()
             log.info("listening on %s", server.url)
             await stop.wait()
             log.info("signal received: draining")

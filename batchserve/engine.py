@@ -145,7 +145,7 @@ class Engine:
             raise NotReady(f"model {self.name!r} is not ready")
         selected = metadata.select_outputs(outputs)
         arrays, rows = metadata.validate(inputs)
-        item = batcher.submit(arrays, rows, tuple(a.shape[1:] for a in arrays))
+        item = batcher.submit(arrays, rows, tuple([a.shape[1:] for a in arrays]))
         try:
             results = await item.future
         except asyncio.CancelledError:

@@ -105,34 +105,40 @@ async def model_ready(request: web.Request) -> web.Response:
     return json_response({"name": engine.name, "ready": is_ready}, 200 if is_ready else 503)
 
 
-async def infer(request: web.Request) -> web.Response:
-    # Guarded inline rather than by `guarded`: one coroutine less on the hot path.
-    try:
-        return await _infer(request)
-    except Exception as err:
-        return to_response(request, err)
+class InferEndpoint:
+    """`POST .../infer`: the hot path, so it holds its collaborators instead of looking them up."""
 
+    __slots__ = ("_repository", "_state")
 
-async def _infer(request: web.Request) -> web.Response:
-    app = request.app
-    state = app[STATE]
-    engine = app[REPOSITORY].get(request.match_info["name"], request.match_info.get("version"))
-    if not state.accepting:
-        raise NotReady("the server is shutting down")
-    length = request.content_length
-    if length is not None and length > state.max_body_bytes:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds {state.max_body_bytes}")
-    body = await request.read()
-    decoded = decode_request(body, _header_length(request))
-    results = await engine.infer(decoded.inputs, decoded.outputs)
-    payload, header_length = encode_response(engine.name, engine.version, decoded, results)
-    if header_length is None:
-        return web.Response(body=payload, content_type=_JSON)
-    return web.Response(
-        body=payload,
-        headers={HEADER_LENGTH: str(header_length)},
-        content_type="application/octet-stream",
-    )
+    def __init__(self, repository: ModelRepository, state: ServerState) -> None:
+        self._repository = repository
+        self._state = state
+
+    async def handle(self, request: web.Request) -> web.Response:
+        # Errors are mapped here rather than by `guarded`: one coroutine less per request.
+        try:
+            match = request.match_info
+            engine = self._repository.get(match["name"], match.get("version"))
+            state = self._state
+            if not state.accepting:
+                raise NotReady("the server is shutting down")
+            length = request.content_length
+            if length is not None and length > state.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"request body of {length} bytes exceeds {state.max_body_bytes}"
+                )
+            decoded = decode_request(await request.read(), _header_length(request))
+            results = await engine.infer(decoded.inputs, decoded.outputs)
+            payload, header_length = encode_response(engine.name, engine.version, decoded, results)
+        except Exception as err:
+            return to_response(request, err)
+        if header_length is None:
+            return web.Response(body=payload, content_type=_JSON)
+        return web.Response(
+            body=payload,
+            headers={HEADER_LENGTH: str(header_length)},
+            content_type="application/octet-stream",
+        )
 
 
 def _header_length(request: web.Request) -> int | None:
@@ -183,6 +189,7 @@ async def no_route(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    infer = InferEndpoint(app[REPOSITORY], app[STATE]).handle
     get = app.router.add_get
     get("/v2", guarded(server_metadata))
     get("/v2/health/live", guarded(live))

@@ -16,6 +16,7 @@ from batchserve.errors import InvalidInput
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 _NUMPY: Final = orjson.OPT_SERIALIZE_NUMPY
+_DTYPES: Final = V2_TO_NUMPY
 _LENGTH = struct.Struct("<I")
 
 
@@ -58,17 +59,17 @@ def _loads(data: bytes | memoryview) -> Any:
 
 
 def _decode_inputs(specs: Any, blob: bytes | memoryview) -> dict[str, np.ndarray]:
-    if not isinstance(specs, list) or not specs:
+    if type(specs) is not list or not specs:
         raise InvalidInput("'inputs' must be a non-empty list")
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for spec in specs:
-        if not isinstance(spec, dict):
+        if type(spec) is not dict:
             raise InvalidInput("each input must be an object")
         name, shape, dtype = _tensor_header(spec)
         if name in arrays:
             raise InvalidInput(f"input {name!r} appears twice")
-        size = _binary_size(spec)
+        size = _binary_size(name, spec["parameters"]) if "parameters" in spec else None
         if size is None:
             arrays[name] = _from_json(name, spec.get("data"), shape, dtype)
         else:
@@ -84,50 +85,49 @@ def _decode_inputs(specs: Any, blob: bytes | memoryview) -> dict[str, np.ndarray
     return arrays
 
 
-def _tensor_header(spec: Mapping[str, Any]) -> tuple[str, tuple[int, ...], np.dtype[Any]]:
+def _tensor_header(spec: Mapping[str, Any]) -> tuple[str, list[int], np.dtype[Any]]:
     name = spec.get("name")
-    if not isinstance(name, str) or not name:
+    if type(name) is not str or not name:
         raise InvalidInput("each input needs a 'name' string")
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(
-        type(d) is int and d >= 0
-        for d in shape  # bool is an int subclass: exclude it
-    ):
+    if type(shape) is not list:
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    for dim in shape:
+        if type(dim) is not int or dim < 0:  # `type is`: a JSON true is not a dimension
+            raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
     datatype = spec.get("datatype")
-    dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
+    dtype = _DTYPES.get(datatype) if type(datatype) is str else None
     if dtype is None:
         raise InvalidInput(
             f"input {name!r}: unknown datatype {datatype!r}; expected one of {list(V2_TO_NUMPY)}"
         )
-    return name, tuple(shape), dtype
+    return name, shape, dtype
 
 
-def _binary_size(spec: Mapping[str, Any]) -> int | None:
-    parameters = spec.get("parameters")
+def _binary_size(name: str, parameters: Any) -> int | None:
     if not parameters:
         return None
-    if not isinstance(parameters, dict):
-        raise InvalidInput(f"input {spec['name']!r}: 'parameters' must be an object")
+    if type(parameters) is not dict:
+        raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
     size = parameters.get("binary_data_size")
     if size is None:
         return None
     if type(size) is not int or size < 0:
-        raise InvalidInput(f"input {spec['name']!r}: binary_data_size must be an integer >= 0")
+        raise InvalidInput(f"input {name!r}: binary_data_size must be an integer >= 0")
     return size
 
 
-def _from_json(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-    if not isinstance(data, list):
+def _from_json(name: str, data: Any, shape: list[int], dtype: np.dtype[Any]) -> np.ndarray:
+    if type(data) is not list:
         raise InvalidInput(f"input {name!r} needs 'data' (a list) or binary_data_size")
-    count = prod(shape)
     try:
-        array = _strings(data) if dtype.kind == "O" else _numbers(data, dtype)
+        array = _numbers(data, dtype) if dtype.kind != "O" else _strings(data)
     except (ValueError, TypeError, OverflowError) as err:
         raise InvalidInput(f"input {name!r}: data does not fit {v2_name(dtype)}: {err}") from None
+    count = prod(shape)
     if array.size != count:
         raise InvalidInput(
-            f"input {name!r}: shape {list(shape)} needs {count} elements, data has {array.size}"
+            f"input {name!r}: shape {shape} needs {count} elements, data has {array.size}"
         )
     return array.reshape(shape)
 
@@ -138,25 +138,28 @@ def _from_json(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[Any
 _ACCEPTS: Final = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
 
 
+_FLOAT_LIMITS: Final = {
+    np.dtype(np.float16): float(np.finfo(np.float16).max),
+    np.dtype(np.float32): float(np.finfo(np.float32).max),
+}
+
+
 def _numbers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
     inferred = np.asarray(data)  # one C pass; the kind tells which JSON values were present
     if not inferred.size:
         return inferred.astype(dtype)
     kind = inferred.dtype.kind
-    if kind in "fO" and dtype.kind in "iu":
-        return _big_integers(data, dtype)
-    if kind not in _ACCEPTS[dtype.kind]:
+    target = dtype.kind
+    if kind not in _ACCEPTS[target]:
+        if target in "iu" and kind in "fO":
+            return _big_integers(data, dtype)
         found = {"f": "numbers with a fraction", "b": "true/false", "i": "integers"}
         raise TypeError(f"got {found.get(kind, 'non-numeric values')}")
-    if dtype.kind in "iu":
+    if target in "iu":
         info = np.iinfo(dtype)
         if int(inferred.min()) < info.min or int(inferred.max()) > info.max:
             raise OverflowError("a value is outside its range")
-    elif (
-        dtype.kind == "f"
-        and dtype.itemsize < 8
-        and float(np.abs(inferred).max()) > float(np.finfo(dtype).max)
-    ):
+    elif target == "f" and dtype.itemsize < 8 and np.abs(inferred).max() > _FLOAT_LIMITS[dtype]:
         raise OverflowError("a value is outside its range")
     return inferred.astype(dtype)
 
@@ -190,7 +193,7 @@ def _flatten(data: list[Any], out: list[Any]) -> None:
 
 
 def _from_binary(
-    name: str, raw: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype[Any]
+    name: str, raw: bytes | memoryview, shape: list[int], dtype: np.dtype[Any]
 ) -> np.ndarray:
     count = prod(shape)
     if dtype.kind == "O":
