@@ -146,21 +146,31 @@ _FLOAT_LIMITS: Final = {
 
 def _numbers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
     inferred = np.asarray(data)  # one C pass; the kind tells which JSON values were present
-    if not inferred.size:
-        return inferred.astype(dtype)
     kind = inferred.dtype.kind
     target = dtype.kind
     if kind not in _ACCEPTS[target]:
+        if not inferred.size:
+            return inferred.astype(dtype)
         if target in "iu" and kind in "fO":
             return _big_integers(data, dtype)
         found = {"f": "numbers with a fraction", "b": "true/false", "i": "integers"}
         raise TypeError(f"got {found.get(kind, 'non-numeric values')}")
-    if target in "iu":
+    if inferred.dtype == dtype:
+        return inferred
+    if target == "f":
+        limit = _FLOAT_LIMITS.get(dtype)
+        # x·x bounds every x_i², so one BLAS call clears the common case; only a sum past the
+        # limit needs the exact (slower) per-element check.
+        if (
+            limit is not None
+            and np.vdot(inferred, inferred) > limit * limit
+            and np.abs(inferred).max() > limit
+        ):
+            raise OverflowError("a value is outside its range")
+    elif target in "iu" and inferred.size:
         info = np.iinfo(dtype)
         if int(inferred.min()) < info.min or int(inferred.max()) > info.max:
             raise OverflowError("a value is outside its range")
-    elif target == "f" and dtype.itemsize < 8 and np.abs(inferred).max() > _FLOAT_LIMITS[dtype]:
-        raise OverflowError("a value is outside its range")
     return inferred.astype(dtype)
 
 
