@@ -70,6 +70,8 @@ def load_sessions(
 ) -> tuple[list[ort.InferenceSession], ModelMetadata]:
     """Build `config.instances` sessions of one model (blocking: call it off the event loop)."""
     model = read_model(path)
+    if config.device.kind == "cuda":
+        _preload_cuda()
     providers = provider_chain(config.device)
     sessions = [_build(model, path, config, providers) for _ in range(config.instances)]
     metadata = ModelMetadata.from_session(sessions[0])
@@ -78,6 +80,16 @@ def load_sessions(
     if not metadata.batched:
         log.warning("model %s has no variable batch dimension: batching is off", path)
     return sessions, metadata
+
+
+def _preload_cuda() -> None:
+    # onnxruntime-gpu >= 1.21 finds CUDA and cuDNN from pip's nvidia-* packages only when asked.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as err:  # the system's libraries may still be found by the loader
+            log.debug("onnxruntime.preload_dlls failed: %s", err)
 
 
 def _build(
