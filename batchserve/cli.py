@@ -103,10 +103,55 @@ def _add_serve(commands: Any) -> None:
     )
 
 
+def _add_bench(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="load-test any Open Inference Protocol server (open or closed loop)",
+        description="Open loop (--rate) measures latency from each request's scheduled send "
+        "time; closed loop (--concurrency) runs N callers back to back.",
+    )
+    bench.add_argument("url", nargs="?", help="server base URL, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--model", "-m", help="model name (default: the only one, or 'noop')")
+    bench.add_argument("--version", help="model version")
+    load = bench.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, help="open loop: requests per second")
+    load.add_argument("--concurrency", type=int, help="closed loop: concurrent callers")
+    bench.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    bench.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    bench.add_argument("--arrivals", choices=["constant", "poisson"], default="constant")
+    bench.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=1024,
+        help="open loop: most requests in flight (later ones wait, and it counts)",
+    )
+    bench.add_argument("--processes", type=int, default=1, help="load generator processes")
+    bench.add_argument("--binary", action="store_true", help="binary tensor extension")
+    bench.add_argument("--rows", type=int, default=1, help="rows per request (batch dim)")
+    bench.add_argument("--input", help=".npy, .npz or JSON file with the inputs to send")
+    bench.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, s")
+    bench.add_argument("--json", dest="json_out", help="write the report(s) to this file")
+    bench.add_argument(
+        "--sweep",
+        action="store_true",
+        help="find the highest rate whose p99 stays under --slo-p99-ms",
+    )
+    bench.add_argument("--slo-p99-ms", type=float, default=100.0)
+    bench.add_argument("--start-rate", type=float, default=500.0)
+    bench.add_argument("--max-rate", type=float, default=200_000.0)
+    bench.add_argument("--bisect-steps", type=int, default=4)
+    bench.add_argument(
+        "--noop",
+        action="store_true",
+        help="measure the load generator's own ceiling on a built-in no-op server",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchserve", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
+    _add_bench(commands)
     example = commands.add_parser("example-model", help="write a generated example ONNX model")
     example.add_argument("name", help="mlp, wide-mlp or resnet50")
     example.add_argument("-o", "--output", required=True, help="where to write the .onnx file")
@@ -166,6 +211,24 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from batchserve.bench.command import BenchError, noop_server
+    from batchserve.bench.runner import bench
+
+    if args.noop:
+        with noop_server() as url:
+            try:
+                return bench(args, url, args.model or "noop")
+            except BenchError as err:
+                return _fail(str(err))
+    if not args.url:
+        return _fail("bench needs a server URL (or --noop)")
+    try:
+        return bench(args, args.url, args.model)
+    except (BenchError, ValueError) as err:
+        return _fail(str(err))
+
+
 def _fail(message: str) -> int:
     print(f"batchserve: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -180,4 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "serve":
         return _serve(args)
+    if args.command == "bench":
+        return _bench(args)
     return _example(args)

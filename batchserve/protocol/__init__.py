@@ -4,7 +4,8 @@ from batchserve.protocol.v2 import (
     HEADER_LENGTH,
     InferRequest,
     decode_request,
+    encode_request,
     encode_response,
 )
 
-__all__ = ["HEADER_LENGTH", "InferRequest", "decode_request", "encode_response"]
+__all__ = ["HEADER_LENGTH", "InferRequest", "decode_request", "encode_request", "encode_response"]

@@ -312,3 +312,42 @@ def _to_binary(array: np.ndarray) -> bytes:
             parts.append(raw)
         return b"".join(parts)
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_request(
+    inputs: Mapping[str, np.ndarray],
+    *,
+    binary: bool = False,
+    outputs: list[str] | None = None,
+    binary_outputs: bool = False,
+    request_id: str | None = None,
+) -> tuple[bytes, int | None]:
+    """A V2 request body (the client side), and its JSON header length when binary."""
+    tensors: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, array in inputs.items():
+        entry: dict[str, Any] = {
+            "name": name,
+            "shape": list(array.shape),
+            "datatype": v2_name(array.dtype),
+        }
+        if binary:
+            blob = _to_binary(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _to_json(array)
+        tensors.append(entry)
+    body: dict[str, Any] = {"inputs": tensors}
+    if request_id is not None:
+        body["id"] = request_id
+    if outputs:
+        body["outputs"] = [
+            {"name": n, "parameters": {"binary_data": binary_outputs}} for n in outputs
+        ]
+    elif binary_outputs:
+        body["parameters"] = {"binary_data_output": True}
+    header = orjson.dumps(body, option=_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

@@ -1,0 +1,84 @@
+"""The `bench` command's flow, separated from argument parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from batchserve.bench.command import (
+    BenchError,
+    Target,
+    at_rate,
+    curve_table,
+    measure,
+    model_metadata,
+    sweep,
+)
+from batchserve.bench.loadgen import LoadConfig
+from batchserve.bench.report import Report
+from batchserve.bench.workload import build_workload
+
+
+def _config(args: argparse.Namespace, **load: Any) -> LoadConfig:
+    return LoadConfig(
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        arrivals=args.arrivals,
+        max_outstanding=args.max_outstanding,
+        timeout_s=args.timeout,
+        processes=args.processes,
+        **load,
+    )
+
+
+def bench(args: argparse.Namespace, url: str, model: str | None) -> int:
+    if model is None:
+        raise BenchError("name the model with --model")
+    metadata = model_metadata(url, model, args.version)
+    workload = build_workload(
+        url,
+        model,
+        metadata,
+        binary=args.binary,
+        rows=args.rows,
+        input_file=args.input,
+        version=args.version,
+    )
+    target = Target(url, model)
+    output: dict[str, Any] = {"url": url, "model": model, "binary": args.binary, "rows": args.rows}
+    if args.sweep:
+        base = _config(args, rate=args.start_rate)
+
+        def run(rate: float) -> Report:
+            report = measure(target, workload, at_rate(base, rate))
+            print(report.text(), flush=True)
+            return report
+
+        curve, best = sweep(run, args.slo_p99_ms, args.start_rate, args.max_rate, args.bisect_steps)
+        print(f"\nlatency-throughput curve (SLO p99 < {args.slo_p99_ms:g} ms):")
+        print(curve_table(curve, args.slo_p99_ms))
+        if best is None:
+            print(f"no rate from {args.start_rate:g} req/s held p99 < {args.slo_p99_ms:g} ms")
+        else:
+            print(
+                f"\nhighest rate under the SLO: {best.target_rate:,.0f} req/s "
+                f"(achieved {best.achieved_rps:,.0f}, p99 {best.p99_ms:.2f} ms)"
+            )
+        output.update(
+            slo_p99_ms=args.slo_p99_ms,
+            curve=[r.as_dict() for r in curve],
+            best=best.as_dict() if best else None,
+        )
+    else:
+        if args.rate is not None:
+            config = _config(args, rate=args.rate)
+        else:
+            config = _config(args, concurrency=args.concurrency or 64)
+        report = measure(target, workload, config)
+        print(report.text())
+        output["report"] = report.as_dict()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(output, indent=1))
+    return 0
