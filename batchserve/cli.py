@@ -147,11 +147,27 @@ def _add_bench(commands: Any) -> None:
     )
 
 
+def _add_tune(commands: Any) -> None:
+    tune = commands.add_parser(
+        "tune", help="find the server settings with the most throughput under a p99 SLO"
+    )
+    tune.add_argument("model", help="path to the .onnx model file")
+    tune.add_argument("--slo-p99-ms", type=float, default=100.0)
+    tune.add_argument("--budget-s", type=float, default=300.0, help="time for all trials")
+    tune.add_argument("--trial-duration", type=float, default=3.0, help="seconds per sweep step")
+    tune.add_argument("--binary", action="store_true", help="binary tensor extension")
+    tune.add_argument("--rows", type=int, default=1, help="rows per request")
+    tune.add_argument("--start-rate", type=float, default=250.0)
+    tune.add_argument("--processes", type=int, default=1, help="load generator processes")
+    tune.add_argument("--json", dest="json_out", help="write every trial to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchserve", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
     _add_bench(commands)
+    _add_tune(commands)
     example = commands.add_parser("example-model", help="write a generated example ONNX model")
     example.add_argument("name", help="mlp, wide-mlp or resnet50")
     example.add_argument("-o", "--output", required=True, help="where to write the .onnx file")
@@ -229,6 +245,45 @@ def _bench(args: argparse.Namespace) -> int:
         return _fail(str(err))
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import json
+
+    from batchserve.bench.command import BenchError
+    from batchserve.bench.loadgen import LoadConfig
+    from batchserve.bench.tune import table, tune
+
+    load = LoadConfig(
+        rate=args.start_rate,
+        duration_s=args.trial_duration,
+        warmup_s=0.5,
+        processes=args.processes,
+    )
+    print(f"tuning {args.model} for p99 < {args.slo_p99_ms:g} ms within {args.budget_s:g} s")
+    try:
+        trials = tune(
+            args.model,
+            slo_p99_ms=args.slo_p99_ms,
+            budget_s=args.budget_s,
+            load=load,
+            binary=args.binary,
+            rows=args.rows,
+            start_rate=args.start_rate,
+        )
+    except (BenchError, ValueError) as err:
+        return _fail(str(err))
+    if not trials or trials[0].best is None:
+        print("no setting held the SLO at the starting rate")
+    else:
+        best = trials[0]
+        print(f"\nbest: {best.candidate.label()}: {best.rate:,.0f} req/s under the SLO")
+        print("  batchserve serve " + args.model + " " + " ".join(best.candidate.flags()))
+    print("\n" + table(trials))
+    if args.json_out:
+        with open(args.json_out, "w") as out:
+            json.dump([t.as_dict() for t in trials], out, indent=1)
+    return 0
+
+
 def _fail(message: str) -> int:
     print(f"batchserve: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -245,4 +300,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "tune":
+        return _tune(args)
     return _example(args)

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import platform
-import random
 import re
 import shlex
 import shutil
@@ -51,7 +50,6 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 WARMUP_S = 2
 BODY_SEED = 1234
-FEATURES = 64
 BASELINES = ("bare", "fastapi-async", "fastapi-sync")
 PERCENTILES = ("50", "75", "90", "99")
 
@@ -158,12 +156,26 @@ def wait_ready(proc: subprocess.Popen[bytes], base_url: str) -> None:
     raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s")
 
 
-def check_infer(url: str, body: bytes) -> None:
-    status, payload = http_status(url, body, timeout=10.0)
-    if status != 200:
-        raise RuntimeError(f"infer check: HTTP {status}: {payload[:200]!r}")
-    outputs = json.loads(payload).get("outputs")
-    if not outputs or not outputs[0].get("data"):
+def check_infer(url: str, body: bytes, header_length: int | None) -> None:
+    headers = {"Content-Type": "application/json"}
+    if header_length is not None:
+        headers = {"Inference-Header-Content-Length": str(header_length)}
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, payload = int(response.status), response.read()
+            length = response.headers.get("Inference-Header-Content-Length")
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"infer check: HTTP {exc.code}: {exc.read()[:200]!r}") from None
+    except OSError as exc:
+        raise RuntimeError(f"infer check: {exc}") from None
+    header = json.loads(payload[: int(length)] if length else payload)
+    outputs = header.get("outputs")
+    if (
+        status != 200
+        or not outputs
+        or not (outputs[0].get("data") or outputs[0].get("parameters", {}).get("binary_data_size"))
+    ):
         raise RuntimeError(f"infer check: no outputs in {payload[:200]!r}")
 
 
@@ -186,8 +198,12 @@ SOCKET_RE = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), 
 
 def run_wrk(args: argparse.Namespace, url: str, body_path: Path, duration: int) -> str:
     command = ["wrk", "-t1", f"-c{args.connections}", f"-d{duration}s", "--latency"]
-    command += ["-s", str(LUA_SCRIPT), url, "--", str(body_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30)
+    command += [f"--timeout={args.timeout}s", "-s", str(LUA_SCRIPT), url, "--", str(body_path)]
+    if args.header_length is not None:
+        command.append(str(args.header_length))
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + args.timeout + 30
+    )
     if done.returncode != 0:
         raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr.strip()[:300]}")
     return done.stdout
@@ -211,13 +227,22 @@ def parse_wrk(output: str, result: RunResult) -> None:
 # --------------------------------------------------------------------------- runs
 
 
-def write_body(path: Path) -> bytes:
-    rng = random.Random(BODY_SEED)
-    data = [round(rng.uniform(-1.0, 1.0), 6) for _ in range(FEATURES)]
-    tensor = {"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": data}
-    body = json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode()
+def write_body(path: Path, model: str, binary: bool) -> int | None:
+    """One request of random inputs shaped by the model (one row); returns the binary
+    extension's JSON header length, or None for a JSON body."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from batchserve.bench.workload import random_inputs
+    from batchserve.protocol import encode_request
+    from batchserve.runtime import TensorSpec
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    metadata = {"inputs": [TensorSpec.from_ort(n).as_dict() for n in session.get_inputs()]}
+    inputs = random_inputs(metadata, 1, np.random.default_rng(BODY_SEED))
+    body, header_length = encode_request(inputs, binary=binary, binary_outputs=binary)
     path.write_bytes(body)
-    return body
+    return header_length
 
 
 def measure(args: argparse.Namespace, server: str, repeat: int, workdir: Path) -> RunResult:
@@ -230,7 +255,7 @@ def measure(args: argparse.Namespace, server: str, repeat: int, workdir: Path) -
     proc = start_server(SERVERS[server](args, port), log_path)
     try:
         wait_ready(proc, base_url)
-        check_infer(url, body_path.read_bytes())
+        check_infer(url, body_path.read_bytes(), args.header_length)
         run_wrk(args, url, body_path, WARMUP_S)
         parse_wrk(run_wrk(args, url, body_path, args.duration), result)
     except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
@@ -352,7 +377,7 @@ def write_json(path: str, args: argparse.Namespace, results: list[RunResult], su
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="ONNX mlp: input 'input' FP32 [batch,64]")
+    parser.add_argument("--model", required=True, help="the ONNX model every server loads")
     parser.add_argument("--model-name", default="mlp", help="name used in the URL path")
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     parser.add_argument("--repeats", type=int, default=3)
@@ -360,6 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--servers", default="bare,batchserve,fastapi-async,fastapi-sync")
     parser.add_argument("--batchserve-args", default="", help="extra args, shlex-split")
     parser.add_argument("--json", metavar="OUT", help="write raw runs and medians here")
+    parser.add_argument("--binary", action="store_true", help="binary tensor extension")
+    parser.add_argument("--timeout", type=int, default=10, help="wrk per-request timeout, s")
     args = parser.parse_args(argv)
     args.model = str(Path(args.model).resolve())
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -379,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="batchserve-compare-") as tmp:
         workdir = Path(tmp)
-        write_body(workdir / "body.json")
+        args.header_length = write_body(workdir / "body.json", args.model, args.binary)
         results = run_all(args, args.servers, workdir)
     summary = summarize(results, args.servers)
     print(markdown_table(summary, args))

@@ -1,0 +1,245 @@
+"""`make bench`: every figure in docs/benchmarks.md, measured in one run on this machine.
+
+1. ceilings: raw ONNX Runtime best-batch throughput per model; the bare aiohttp + uvloop +
+   orjson endpoint (HTTP ceiling); the load generator's own ceiling on a no-op server;
+2. naive baselines (FastAPI + uvicorn, sync `def` and `async def`, one ORT run per request);
+3. batchserve;
+for `mlp` and `wide-mlp` (JSON) and `resnet50` (binary tensors), with wrk, servers interleaved,
+medians of repeats; then open-loop sweeps (`batchserve bench --sweep`) for the latency-throughput
+curve of `mlp`, drawn to docs/benchmarks-latency.png.
+
+    python benchmarks/suite.py [--repeats 3] [--duration 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BUILD = REPO / "build"
+DOCS = REPO / "docs"
+sys.path.insert(0, str(HERE))
+
+import compare  # noqa: E402  (sibling script: server start/stop helpers)
+
+MODELS: dict[str, dict[str, Any]] = {
+    "mlp": {
+        "binary": False,
+        "connections": 64,
+        "batches": "1,8,32,64,256",
+        "servers": "bare,batchserve,fastapi-async,fastapi-sync",
+    },
+    "wide-mlp": {
+        "binary": False,
+        "connections": 64,
+        "batches": "1,8,32,64",
+        "servers": "bare,batchserve,fastapi-async,fastapi-sync",
+    },
+    "resnet50": {"binary": True, "connections": 8, "batches": "1,4,8,16", "servers": "batchserve"},
+}
+SWEEP_SERVERS = ("bare", "batchserve", "fastapi-async")
+
+
+def run_json(command: list[str], timeout: float) -> Any:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def build_models() -> None:
+    BUILD.mkdir(exist_ok=True)
+    for name in MODELS:
+        path = BUILD / f"{name}.onnx"
+        if not path.exists():
+            subprocess.run(
+                [sys.executable, "-m", "batchserve", "example-model", name, "-o", str(path)],
+                check=True,
+                cwd=REPO,
+            )
+
+
+def raw_ceilings(seconds: float) -> dict[str, Any]:
+    return {
+        name: run_json(
+            [
+                sys.executable,
+                str(HERE / "raw_ort.py"),
+                str(BUILD / f"{name}.onnx"),
+                "--batches",
+                spec["batches"],
+                "--seconds",
+                str(seconds),
+            ],
+            600,
+        )
+        for name, spec in MODELS.items()
+    }
+
+
+def comparisons(args: argparse.Namespace) -> dict[str, Any]:
+    results = {}
+    for name, spec in MODELS.items():
+        out = BUILD / f"compare-{name}.json"
+        command = [
+            sys.executable,
+            str(HERE / "compare.py"),
+            "--model",
+            str(BUILD / f"{name}.onnx"),
+            "--model-name",
+            name,
+            "--servers",
+            spec["servers"],
+            "--repeats",
+            str(args.repeats),
+            "--duration",
+            str(args.duration),
+            "--connections",
+            str(spec["connections"]),
+            "--timeout",
+            "30",
+            "--json",
+            str(out),
+        ]
+        if spec["binary"]:
+            command.append("--binary")
+        print(f"== {name}: {spec['servers']}", file=sys.stderr, flush=True)
+        subprocess.run(command, check=False, cwd=REPO, timeout=3600)
+        results[name] = json.loads(out.read_text())["medians"]
+    return results
+
+
+def generator_ceiling(duration: float) -> dict[str, Any]:
+    out = BUILD / "bench-noop.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batchserve",
+            "bench",
+            "--noop",
+            "--concurrency",
+            "64",
+            "--duration",
+            str(duration),
+            "--json",
+            str(out),
+        ],
+        check=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    report: dict[str, Any] = json.loads(out.read_text())["report"]
+    return report
+
+
+def sweeps(args: argparse.Namespace) -> dict[str, Any]:
+    curves = {}
+    model = str(BUILD / "mlp.onnx")
+    for server in SWEEP_SERVERS:
+        port = compare.free_port()
+        base = f"http://{compare.HOST}:{port}"
+        ns = argparse.Namespace(model=model, model_name="mlp", batchserve_args="")
+        log = BUILD / f"sweep-{server}.log"
+        proc = compare.start_server(compare.SERVERS[server](ns, port), log)
+        out = BUILD / f"sweep-{server}.json"
+        try:
+            compare.wait_ready(proc, base)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "batchserve",
+                    "bench",
+                    base,
+                    "-m",
+                    "mlp",
+                    "--sweep",
+                    "--slo-p99-ms",
+                    str(args.slo_p99_ms),
+                    "--start-rate",
+                    "500",
+                    "--duration",
+                    str(args.sweep_duration),
+                    "--warmup",
+                    "1",
+                    "--bisect-steps",
+                    "3",
+                    "--json",
+                    str(out),
+                ],
+                check=True,
+                cwd=REPO,
+                timeout=1200,
+            )
+            curves[server] = json.loads(out.read_text())
+        finally:
+            compare.stop_server(proc)
+    return curves
+
+
+def plot(curves: dict[str, Any], path: Path, slo_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for server, data in curves.items():
+        points = sorted(
+            (r["achieved_rps"], r["latency_ms"]) for r in data["curve"] if r["latency_ms"]
+        )
+        xs = [p[0] for p in points]
+        ax.plot(xs, [p[1]["p99"] for p in points], marker="o", label=f"{server} p99")
+        ax.plot(
+            xs, [p[1]["p50"] for p in points], marker=".", linestyle="--", label=f"{server} p50"
+        )
+    ax.axhline(slo_ms, color="grey", linewidth=1, linestyle=":", label=f"SLO p99 {slo_ms:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("achieved requests/s (open loop)")
+    ax.set_ylabel("latency from scheduled send, ms")
+    ax.set_title("mlp, open loop: latency vs throughput (2-core machine)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--sweep-duration", type=float, default=4.0)
+    parser.add_argument("--slo-p99-ms", type=float, default=100.0)
+    parser.add_argument("--quick", action="store_true", help="1 repeat of 4 s: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.duration, args.sweep_duration = 1, 4, 2.0
+    started = time.time()
+    build_models()
+    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results["raw_ort"] = raw_ceilings(2.0 if args.quick else 4.0)
+    results["generator"] = generator_ceiling(args.duration)
+    results["compare"] = comparisons(args)
+    results["sweeps"] = sweeps(args)
+    results["config"] = vars(args)
+    results["elapsed_s"] = time.time() - started
+    (DOCS / "results").mkdir(parents=True, exist_ok=True)
+    (DOCS / "results" / "suite.json").write_text(json.dumps(results, indent=1))
+    plot(results["sweeps"], DOCS / "benchmarks-latency.png", args.slo_p99_ms)
+    from report_md import write_report
+
+    write_report(results, DOCS / "benchmarks.md")
+    print(f"wrote docs/benchmarks.md in {results['elapsed_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
