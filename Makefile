@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench bench-micro install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## batchserve vs the HTTP ceiling vs naive FastAPI, one run on this machine (needs wrk).
+## Every figure in docs/benchmarks.md, in one run on this machine (about 15 minutes; needs wrk).
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install -y wrk"; exit 2; }
-	mkdir -p build
-	$(BIN)/batchserve example-model mlp -o build/mlp.onnx
-	$(BIN)/python benchmarks/compare.py --model build/mlp.onnx --json build/compare-mlp.json \
-		--batchserve-args "$(BATCHSERVE_ARGS)"
+	$(BIN)/python benchmarks/suite.py
+
+## pytest-benchmark micro-benchmarks of the hot path's parts.
+bench-micro: $(STAMP)
+	$(BIN)/python -m pytest benchmarks/micro --benchmark-only -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
