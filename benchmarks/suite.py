@@ -54,10 +54,14 @@ def run_json(command: list[str], timeout: float) -> Any:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def model_file(name: str) -> Path:
+    return BUILD / f"{MODELS[name].get('model', name)}.onnx"
+
+
 def build_models() -> None:
     BUILD.mkdir(exist_ok=True)
     for name in MODELS:
-        path = BUILD / f"{name}.onnx"
+        path = model_file(name)
         if not path.exists():
             subprocess.run(
                 [sys.executable, "-m", "batchserve", "example-model", name, "-o", str(path)],
