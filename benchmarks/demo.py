@@ -1,9 +1,9 @@
 """The quick-start demo: build the example `mlp`, serve it, query it, load it, stop it.
 
 Runs `batchserve serve` as a real subprocess on 127.0.0.1 (an ephemeral port), prints one
-request and its answer, drives it for a bounded time with concurrent keep-alive connections,
-prints throughput, latency percentiles and the server's batch sizes, then stops it with
-SIGTERM and checks that it exits 0.
+request and its answer, drives it for a bounded time with `batchserve bench` (64 keep-alive
+connections), which prints throughput, latency percentiles and the server's batch sizes, then
+stops it with SIGTERM and checks that it exits 0.
 
     python benchmarks/demo.py [--seconds 10] [--connections 64]
 """
@@ -63,45 +63,18 @@ async def show_one(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) 
     print(f"-> {response.status} {json.dumps(answer)[:300]}")
 
 
-async def load(url: str, body: bytes, seconds: float, connections: int) -> list[float]:
-    latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
-    headers = {"Content-Type": "application/json"}
-
-    async def client(http: aiohttp.ClientSession) -> None:
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            async with http.post(url, data=body, headers=headers) as response:
-                await response.read()
-                if response.status != 200:
-                    raise SystemExit(f"request failed with {response.status}")
-            latencies.append(time.perf_counter() - started)
-
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=connector) as http:
-        await asyncio.gather(*(client(http) for _ in range(connections)))
-    return latencies
-
-
 async def demo(args: argparse.Namespace, url: str) -> None:
     infer = f"{url}/v2/models/mlp/infer"
     x = np.random.default_rng(0).standard_normal(64).astype(np.float32)
     body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x.tolist()}]}
     async with aiohttp.ClientSession() as http:
         await show_one(http, infer, body)
-    print(f"\nload: {args.connections} connections for {args.seconds:.0f} s ...")
-    latencies = await load(infer, json.dumps(body).encode(), args.seconds, args.connections)
-    ms = np.percentile(np.array(latencies) * 1000, [50, 95, 99])
-    print(
-        f"  {len(latencies) / args.seconds:,.0f} requests/s, {len(latencies):,} requests, 0 errors"
-    )
-    print(f"  latency p50 {ms[0]:.2f} ms, p95 {ms[1]:.2f} ms, p99 {ms[2]:.2f} ms")
-    print("  (client and server share this machine's cores; see docs/benchmarks.md for wrk)")
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/v2/models/mlp/stats") as r:
-        stats = (await r.json())["model_stats"][0]
-    print(
-        f"  server: {stats['request_count']:,} requests in {stats['execution_count']:,} "
-        f"ONNX Runtime runs (mean batch {stats['mean_batch_rows']:.1f} rows)"
+    command = ["batchserve", "bench", url, "-m", "mlp", "--concurrency", str(args.connections)]
+    command += ["--duration", f"{args.seconds:g}", "--warmup", "2"]
+    print(f"\n$ {' '.join(command)}", flush=True)
+    # The load generator shares this machine's cores with the server; see docs/benchmarks.md.
+    await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "batchserve", *command[1:]], check=True
     )
 
 
