@@ -111,7 +111,7 @@ def _add_bench(commands: Any) -> None:
         "time; closed loop (--concurrency) runs N callers back to back.",
     )
     bench.add_argument("url", nargs="?", help="server base URL, e.g. http://127.0.0.1:8000")
-    bench.add_argument("--model", "-m", help="model name (default: the only one, or 'noop')")
+    bench.add_argument("--model", "-m", help="model name (required unless --noop)")
     bench.add_argument("--version", help="model version")
     load = bench.add_mutually_exclusive_group()
     load.add_argument("--rate", type=float, help="open loop: requests per second")
@@ -235,7 +235,7 @@ def _bench(args: argparse.Namespace) -> int:
         with noop_server() as url:
             try:
                 return bench(args, url, args.model or "noop")
-            except BenchError as err:
+            except (BenchError, ValueError) as err:
                 return _fail(str(err))
     if not args.url:
         return _fail("bench needs a server URL (or --noop)")

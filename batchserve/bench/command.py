@@ -75,6 +75,8 @@ def sweep(
 ) -> tuple[list[Report], Report | None]:
     """Step the rate up by `factor` until p99 passes the SLO (or errors appear), then bisect
     between the last rate that held and the first that did not."""
+    if factor <= 1:
+        raise ValueError("the sweep's step factor must be > 1")
     curve: list[Report] = []
     best: Report | None = None
 

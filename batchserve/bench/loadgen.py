@@ -46,6 +46,8 @@ class LoadConfig:
             raise ValueError("duration must be > 0, warm-up >= 0, processes >= 1")
         if self.max_outstanding < 1:
             raise ValueError("max_outstanding must be >= 1")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout must be > 0")
 
     @property
     def open_loop(self) -> bool:

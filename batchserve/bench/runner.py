@@ -75,7 +75,8 @@ def bench(args: argparse.Namespace, url: str, model: str | None) -> int:
         if args.rate is not None:
             config = _config(args, rate=args.rate)
         else:
-            config = _config(args, concurrency=args.concurrency or 64)
+            concurrency = 64 if args.concurrency is None else args.concurrency
+            config = _config(args, concurrency=concurrency)
         report = measure(target, workload, config)
         print(report.text())
         output["report"] = report.as_dict()

@@ -1,0 +1,550 @@
+"""`batchserve bench`: the sweep and report logic, the lean transport, and the CLI end to end
+against real `batchserve serve` subprocesses (127.0.0.1, ephemeral ports, stopped by PID)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchserve.bench.command import sweep
+from batchserve.bench.loadgen import LoadConfig, RawResult
+from batchserve.bench.report import Report, summarize
+from batchserve.bench.transport import ConnectionPool, RequestTimeout, encode_post
+
+CLI = [sys.executable, "-m", "batchserve"]
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+class ServeProcess:
+    """`batchserve serve` on 127.0.0.1:0; its log goes to a file (a pipe nobody drains could
+    fill up and stall the server), polled for the "listening on" line."""
+
+    def __init__(self, log: Path, model: Path, *args: str) -> None:
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [*CLI, "serve", str(model), *args, "--host", "127.0.0.1", "--port", "0"],
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
+        self.log = log
+        try:
+            self.url = self._wait_for_url(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_url(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(r"listening on (http://\S+)", self.log.read_text())
+            if found:
+                return found.group(1)
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)  # bounded polling
+        raise AssertionError("server did not start:\n" + self.log.read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM to this PID
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def mlp_server(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("mlp_server") / "serve.log"
+    server = ServeProcess(log, mlp_path)  # model name: the file stem, "mlp"
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A port bound but never listened on: connecting is refused, and nobody else can take it
+    while the test runs (unlike a port closed right after it was picked)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def bench_json(tmp_path: Path, *args: str) -> dict[str, Any]:
+    out = tmp_path / "out.json"
+    done = run_cli("bench", *args, "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def report(
+    rate: float | None, p99_ms: float | None, *, requests: int = 100, ok: int | None = None
+) -> Report:
+    ok = requests if ok is None else ok
+    latency = {} if p99_ms is None else {"p50": p99_ms / 2, "p99": p99_ms}
+    return Report(
+        mode="open",
+        target_rate=rate,
+        concurrency=None,
+        duration_s=1.0,
+        processes=1,
+        requests=requests,
+        ok=ok,
+        achieved_rps=float(ok),
+        latency_ms=latency,
+        errors_by_status={"503": requests - ok} if requests > ok else {},
+        errors_by_exception={},
+        delayed_by_cap=0,
+    )
+
+
+def fake_run(behaviour: Callable[[float], Report]) -> tuple[Callable[[float], Report], list[float]]:
+    calls: list[float] = []
+
+    def run(rate: float) -> Report:
+        calls.append(rate)
+        return behaviour(rate)
+
+    return run, calls
+
+
+def capacity(limit: float) -> Callable[[float], Report]:
+    """A server whose p99 is 10 ms below `limit` req/s and 500 ms from it on."""
+    return lambda rate: report(rate, 10.0 if rate < limit else 500.0)
+
+
+# --------------------------------------------------------------------------------------------
+# sweep
+
+
+def test_sweep_steps_up_then_bisects_to_the_best_rate_under_the_slo() -> None:
+    run, calls = fake_run(capacity(700))
+    curve, best = sweep(run, slo_p99_ms=100, start_rate=100, max_rate=100_000, bisect_steps=4)
+    # doubling 100, 200, 400 hold, 800 fails; bisect 600 ok, 700 fails, 650 ok, 675 ok
+    assert calls == [100, 200, 400, 800, 600, 700, 650, 675]
+    assert best is not None
+    assert best.target_rate == 675
+    assert [r.target_rate for r in curve] == [100, 200, 400, 600, 650, 675, 700, 800]
+
+
+def test_sweep_uses_the_factor() -> None:
+    run, calls = fake_run(capacity(2000))
+    _, best = sweep(run, 100, start_rate=100, max_rate=100_000, bisect_steps=1, factor=3.0)
+    assert calls == [100, 300, 900, 2700, 1800]
+    assert best is not None
+    assert best.target_rate == 1800
+
+
+def test_sweep_stops_at_max_rate_without_bisecting_when_everything_holds() -> None:
+    run, calls = fake_run(capacity(float("inf")))
+    curve, best = sweep(run, 100, start_rate=100, max_rate=1000, bisect_steps=4)
+    assert calls == [100, 200, 400, 800]
+    assert best is not None
+    assert best.target_rate == 800
+    assert [r.target_rate for r in curve] == calls
+
+
+def test_sweep_counts_errors_as_failing_the_slo() -> None:
+    # From 400 req/s on, p99 is tiny but some requests fail: that rate does not hold.
+    def behaviour(rate: float) -> Report:
+        return report(rate, 1.0, requests=100, ok=90 if rate >= 400 else 100)
+
+    run, calls = fake_run(behaviour)
+    curve, best = sweep(run, 100, start_rate=100, max_rate=100_000, bisect_steps=2)
+    assert calls == [100, 200, 400, 300, 350]
+    assert best is not None
+    assert best.target_rate == 350
+    assert all(r.errors == 0 for r in curve if r.target_rate and r.target_rate <= 350)
+
+
+def test_sweep_p99_equal_to_the_slo_does_not_hold_and_no_latencies_never_hold() -> None:
+    run, _ = fake_run(lambda rate: report(rate, 100.0))
+    assert sweep(run, 100, start_rate=100, max_rate=1000, bisect_steps=1)[1] is None
+    # every request failed: no latencies at all, p99 counts as infinite
+    run, _ = fake_run(lambda rate: report(rate, None, requests=10, ok=0))
+    assert sweep(run, 100, start_rate=100, max_rate=1000, bisect_steps=1)[1] is None
+
+
+def test_sweep_with_no_rate_holding_returns_none_and_a_sorted_curve() -> None:
+    run, calls = fake_run(capacity(0))
+    curve, best = sweep(run, 100, start_rate=100, max_rate=100_000, bisect_steps=4)
+    assert best is None
+    assert calls == [100, 50, 25, 12.5, 6.25]  # bisects down from 0..start_rate
+    assert [r.target_rate for r in curve] == [6.25, 12.5, 25, 50, 100]
+
+
+def test_sweep_with_start_above_max_runs_nothing() -> None:
+    run, calls = fake_run(capacity(1e9))
+    assert sweep(run, 100, start_rate=500, max_rate=100) == ([], None)
+    assert calls == []
+
+
+# --------------------------------------------------------------------------------------------
+# summarize
+
+
+def test_summarize_percentiles_errors_and_achieved_rate() -> None:
+    config = LoadConfig(rate=50, duration_s=2.0, warmup_s=0)
+    first = RawResult(
+        latencies=[i / 1000 for i in range(1, 51)],  # 1..50 ms
+        statuses=Counter({503: 2, 429: 1}),
+        exceptions=Counter({"Disconnected": 1}),
+        window_start=100.0,
+        last_completion=101.5,
+        delayed_by_cap=3,
+    )
+    second = RawResult(
+        latencies=[i / 1000 for i in range(51, 101)],  # 51..100 ms
+        exceptions=Counter({"RequestTimeout": 2, "Disconnected": 1}),
+        window_start=100.0,
+        last_completion=101.9,
+        delayed_by_cap=1,
+    )
+    r = summarize([first, second], config)
+    assert r.mode == "open"
+    assert r.target_rate == 50
+    assert r.ok == 100
+    assert r.requests == 107
+    assert r.errors == 7
+    assert r.errors_by_status == {"429": 1, "503": 2}
+    assert r.errors_by_exception == {"Disconnected": 2, "RequestTimeout": 2}
+    assert r.delayed_by_cap == 4
+    lat = r.latency_ms
+    # numpy's linear interpolation over 1..100 ms
+    assert lat["p50"] == pytest.approx(50.5)
+    assert lat["p90"] == pytest.approx(90.1)
+    assert lat["p95"] == pytest.approx(95.05)
+    assert lat["p99"] == pytest.approx(99.01)
+    assert lat["p99.9"] == pytest.approx(99.901)
+    assert lat["max"] == pytest.approx(100.0)
+    assert lat["mean"] == pytest.approx(50.5)
+    assert r.p99_ms == pytest.approx(99.01)
+    # all finished inside the 2 s window: rate over the window
+    assert r.achieved_rps == pytest.approx(100 / 2.0)
+
+
+def test_summarize_late_completions_stretch_the_window() -> None:
+    config = LoadConfig(concurrency=4, duration_s=2.0, warmup_s=0)
+    result = RawResult(latencies=[0.01] * 60, window_start=10.0, last_completion=13.0)
+    r = summarize([result], config)
+    assert r.mode == "closed"
+    assert r.concurrency == 4
+    assert r.achieved_rps == pytest.approx(60 / 3.0)
+    assert r.errors == 0
+
+
+def test_summarize_without_successes() -> None:
+    config = LoadConfig(rate=10, duration_s=1.0, warmup_s=0)
+    result = RawResult(exceptions=Counter({"ConnectionRefusedError": 10}), window_start=5.0)
+    r = summarize([result], config)
+    assert r.ok == 0
+    assert r.requests == 10
+    assert r.achieved_rps == 0.0
+    assert r.latency_ms == {}
+    assert r.p99_ms == float("inf")
+    assert "ConnectionRefusedError" in r.text()
+
+
+# --------------------------------------------------------------------------------------------
+# LoadConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one"),
+        ({"rate": 10, "concurrency": 2}, "exactly one"),
+        ({"rate": 0}, "rate must be > 0"),
+        ({"rate": -1}, "rate must be > 0"),
+        ({"concurrency": 0}, "concurrency must be >= 1"),
+        ({"concurrency": 1, "duration_s": 0}, "duration"),
+        ({"concurrency": 1, "warmup_s": -0.1}, "warm-up"),
+        ({"concurrency": 1, "processes": 0}, "processes"),
+        ({"rate": 10, "max_outstanding": 0}, "max_outstanding"),
+    ],
+)
+def test_load_config_rejects(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LoadConfig(**kwargs)
+
+
+def test_load_config_accepts_both_modes() -> None:
+    assert LoadConfig(rate=10).open_loop
+    assert not LoadConfig(concurrency=1, warmup_s=0).open_loop
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0])
+def test_load_config_rejects_a_non_positive_timeout(timeout_s: float) -> None:
+    # BUG: LoadConfig does not validate timeout_s. With `--timeout 0` the pool's sweeper spins
+    # (asyncio.sleep(min(0.5, 0))) and times out every request at once: the run "succeeds"
+    # with exit 0, 0 req/s and every request counted as RequestTimeout.
+    with pytest.raises(ValueError, match="timeout"):
+        LoadConfig(concurrency=1, timeout_s=timeout_s)
+
+
+# --------------------------------------------------------------------------------------------
+# transport
+
+
+def mlp_request(base_url: str) -> bytes:
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    ).encode()
+    headers = {"Content-Type": "application/json"}
+    return encode_post(f"{base_url}/v2/models/mlp/infer", body, headers)
+
+
+def test_encode_post_bytes() -> None:
+    raw = encode_post("http://h:81/v2/models/m/infer?x=1", b"{}", {"Content-Type": "a/b"})
+    assert raw == (
+        b"POST /v2/models/m/infer?x=1 HTTP/1.1\r\nHost: h:81\r\nContent-Length: 2\r\n"
+        b"Content-Type: a/b\r\n\r\n{}"
+    )
+
+
+async def test_pool_posts_to_a_real_server(mlp_server: str) -> None:
+    raw = mlp_request(mlp_server)
+    async with asyncio.timeout(20), ConnectionPool(mlp_server, 4, timeout_s=10) as pool:
+        assert await pool.post(raw) == 200
+        # keep-alive reuse, and several in flight at once
+        assert await asyncio.gather(*(pool.post(raw) for _ in range(16))) == [200] * 16
+        bad = encode_post(f"{mlp_server}/v2/models/nope/infer", b"{}", {})
+        assert await pool.post(bad) == 404
+
+
+async def test_pool_against_a_closed_port_raises_oserror(refusing_port: int) -> None:
+    url = f"http://127.0.0.1:{refusing_port}"
+    async with asyncio.timeout(10), ConnectionPool(url, 2, timeout_s=5) as pool:
+        with pytest.raises(OSError):  # noqa: PT011 - any OSError subclass is the contract
+            await pool.post(encode_post(url + "/v2/models/m/infer", b"{}", {}))
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 whose handler reads one request and then does `then`; its
+    handlers are awaited on exit so no socket outlives the test's event loop."""
+
+    def __init__(self, then: Callable[[asyncio.StreamReader], Any]) -> None:
+        self._then = then
+        self._handlers: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.append(task)
+        try:
+            await reader.read(1 << 16)
+            await self._then(reader)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+
+async def until_client_hangs_up(reader: asyncio.StreamReader) -> None:
+    await reader.read()
+
+
+async def hang_up(reader: asyncio.StreamReader) -> None:
+    return None
+
+
+async def test_pool_times_out_a_server_that_never_answers() -> None:
+    async with (
+        asyncio.timeout(10),
+        RawServer(until_client_hangs_up) as url,
+        ConnectionPool(url, 1, timeout_s=0.4) as pool,
+    ):
+        started = time.perf_counter()
+        with pytest.raises(RequestTimeout):
+            await pool.post(encode_post(url + "/x", b"{}", {}))
+        assert time.perf_counter() - started < 5
+
+
+async def test_pool_reports_a_server_that_hangs_up() -> None:
+    async with (
+        asyncio.timeout(10),
+        RawServer(hang_up) as url,
+        ConnectionPool(url, 1, timeout_s=5) as pool,
+    ):
+        with pytest.raises(ConnectionError):
+            await pool.post(encode_post(url + "/x", b"{}", {}))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI end to end
+
+SHORT = ("--duration", "1", "--warmup", "0.5")
+
+
+def assert_clean(report: dict[str, Any]) -> None:
+    assert report["achieved_rps"] > 0
+    assert report["ok"] == report["requests"] > 0
+    assert report["errors_by_status"] == {}
+    assert report["errors_by_exception"] == {}
+
+
+def test_cli_closed_loop_json(tmp_path: Path, mlp_server: str) -> None:
+    out = bench_json(tmp_path, mlp_server, "-m", "mlp", "--concurrency", "4", *SHORT)
+    assert out["model"] == "mlp"
+    assert out["binary"] is False
+    report = out["report"]
+    assert_clean(report)
+    assert report["mode"] == "closed"
+    assert report["concurrency"] == 4
+    assert report["server"]["mean_batch_rows"] >= 1
+    assert report["server"]["runs"] > 0
+
+
+def test_cli_closed_loop_binary(tmp_path: Path, mlp_server: str) -> None:
+    out = bench_json(tmp_path, mlp_server, "-m", "mlp", "--concurrency", "4", "--binary", *SHORT)
+    assert out["binary"] is True
+    assert_clean(out["report"])
+    assert out["report"]["server"]["mean_batch_rows"] >= 1
+
+
+def test_cli_open_loop(tmp_path: Path, mlp_server: str) -> None:
+    out = bench_json(tmp_path, mlp_server, "-m", "mlp", "--rate", "200", *SHORT)
+    report = out["report"]
+    assert_clean(report)
+    assert report["mode"] == "open"
+    assert report["target_rate"] == 200
+    assert 190 <= report["requests"] <= 210  # 1 s at 200 req/s on a constant schedule
+    assert report["server"]["mean_batch_rows"] >= 1
+
+
+def test_cli_noop(tmp_path: Path) -> None:
+    out = bench_json(tmp_path, "--noop", "--concurrency", "2", *SHORT)
+    assert out["model"] == "noop"
+    assert_clean(out["report"])
+    assert out["report"]["server"] == {}  # the no-op server has no statistics endpoint
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("batchserve: error: ")
+    return lines[0]
+
+
+def test_cli_unknown_model(mlp_server: str) -> None:
+    line = one_error_line(run_cli("bench", mlp_server, "-m", "nope", *SHORT))
+    assert "404" in line
+
+
+def test_cli_unreachable_url(refusing_port: int) -> None:
+    line = one_error_line(run_cli("bench", f"http://127.0.0.1:{refusing_port}", "-m", "mlp"))
+    assert "cannot reach" in line
+
+
+def test_cli_noop_invalid_load_is_a_one_line_error() -> None:
+    # BUG: `_bench` in batchserve/cli.py catches only BenchError on the --noop path (the URL
+    # path catches BenchError and ValueError), so LoadConfig's ValueError escapes as a
+    # traceback with exit 1. Against a URL the same flags give exit 2 and one line.
+    line = one_error_line(run_cli("bench", "--noop", "--rate", "0", *SHORT))
+    assert "rate must be > 0" in line
+
+
+def test_cli_concurrency_zero_is_rejected(mlp_server: str) -> None:
+    # BUG: batchserve/bench/runner.py builds `concurrency=args.concurrency or 64`, so an
+    # explicit `--concurrency 0` silently runs 64 callers instead of being rejected.
+    line = one_error_line(
+        run_cli(
+            "bench",
+            mlp_server,
+            "-m",
+            "mlp",
+            "--concurrency",
+            "0",
+            "--duration",
+            "0.2",
+            "--warmup",
+            "0",
+        )
+    )
+    assert "concurrency must be >= 1" in line
+
+
+# --------------------------------------------------------------------------------------------
+# coordinated omission
+
+
+def test_open_loop_latency_counts_queueing_from_the_scheduled_time(
+    tmp_path: Path, slow_path: Path
+) -> None:
+    """Overload a slow model on purpose: the queue grows for the whole run, so the last requests
+    wait seconds even though each one is served in a fraction of that.
+
+    Service time S is measured first (closed loop, 1 caller, p50). The open-loop rate is then
+    K / S, K times what the server can serve, for D seconds. Request i is scheduled at i·S/K and
+    done at about (i+1)·S, so its latency grows to about (K-1)·D at the end of the window:
+    with K = 4, D = 1 the top percentiles are about 3 s, whatever S is on this machine (and the
+    run costs about K·D = 4 s of server time). Asserting p99 > 4·S leaves room for S to be
+    mis-measured by 2x either way (the server may also run somewhat faster under steady load).
+    The rate is derived from S rather than fixed so the test stays short on a slow CPU and
+    still overloads a fast one.
+
+    Two variants:
+    - no client cap: the queue is in the server; latency must include it;
+    - `--max-outstanding 1`: the queue is in the client, one request on the wire at a time.
+      A load generator that timed requests from when they were *sent* would report about S for
+      every request here (coordinated omission); timing from the *scheduled* time reports the
+      same growing wait as the uncapped run.
+    """
+    server = ServeProcess(
+        tmp_path / "slow.log",
+        slow_path,
+        "--name",
+        "slow",
+        "--max-queue-rows",
+        "1000000",  # never 429: the whole backlog must wait, not be shed
+    )
+    try:
+        common = (server.url, "-m", "slow", "--binary", "--rows", "512")
+        closed = bench_json(
+            tmp_path, *common, "--concurrency", "1", "--duration", "1", "--warmup", "0.3"
+        )["report"]
+        assert_clean(closed)
+        service_ms = closed["latency_ms"]["p50"]
+        rate = min(4000.0 / service_ms, 2000.0)
+        load = ("--rate", f"{rate:.3f}", "--duration", "1", "--warmup", "0")
+
+        queued = bench_json(tmp_path, *common, *load)["report"]
+        assert_clean(queued)
+        assert queued["latency_ms"]["p99"] > 4 * service_ms, (service_ms, queued)
+
+        capped = bench_json(tmp_path, *common, *load, "--max-outstanding", "1")["report"]
+        assert_clean(capped)
+        assert capped["delayed_by_cap"] > 0
+        assert capped["latency_ms"]["p99"] > 4 * service_ms, (service_ms, capped)
+    finally:
+        server.stop()
