@@ -1,6 +1,6 @@
 """batchserve: a high-throughput ONNX model server speaking the Open Inference Protocol."""
 
-from batchserve.config import BatchConfig, Device, RuntimeConfig, ServerConfig
+from batchserve.config import BatchConfig, CacheConfig, Device, RuntimeConfig, ServerConfig
 from batchserve.engine import Engine, EngineStatistics
 from batchserve.errors import (
     BatchserveError,
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchConfig",
     "BatchserveError",
+    "CacheConfig",
     "DeadlineExceeded",
     "Device",
     "DeviceUnavailable",

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from batchserve.config import BatchConfig, Device, RuntimeConfig, ServerConfig
+from batchserve.config import BatchConfig, CacheConfig, Device, RuntimeConfig, ServerConfig
 from batchserve.errors import DeviceUnavailable, ModelLoadError
 
 EXIT_USAGE = 2
@@ -32,6 +32,15 @@ def _env(flag: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
         raise SystemExit(
             f"batchserve: error: BATCHSERVE_{flag.upper()}={value!r} is invalid"
         ) from None
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(text)
 
 
 def _device(text: str) -> Device:
@@ -95,6 +104,35 @@ def _add_serve(commands: Any) -> None:
         type=float,
         default=_env("shutdown-grace-s", 30.0, float),
         help="how long SIGTERM waits for in-flight requests",
+    )
+    serve.add_argument(
+        "--cache-size-mb",
+        type=float,
+        default=_env("cache-size-mb", 0.0, float),
+        help="in-process response cache size (0 = off; see docs/caching.md)",
+    )
+    serve.add_argument(
+        "--redis-url",
+        default=_env("redis-url", None),
+        help="shared response cache tier, e.g. redis://host:6379/0",
+    )
+    serve.add_argument(
+        "--cache-ttl-s", type=float, default=_env("cache-ttl-s", 300.0, float),
+        help="lifetime of Redis cache entries",
+    )  # fmt: skip
+    serve.add_argument(
+        "--redis-timeout-ms", type=float, default=_env("redis-timeout-ms", 50.0, float),
+        help="a slower Redis call counts as a miss",
+    )  # fmt: skip
+    serve.add_argument(
+        "--redis-retry-s", type=float, default=_env("redis-retry-s", 5.0, float),
+        help="how long Redis is skipped after repeated failures",
+    )  # fmt: skip
+    serve.add_argument(
+        "--no-cache",
+        action="store_true",
+        default=_env("no-cache", False, _flag),
+        help="the model's outputs are not a pure function of its inputs: never cache them",
     )
     serve.add_argument(
         "--log-level",
@@ -183,12 +221,20 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         batch = BatchConfig(args.max_batch_size, args.max_latency_ms, args.max_queue_rows)
         runtime = RuntimeConfig(args.instances, args.intra_op_threads, args.device)
+        cache = CacheConfig(
+            size_mb=args.cache_size_mb,
+            redis_url=args.redis_url,
+            ttl_s=args.cache_ttl_s,
+            redis_timeout_ms=args.redis_timeout_ms,
+            redis_retry_after_s=args.redis_retry_s,
+            cacheable=not args.no_cache,
+        )
         server_config = ServerConfig(
             args.host, args.port, int(args.max_body_mb * 1024 * 1024), args.shutdown_grace_s
         )
     except ValueError as err:
         return _fail(str(err))
-    engine = Engine(args.model, batch, runtime, name=args.name)
+    engine = Engine(args.model, batch, runtime, name=args.name, cache=cache)
     server = Server(ModelRepository([engine]), server_config)
     try:
         _run(serve_until_signalled(server, on_ready=_tune_gc))

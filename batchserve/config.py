@@ -95,6 +95,36 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The response cache (see docs/caching.md).
+
+    size_mb: in-process LRU size in MiB of cached outputs (0 = no local tier).
+    redis_url: shared tier, e.g. redis://host:6379/0 (None = no Redis).
+    ttl_s: lifetime of Redis entries.
+    redis_timeout_ms: a Redis call slower than this is a miss.
+    redis_retry_after_s: how long the circuit stays open after repeated Redis failures.
+    cacheable: False for models whose outputs are not a pure function of their inputs.
+    """
+
+    size_mb: float = 0.0
+    redis_url: str | None = None
+    ttl_s: float = 300.0
+    redis_timeout_ms: float = 50.0
+    redis_retry_after_s: float = 5.0
+    cacheable: bool = True
+
+    def __post_init__(self) -> None:
+        _non_negative("size_mb", self.size_mb)
+        _positive("ttl_s", self.ttl_s)
+        _positive("redis_timeout_ms", self.redis_timeout_ms)
+        _positive("redis_retry_after_s", self.redis_retry_after_s)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cacheable and (self.size_mb > 0 or bool(self.redis_url))
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The HTTP front end."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -14,8 +15,12 @@ from types import TracebackType
 
 import numpy as np
 
+from batchserve.cache import cache_key
+from batchserve.cache.lru import ByteLRU
+from batchserve.cache.redis_tier import RedisTier
+from batchserve.cache.tiered import CacheStatistics, ResponseCache
 from batchserve.clock import Clock, MonotonicClock
-from batchserve.config import BatchConfig, RuntimeConfig
+from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.errors import NotReady
 from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
 from batchserve.runtime import ModelMetadata, SessionPool, load_sessions
@@ -30,6 +35,7 @@ class EngineStatistics:
     batcher: BatcherStatistics
     pool: PoolStatistics
     load_seconds: float
+    cache: CacheStatistics | None = None
 
 
 class Engine:
@@ -48,6 +54,7 @@ class Engine:
         name: str | None = None,
         version: str = "1",
         clock: Clock | None = None,
+        cache: CacheConfig | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.batch_config = batch or BatchConfig()
@@ -61,6 +68,9 @@ class Engine:
         self._stack: contextlib.AsyncExitStack | None = None
         self._ready = False
         self._load_seconds = 0.0
+        self.cache_config = cache or CacheConfig()
+        self._cache: ResponseCache | None = None
+        self._cache_version = version
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -81,6 +91,8 @@ class Engine:
             load_sessions, self.model_path, self.runtime_config
         )
         async with contextlib.AsyncExitStack() as stack:
+            if self.cache_config.enabled:
+                self._cache = await stack.enter_async_context(await self._build_cache())
             pool = await stack.enter_async_context(SessionPool(sessions, metadata.input_names))
             if self.runtime_config.warmup:
                 await self._warm_up(pool, metadata)
@@ -106,6 +118,22 @@ class Engine:
             self.runtime_config.device,
             f"up to {self.batch_config.max_batch_size} rows" if metadata.batched else "off",
         )
+
+    async def _build_cache(self) -> ResponseCache:
+        config = self.cache_config
+        # Keys carry the file's digest: a new file never gets the old file's answers.
+        digest = await asyncio.to_thread(_file_digest, self.model_path)
+        self._cache_version = f"{self.version}:{digest}"
+        redis = None
+        if config.redis_url:
+            redis = RedisTier(
+                config.redis_url,
+                self._clock,
+                ttl_s=config.ttl_s,
+                timeout_s=config.redis_timeout_ms / 1000.0,
+                reset_after_s=config.redis_retry_after_s,
+            )
+        return ResponseCache(ByteLRU(int(config.size_mb * 1024 * 1024)), redis)
 
     async def _warm_up(self, pool: SessionPool, metadata: ModelMetadata) -> None:
         # The first run of each shape allocates and plans; pay it before taking traffic.
@@ -136,15 +164,38 @@ class Engine:
         return self._metadata
 
     async def infer(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        cache: bool = True,
     ) -> dict[str, np.ndarray]:
-        """Run the model on `inputs`; returns the requested outputs (all when None)."""
+        """Run the model on `inputs`; returns the requested outputs (all when None).
+
+        With a response cache configured, `cache=False` computes (and stores nothing)."""
         batcher = self._batcher
         metadata = self._metadata
         if batcher is None or metadata is None or not self._ready:
             raise NotReady(f"model {self.name!r} is not ready")
         selected = metadata.select_outputs(outputs)
         arrays, rows = metadata.validate(inputs)
+        response_cache = self._cache
+        if response_cache is not None and cache:
+            named = dict(zip(metadata.input_names, arrays, strict=True))
+            key = cache_key(self.name, self._cache_version, named, outputs)
+            return await response_cache.get_or_compute(
+                key, lambda: self._run(batcher, metadata, arrays, rows, selected)
+            )
+        return await self._run(batcher, metadata, arrays, rows, selected)
+
+    @staticmethod
+    async def _run(
+        batcher: Batcher,
+        metadata: ModelMetadata,
+        arrays: list[np.ndarray],
+        rows: int,
+        selected: list[int],
+    ) -> dict[str, np.ndarray]:
         item = batcher.submit(arrays, rows, tuple([a.shape[1:] for a in arrays]))
         try:
             results = await item.future
@@ -157,6 +208,12 @@ class Engine:
     def statistics(self) -> EngineStatistics:
         if self._batcher is None or self._pool is None:
             raise NotReady(f"model {self.name!r} is not loaded")
+        cache = self._cache.statistics() if self._cache is not None else None
         return EngineStatistics(
-            self._batcher.statistics(), self._pool.statistics(), self._load_seconds
+            self._batcher.statistics(), self._pool.statistics(), self._load_seconds, cache
         )
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "blake2b").hexdigest()[:32]

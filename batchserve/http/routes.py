@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -11,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from batchserve import __version__
+from batchserve.cache.tiered import CacheStatistics
 from batchserve.errors import BatchserveError, InvalidInput, NotReady, PayloadTooLarge
 from batchserve.protocol import HEADER_LENGTH, decode_request, encode_response
 from batchserve.repository import ModelRepository
@@ -128,7 +130,9 @@ class InferEndpoint:
                     f"request body of {length} bytes exceeds {state.max_body_bytes}"
                 )
             decoded = decode_request(await request.read(), _header_length(request))
-            results = await engine.infer(decoded.inputs, decoded.outputs)
+            results = await engine.infer(
+                decoded.inputs, decoded.outputs, cache=_cache_allowed(request, decoded.parameters)
+            )
             payload, header_length = encode_response(engine.name, engine.version, decoded, results)
         except Exception as err:
             return to_response(request, err)
@@ -139,6 +143,13 @@ class InferEndpoint:
             headers={HEADER_LENGTH: str(header_length)},
             content_type="application/octet-stream",
         )
+
+
+def _cache_allowed(request: web.Request, parameters: dict[str, Any] | None) -> bool:
+    if parameters and parameters.get("cache") is False:
+        return False
+    control = request.headers.get("Cache-Control")
+    return not (control and ("no-cache" in control or "no-store" in control))
 
 
 def _header_length(request: web.Request) -> int | None:
@@ -178,10 +189,21 @@ async def model_statistics(request: web.Request) -> web.Response:
                     ],
                     "sessions": stats.pool.instances,
                     "load_seconds": stats.load_seconds,
+                    "cache": _cache_statistics(stats.cache),
                 }
             ]
         }
     )
+
+
+def _cache_statistics(cache: CacheStatistics | None) -> dict[str, Any] | None:
+    if cache is None:
+        return None
+    return {
+        "local": asdict(cache.local),
+        "redis": asdict(cache.redis) if cache.redis is not None else None,
+        "coalesced": cache.coalesced,
+    }
 
 
 async def no_route(request: web.Request) -> web.Response:

@@ -50,9 +50,26 @@ async def ready(_request: web.Request) -> web.Response:
     return web.Response(body=b'{"ready":true}', content_type="application/json")
 
 
+METADATA = orjson.dumps(
+    {
+        "name": "mlp",
+        "versions": ["1"],
+        "platform": "constant",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+    }
+)
+
+
+async def metadata(_request: web.Request) -> web.Response:
+    # Load generators read the model's metadata first; it describes the mlp it imitates.
+    return web.Response(body=METADATA, content_type="application/json")
+
+
 def create_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/v2/models/{name}/infer", infer)
+    app.router.add_get("/v2/models/{name}", metadata)
     app.router.add_get("/v2/health/ready", ready)
     return app
 

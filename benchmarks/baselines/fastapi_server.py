@@ -97,6 +97,21 @@ def create_app(model: Model, mode: str) -> FastAPI:
     def ready() -> dict[str, bool]:
         return {"ready": True}
 
+    @app.get("/v2/models/{model_name}")
+    def metadata(model_name: str) -> dict[str, Any]:
+        def spec(node: Any, datatype: str) -> dict[str, Any]:
+            shape = [d if isinstance(d, int) else -1 for d in node.shape]
+            return {"name": node.name, "datatype": datatype, "shape": shape}
+
+        session = model.session
+        return {
+            "name": model_name,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
+            "inputs": [spec(i, model.input_types[i.name][0]) for i in session.get_inputs()],
+            "outputs": [spec(o, model.output_types[o.name]) for o in session.get_outputs()],
+        }
+
     if mode == "sync":
 
         @app.post("/v2/models/{model_name}/infer")

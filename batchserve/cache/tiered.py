@@ -1,0 +1,89 @@
+"""The response cache: local LRU, then Redis, then one shared computation per key."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from batchserve.cache.lru import ByteLRU, LRUStatistics, Outputs
+from batchserve.cache.redis_tier import RedisStatistics, RedisTier
+
+
+class _LeaderGone(Exception):
+    """The request computing a key was cancelled; a waiting duplicate takes over."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    local: LRUStatistics
+    redis: RedisStatistics | None
+    coalesced: int  # requests that waited for an identical one in flight instead of computing
+
+
+class ResponseCache:
+    """`get_or_compute(key, compute)`: a hit from either tier, or the result of the single
+    computation of that key in flight (single-flight), which then fills both tiers."""
+
+    def __init__(self, local: ByteLRU, redis: RedisTier | None = None) -> None:
+        self._local = local
+        self._redis = redis
+        self._in_flight: dict[bytes, asyncio.Future[Outputs]] = {}
+        self._coalesced = 0
+
+    async def __aenter__(self) -> ResponseCache:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def get_or_compute(
+        self, key: bytes, compute: Callable[[], Awaitable[Outputs]]
+    ) -> Outputs:
+        while True:
+            if self._local.enabled and (hit := self._local.get(key)) is not None:
+                return hit
+            leader = self._in_flight.get(key)
+            if leader is None:
+                return await self._lead(key, compute)
+            self._coalesced += 1
+            with contextlib.suppress(_LeaderGone):
+                # Shielded: this caller's cancellation must not cancel the shared result.
+                return await asyncio.shield(leader)
+
+    async def _lead(self, key: bytes, compute: Callable[[], Awaitable[Outputs]]) -> Outputs:
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            outputs = await self._redis.get(key) if self._redis is not None else None
+            if outputs is None:
+                outputs = await compute()
+                if self._redis is not None:
+                    self._redis.put_later(key, outputs)
+            if self._local.enabled:
+                self._local.put(key, outputs)
+        except asyncio.CancelledError:
+            future.set_exception(_LeaderGone())
+            raise
+        except BaseException as err:
+            future.set_exception(err)
+            raise
+        else:
+            future.set_result(outputs)
+            return outputs
+        finally:
+            del self._in_flight[key]
+            if not future.cancelled() and future.exception() is not None:
+                future.exception()  # mark retrieved: followers may be none
+
+    def statistics(self) -> CacheStatistics:
+        redis = self._redis.statistics() if self._redis is not None else None
+        return CacheStatistics(self._local.statistics(), redis, self._coalesced)
