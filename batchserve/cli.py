@@ -167,6 +167,13 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--binary", action="store_true", help="binary tensor extension")
     bench.add_argument("--rows", type=int, default=1, help="rows per request (batch dim)")
     bench.add_argument("--input", help=".npy, .npz or JSON file with the inputs to send")
+    bench.add_argument(
+        "--distinct", type=int, default=16, help="distinct request bodies to cycle through"
+    )
+    bench.add_argument(
+        "--unique-fraction", type=float, default=0.0,
+        help="share of requests with never-repeated inputs; the rest repeat one of --distinct",
+    )  # fmt: skip
     bench.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, s")
     bench.add_argument("--json", dest="json_out", help="write the report(s) to this file")
     bench.add_argument(

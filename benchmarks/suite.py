@@ -206,6 +206,77 @@ def sweeps(args: argparse.Namespace) -> dict[str, Any]:
     return curves
 
 
+CACHE_VARIANTS = {
+    "off": [],
+    "local": ["--cache-size-mb", "64"],
+    "local + redis": ["--cache-size-mb", "64", "--redis-url", "REDIS"],
+}
+
+
+def cache_figure(args: argparse.Namespace) -> dict[str, Any]:
+    """mlp under a load where 90% of requests repeat one of 100 inputs: cache off vs on."""
+    import shutil
+    import statistics
+
+    redis = None
+    variants = dict(CACHE_VARIANTS)
+    if shutil.which("redis-server"):
+        redis_port = compare.free_port()
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    else:
+        variants.pop("local + redis")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    try:
+        for _ in range(args.repeats):
+            for name, flags in variants.items():
+                if redis is not None:
+                    flags = [f.replace("REDIS", f"redis://127.0.0.1:{redis_port}/0") for f in flags]
+                runs[name].append(_cache_run(args, flags))
+    finally:
+        if redis is not None:
+            redis.terminate()
+            redis.wait(timeout=10)
+    return {
+        name: {
+            "rps": statistics.median(r["achieved_rps"] for r in reports),
+            "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in reports),
+            "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in reports),
+            "runs": reports,
+        }
+        for name, reports in runs.items()
+    }
+
+
+def _cache_run(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
+    port = compare.free_port()
+    base = f"http://{compare.HOST}:{port}"
+    command = [sys.executable, "-m", "batchserve", "serve", str(BUILD / "mlp.onnx"), "--name"]
+    command += ["mlp", "--host", compare.HOST, "--port", str(port), *flags]
+    proc = compare.start_server(command, BUILD / "cache-server.log")
+    out = BUILD / "cache-bench.json"
+    try:
+        compare.wait_ready(proc, base)
+        subprocess.run(
+            [sys.executable, "-m", "batchserve", "bench", base, "-m", "mlp", "--concurrency",
+             "64", "--duration", str(args.duration), "--warmup", "2", "--distinct", "100",
+             "--unique-fraction", "0.1", "--json", str(out)],
+            check=True, cwd=REPO, timeout=600,
+        )  # fmt: skip
+        report: dict[str, Any] = json.loads(out.read_text())["report"]
+        stats = json.loads(compare.http_status(f"{base}/v2/models/mlp/stats")[1] or b"{}")[
+            "model_stats"
+        ][0]
+        report["server_stats"] = {"requests": stats["request_count"], "cache": stats["cache"]}
+        print(f"    cache {flags}: {report['achieved_rps']:.0f} req/s", file=sys.stderr)
+        return report
+    finally:
+        compare.stop_server(proc)
+
+
 def plot(curves: dict[str, Any], path: Path, slo_ms: float) -> None:
     import matplotlib
 
@@ -253,6 +324,7 @@ def main() -> int:
     results["generator"] = generator_ceiling(args.duration, args.reuse)
     results["compare"] = comparisons(args)
     results["sweeps"] = sweeps(args)
+    results["cache"] = cache_figure(args)
     results["config"] = vars(args)
     results["elapsed_s"] = time.time() - started
     (DOCS / "results").mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ def bench(args: argparse.Namespace, url: str, model: str | None) -> int:
         rows=args.rows,
         input_file=args.input,
         version=args.version,
+        variants=args.distinct,
+        unique_fraction=args.unique_fraction,
     )
     target = Target(url, model)
     output: dict[str, Any] = {"url": url, "model": model, "binary": args.binary, "rows": args.rows}

@@ -23,13 +23,17 @@ class Body:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """Pre-encoded request bodies, sent round-robin so encoding never costs during a run."""
+    """Pre-encoded request bodies, so encoding never costs during a run; `order` maps the
+    n-th request to a body (round-robin when empty)."""
 
     url: str
     bodies: tuple[Body, ...]
     rows_per_request: int
+    order: tuple[int, ...] = ()
 
     def body(self, index: int) -> Body:
+        if self.order:
+            return self.bodies[self.order[index % len(self.order)]]
         return self.bodies[index % len(self.bodies)]
 
 
@@ -44,19 +48,36 @@ def build_workload(
     input_file: str | None = None,
     seed: int = 0,
     version: str | None = None,
+    unique_fraction: float = 0.0,
+    unique_pool: int = 10_000,
 ) -> Workload:
     """Random inputs shaped by `metadata` (variable dims → `rows` for the first, 1 otherwise),
-    or the arrays of `input_file` (.npy for a single input, .npz or JSON name → data)."""
+    or the arrays of `input_file` (.npy for a single input, .npz or JSON name → data).
+
+    With `unique_fraction` > 0, that share of requests carries inputs seen nowhere else in the
+    first `unique_pool` of them, and the rest repeat one of the `variants` bodies at random: a
+    cache's hit ratio is then about 1 - unique_fraction."""
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
     if input_file:
         samples = [load_inputs(input_file, metadata)]
     else:
         rng = np.random.default_rng(seed)
         samples = [random_inputs(metadata, rows, rng) for _ in range(max(1, variants))]
+    order: tuple[int, ...] = ()
+    if unique_fraction > 0 and not input_file:
+        if not 0 < unique_fraction <= 1:
+            raise ValueError("unique_fraction must be in (0, 1]")
+        rng = np.random.default_rng(seed + 1)
+        repeated = len(samples)
+        samples += [random_inputs(metadata, rows, rng) for _ in range(unique_pool)]
+        length = int(unique_pool / unique_fraction)
+        draws, picks = rng.random(length), rng.integers(0, repeated, length)
+        fresh = repeated + np.cumsum(draws < unique_fraction) % unique_pool
+        order = tuple(np.where(draws < unique_fraction, fresh, picks).tolist())
     url = base_url.rstrip("/") + path
     bodies = tuple(_encode(url, sample, binary) for sample in samples)
     first = next(iter(samples[0].values()))
-    return Workload(url, bodies, int(first.shape[0]) if first.ndim else 1)
+    return Workload(url, bodies, int(first.shape[0]) if first.ndim else 1, order)
 
 
 def random_inputs(
