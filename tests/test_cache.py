@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from batchserve.cache.breaker import CircuitBreaker, CircuitState
 from batchserve.cache.lru import ByteLRU
 from batchserve.testing import FakeClock
 
-from conftest import RedisProcess
+from conftest import RedisProcess, StartServer
 from models import ECHO_TYPES
 
 V2 = {
@@ -256,3 +257,50 @@ async def test_redis_outage_degrades_to_local_tier_and_recovers(
         after = engine.statistics().cache.redis  # type: ignore[union-attr]
     assert after.circuit == "closed"
     assert after.hits >= hits_before + len(inputs)
+
+
+async def test_two_server_processes_share_hits_through_redis(
+    mlp_path: Path, redis_server: RedisProcess
+) -> None:
+    from test_cli import Running
+
+    flags = ["--name", "mlp", "--cache-size-mb", "8", "--redis-url", redis_server.url]
+    first, second = Running(str(mlp_path), *flags), Running(str(mlp_path), *flags)
+    try:
+        x = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
+        body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                            "data": x.ravel().tolist()}]}  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{first.url}/v2/models/mlp/infer", json=body) as r:
+                computed = await r.json()
+            await asyncio.sleep(0.2)  # the first server writes to Redis off the request's path
+            async with http.post(f"{second.url}/v2/models/mlp/infer", json=body) as r:
+                shared = await r.json()
+            async with http.get(f"{second.url}/v2/models/mlp/stats") as r:
+                stats = (await r.json())["model_stats"][0]
+        assert shared["outputs"] == computed["outputs"]
+        assert stats["request_count"] == 0  # the second server never ran the model
+        assert stats["cache"]["redis"]["hits"] == 1
+    finally:
+        for server in (first, second):
+            assert await asyncio.to_thread(server.stop) == 0
+            server.kill()
+
+
+async def test_http_requests_can_opt_out(start_server: StartServer, mlp_path: Path) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp", cache=CacheConfig(size_mb=8)))
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    url = f"{server.url}/v2/models/mlp/infer"
+    async with aiohttp.ClientSession() as http:
+        for extra, headers in [
+            ({}, {}),
+            ({}, {}),  # a hit
+            ({"parameters": {"cache": False}}, {}),
+            ({}, {"Cache-Control": "no-cache"}),
+        ]:
+            async with http.post(url, json={**body, **extra}, headers=headers) as r:
+                assert r.status == 200
+        async with http.get(f"{server.url}/v2/models/mlp/stats") as r:
+            stats = (await r.json())["model_stats"][0]
+    assert stats["request_count"] == 3
+    assert stats["cache"]["local"]["hits"] == 1
