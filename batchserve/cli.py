@@ -91,6 +91,12 @@ def _add_serve(commands: Any) -> None:
         help="threads per session (0: cores / instances on CPU, 1 on CUDA)",
     )
     serve.add_argument(
+        "--spin",
+        action="store_true",
+        default=_env("spin", False, _flag),
+        help="let ORT threads spin between operators (faster for large models, costs CPU)",
+    )
+    serve.add_argument(
         "--device", type=_device, default=_device(_env("device", "cpu")), help="cpu or cuda[:N]"
     )
     serve.add_argument(
@@ -227,7 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         batch = BatchConfig(args.max_batch_size, args.max_latency_ms, args.max_queue_rows)
-        runtime = RuntimeConfig(args.instances, args.intra_op_threads, args.device)
+        runtime = RuntimeConfig(args.instances, args.intra_op_threads, args.device, spin=args.spin)
         cache = CacheConfig(
             size_mb=args.cache_size_mb,
             redis_url=args.redis_url,

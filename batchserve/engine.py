@@ -183,8 +183,13 @@ class Engine:
         if response_cache is not None and cache:
             named = dict(zip(metadata.input_names, arrays, strict=True))
             key = cache_key(self.name, self._cache_version, named, outputs)
+            hit = response_cache.local_hit(key)  # the common case, without a coroutine
+            if hit is not None:
+                return dict(hit)
             return await response_cache.get_or_compute(
-                key, lambda: self._run(batcher, metadata, arrays, rows, selected)
+                key,
+                lambda: self._run(batcher, metadata, arrays, rows, selected),
+                checked_local=True,
             )
         return await self._run(batcher, metadata, arrays, rows, selected)
 

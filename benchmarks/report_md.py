@@ -18,7 +18,10 @@ LABELS = {
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}×" if a and b else "n/a"
+    if not a or not b:
+        return "n/a"
+    value = a / b
+    return f"{value:.2f}×" if value >= 0.05 else f"{value:.4f}×"
 
 
 def _ceilings(results: dict[str, Any]) -> list[str]:
@@ -153,23 +156,24 @@ def _cache(results: dict[str, Any]) -> list[str]:
     if not cache:
         return ["Not measured in this run."]
     lines = [
-        "`mlp`, `batchserve bench --concurrency 64 --distinct 100 --unique-fraction 0.1`: 90% of "
+        "`batchserve bench --concurrency 64 --distinct 100 --unique-fraction 0.1`: 90% of "
         "requests repeat one of 100 inputs, 10% are new. Medians of "
-        f"{results['config']['repeats']} interleaved runs.",
+        f"{results['config']['repeats']} interleaved runs; the local tier is 64 MB.",
         "",
-        "| cache | req/s | p50 ms | p99 ms | ÷ cache off | requests that reached the model |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | cache | req/s | p50 ms | p99 ms | ÷ cache off | local hit ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    off = cache.get("off", {}).get("rps")
-    for name, entry in cache.items():
-        last = entry["runs"][-1]
-        served = last["ok"]
-        computed = last.get("server_stats", {}).get("requests")
-        share = f"{computed / served:.0%}" if computed is not None and served else "n/a"
-        lines.append(
-            f"| {name} | {entry['rps']:,.0f} | {entry['p50_ms']:.2f} | {entry['p99_ms']:.2f} | "
-            f"{_ratio(entry['rps'], off)} | {share} |"
-        )
+    for model, variants in cache.items():
+        off = variants.get("off", {}).get("rps")
+        for name, entry in variants.items():
+            local = (entry["runs"][-1].get("server_stats", {}).get("cache") or {}).get("local")
+            ratio = "n/a"
+            if local and local["hits"] + local["misses"]:
+                ratio = f"{local['hits'] / (local['hits'] + local['misses']):.0%}"
+            lines.append(
+                f"| {model} | {name} | {entry['rps']:,.0f} | {entry['p50_ms']:.2f} | "
+                f"{entry['p99_ms']:.2f} | {_ratio(entry['rps'], off)} | {ratio} |"
+            )
     return lines
 
 

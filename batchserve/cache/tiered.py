@@ -45,19 +45,24 @@ class ResponseCache:
         if self._redis is not None:
             await self._redis.aclose()
 
+    def local_hit(self, key: bytes) -> Outputs | None:
+        return self._local.get(key) if self._local.enabled else None
+
     async def get_or_compute(
-        self, key: bytes, compute: Callable[[], Awaitable[Outputs]]
+        self, key: bytes, compute: Callable[[], Awaitable[Outputs]], *, checked_local: bool = False
     ) -> Outputs:
+        """`checked_local`: the caller has just missed the local tier (count that once)."""
         while True:
-            if self._local.enabled and (hit := self._local.get(key)) is not None:
-                return hit
+            if not checked_local and (hit := self.local_hit(key)) is not None:
+                return dict(hit)
+            checked_local = False
             leader = self._in_flight.get(key)
             if leader is None:
                 return await self._lead(key, compute)
             self._coalesced += 1
             with contextlib.suppress(_LeaderGone):
                 # Shielded: this caller's cancellation must not cancel the shared result.
-                return await asyncio.shield(leader)
+                return dict(await asyncio.shield(leader))
 
     async def _lead(self, key: bytes, compute: Callable[[], Awaitable[Outputs]]) -> Outputs:
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
