@@ -92,9 +92,10 @@ def _add_serve(commands: Any) -> None:
     )
     serve.add_argument(
         "--spin",
-        action="store_true",
-        default=_env("spin", False, _flag),
-        help="let ORT threads spin between operators (faster for large models, costs CPU)",
+        choices=["auto", "on", "off"],
+        default=_env("spin", "auto"),
+        help="ORT threads spin between operators: faster for large models, costs idle CPU "
+        "(auto: on for model files over 8 MB)",
     )
     serve.add_argument(
         "--device", type=_device, default=_device(_env("device", "cpu")), help="cpu or cuda[:N]"
@@ -233,7 +234,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         batch = BatchConfig(args.max_batch_size, args.max_latency_ms, args.max_queue_rows)
-        runtime = RuntimeConfig(args.instances, args.intra_op_threads, args.device, spin=args.spin)
+        runtime = RuntimeConfig(
+            args.instances,
+            args.intra_op_threads,
+            args.device,
+            spin={"on": True, "off": False}.get(args.spin),
+        )
         cache = CacheConfig(
             size_mb=args.cache_size_mb,
             redis_url=args.redis_url,

@@ -39,14 +39,14 @@ def provider_chain(device: Device, available: list[str] | None = None) -> Provid
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
-def session_options(config: RuntimeConfig) -> ort.SessionOptions:
+def session_options(config: RuntimeConfig, model_bytes: int = 0) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = config.resolved_intra_op_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # ORT would print run errors to stderr; we report them
-    spin = "1" if config.spin else "0"
+    spin = "1" if config.resolved_spin(model_bytes) else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     return options
@@ -96,7 +96,8 @@ def _build(
     model: bytes, path: str | os.PathLike[str], config: RuntimeConfig, providers: ProviderChain
 ) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model, session_options(config), providers=providers)
+        options = session_options(config, len(model))
+        return ort.InferenceSession(model, options, providers=providers)
     except Exception as err:  # ORT raises its own untyped errors; translate at the boundary
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{path} is not a valid ONNX model: {first_line}") from err
