@@ -11,7 +11,8 @@ from types import TracebackType
 from aiohttp import web
 
 from batchserve.config import ServerConfig
-from batchserve.http import REPOSITORY, STATE, ServerState, add_routes
+from batchserve.http import METRICS, REPOSITORY, STATE, ServerState, add_routes
+from batchserve.metrics import BatchserveCollector, build_registry
 from batchserve.repository import ModelRepository
 
 log = logging.getLogger("batchserve.server")
@@ -21,7 +22,11 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
     """The aiohttp application; its startup loads every model, its cleanup drains them."""
     app = web.Application(client_max_size=config.max_body_bytes)
     app[REPOSITORY] = repository
-    app[STATE] = ServerState(config.max_body_bytes)
+    state = app[STATE] = ServerState(config.max_body_bytes)
+    collector = BatchserveCollector(
+        repository, state.requests.snapshot, lambda: state.requests.in_flight
+    )
+    app[METRICS] = build_registry(collector)
     app.cleanup_ctx.append(_models)
     add_routes(app)
     return app

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import asdict
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from batchserve import __version__
 from batchserve.cache.tiered import CacheStatistics
 from batchserve.errors import BatchserveError, InvalidInput, NotReady, PayloadTooLarge
+from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.protocol import HEADER_LENGTH, decode_request, encode_response
 from batchserve.repository import ModelRepository
 
@@ -21,16 +24,19 @@ log = logging.getLogger("batchserve.http")
 
 
 class ServerState:
-    """Whether the front door is open; turned false first when the server drains."""
+    """Whether the front door is open (turned false first when the server drains), and the
+    per-model request statistics."""
 
-    __slots__ = ("accepting", "max_body_bytes")
+    __slots__ = ("accepting", "max_body_bytes", "requests")
 
     def __init__(self, max_body_bytes: int) -> None:
         self.accepting = False
         self.max_body_bytes = max_body_bytes
+        self.requests = RequestStatistics()
 
 
 REPOSITORY = web.AppKey("repository", ModelRepository)
+METRICS = web.AppKey("metrics", CollectorRegistry)
 STATE = web.AppKey("state", ServerState)
 
 _JSON = "application/json"
@@ -117,11 +123,16 @@ class InferEndpoint:
         self._state = state
 
     async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        state = self._state
+        stats = state.requests
+        stats.in_flight += 1
+        model, received = UNKNOWN_MODEL, 0
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
         try:
             match = request.match_info
             engine = self._repository.get(match["name"], match.get("version"))
-            state = self._state
+            model = engine.name
             if not state.accepting:
                 raise NotReady("the server is shutting down")
             length = request.content_length
@@ -129,20 +140,28 @@ class InferEndpoint:
                 raise PayloadTooLarge(
                     f"request body of {length} bytes exceeds {state.max_body_bytes}"
                 )
-            decoded = decode_request(await request.read(), _header_length(request))
+            body = await request.read()
+            received = len(body)
+            decoded = decode_request(body, _header_length(request))
             results = await engine.infer(
                 decoded.inputs, decoded.outputs, cache=_cache_allowed(request, decoded.parameters)
             )
             payload, header_length = encode_response(engine.name, engine.version, decoded, results)
+            if header_length is None:
+                response = web.Response(body=payload, content_type=_JSON)
+            else:
+                response = web.Response(
+                    body=payload,
+                    headers={HEADER_LENGTH: str(header_length)},
+                    content_type="application/octet-stream",
+                )
         except Exception as err:
-            return to_response(request, err)
-        if header_length is None:
-            return web.Response(body=payload, content_type=_JSON)
-        return web.Response(
-            body=payload,
-            headers={HEADER_LENGTH: str(header_length)},
-            content_type="application/octet-stream",
-        )
+            response = to_response(request, err)
+        finally:
+            stats.in_flight -= 1
+        sent = len(response.body) if isinstance(response.body, bytes) else 0
+        stats.record(model, response.status, time.perf_counter() - started, received, sent)
+        return response
 
 
 def _cache_allowed(request: web.Request, parameters: dict[str, Any] | None) -> bool:
@@ -206,6 +225,11 @@ def _cache_statistics(cache: CacheStatistics | None) -> dict[str, Any] | None:
     }
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def no_route(request: web.Request) -> web.Response:
     return error_response(404, f"no endpoint {request.method} {request.path}")
 
@@ -216,6 +240,7 @@ def add_routes(app: web.Application) -> None:
     get("/v2", guarded(server_metadata))
     get("/v2/health/live", guarded(live))
     get("/v2/health/ready", guarded(ready))
+    get("/metrics", guarded(metrics))
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         get(prefix, guarded(model_metadata))
         get(prefix + "/ready", guarded(model_ready))

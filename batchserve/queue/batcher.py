@@ -14,6 +14,7 @@ import numpy as np
 
 from batchserve.clock import Clock
 from batchserve.errors import InferenceFailed, NotReady, Overloaded
+from batchserve.histogram import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, HistogramSnapshot
 from batchserve.queue.policy import ArrivalRate, BatchPolicy, QueueState
 
 Signature = tuple[tuple[int, ...], ...]
@@ -67,6 +68,9 @@ class BatcherStatistics:
     in_flight_batches: int = 0
     queue_wait_s: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    queue_wait: HistogramSnapshot | None = None
+    run_time: HistogramSnapshot | None = None
+    batch_rows_histogram: HistogramSnapshot | None = None
 
 
 class Batcher:
@@ -95,6 +99,9 @@ class Batcher:
         self._groups: dict[Signature, deque[Pending]] = {}
         self._arrivals = ArrivalRate()
         self._stats = BatcherStatistics()
+        self._queue_wait = Histogram(LATENCY_BUCKETS)
+        self._run_time = Histogram(LATENCY_BUCKETS)
+        self._batch_rows = Histogram(BATCH_BUCKETS)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pump_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -185,7 +192,8 @@ class Batcher:
                     self._arm(decision.wake_at, now)
                 return
             batch, rows = self._take()
-            if not self._runner.try_run(self._assemble(batch), partial(self._done, batch, rows)):
+            done = partial(self._done, batch, rows, now)
+            if not self._runner.try_run(self._assemble(batch), done):
                 self._requeue(batch)
                 return
             self._record(batch, rows, now)
@@ -236,10 +244,18 @@ class Batcher:
         stats.in_flight_batches += 1
         stats.rows += rows
         stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
-        stats.queue_wait_s += sum(now - item.enqueued_at for item in batch)
+        self._batch_rows.observe(rows)
+        observe = self._queue_wait.observe
+        for item in batch:
+            wait = now - item.enqueued_at
+            stats.queue_wait_s += wait
+            observe(wait)
 
-    def _done(self, batch: list[Pending], rows: int, result: Outputs | BaseException) -> None:
+    def _done(
+        self, batch: list[Pending], rows: int, started: float, result: Outputs | BaseException
+    ) -> None:
         self._stats.in_flight_batches -= 1
+        self._run_time.observe(self._clock.now() - started)
         if isinstance(result, BaseException):
             self._fail(batch, InferenceFailed(f"inference failed: {_describe(result)}"))
         elif len(batch) == 1:
@@ -305,7 +321,13 @@ class Batcher:
         return self._closing
 
     def statistics(self) -> BatcherStatistics:
-        return replace(self._stats, batch_sizes=dict(self._stats.batch_sizes))
+        return replace(
+            self._stats,
+            batch_sizes=dict(self._stats.batch_sizes),
+            queue_wait=self._queue_wait.snapshot(),
+            run_time=self._run_time.snapshot(),
+            batch_rows_histogram=self._batch_rows.snapshot(),
+        )
 
 
 def _resolve(future: asyncio.Future[Outputs], outputs: Outputs) -> None:

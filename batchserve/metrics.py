@@ -1,0 +1,168 @@
+"""Prometheus metrics, read from the parts' own statistics at scrape time.
+
+Nothing here runs per request: the engine, the batcher, the cache and the infer endpoint keep
+plain counters and cheap histograms on the event loop's thread, and this collector turns
+snapshots of them into metric families when Prometheus scrapes `/metrics`. Each process serves
+its own `/metrics` (one process per port), so no multiprocess mode is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from batchserve.histogram import HistogramSnapshot
+from batchserve.http.stats import ModelRequestStatistics
+from batchserve.repository import ModelRepository
+
+CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], snap: HistogramSnapshot) -> None:
+    family.add_metric(labels, snap.cumulative(), snap.total)
+
+
+class BatchserveCollector(Collector):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        requests: Callable[[], dict[str, ModelRequestStatistics]],
+        in_flight: Callable[[], int],
+    ) -> None:
+        self._repository = repository
+        self._requests = requests
+        self._in_flight = in_flight
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._http()
+        yield from self._engines()
+
+    def _http(self) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "batchserve_requests", "Inference requests by model and HTTP status class.",
+            labels=["model", "status_class"],
+        )  # fmt: skip
+        latency = HistogramMetricFamily(
+            "batchserve_request_duration_seconds",
+            "Time from a request's arrival to its answer, per model.", labels=["model"],
+        )  # fmt: skip
+        received = CounterMetricFamily(
+            "batchserve_request_bytes", "Inference request body bytes.", labels=["model"]
+        )
+        sent = CounterMetricFamily(
+            "batchserve_response_bytes", "Inference response body bytes.", labels=["model"]
+        )
+        for model, stats in self._requests().items():
+            classes: dict[str, int] = {}
+            for status, count in stats.statuses.items():
+                key = f"{status // 100}xx"
+                classes[key] = classes.get(key, 0) + count
+            for status_class, count in sorted(classes.items()):
+                total.add_metric([model, status_class], count)
+            _histogram(latency, [model], stats.latency)
+            received.add_metric([model], stats.request_bytes)
+            sent.add_metric([model], stats.response_bytes)
+        in_flight = GaugeMetricFamily(
+            "batchserve_in_flight_requests", "Inference requests being handled now."
+        )
+        in_flight.add_metric([], self._in_flight())
+        yield from (total, latency, received, sent, in_flight)
+
+    def _engines(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        f: dict[str, Any] = {
+            "wait": HistogramMetricFamily(
+                "batchserve_queue_wait_seconds",
+                "Time requests waited in the batching queue.", labels=labels),
+            "run": HistogramMetricFamily(
+                "batchserve_inference_duration_seconds",
+                "ONNX Runtime time per batch, from dispatch to results.", labels=labels),
+            "rows": HistogramMetricFamily(
+                "batchserve_batch_rows", "Rows per ONNX Runtime run.", labels=labels),
+            "queued": GaugeMetricFamily(
+                "batchserve_queue_rows", "Rows waiting in the batching queue.", labels=labels),
+            "runs": CounterMetricFamily(
+                "batchserve_inference_runs", "ONNX Runtime runs.", labels=labels),
+            "inferred": CounterMetricFamily(
+                "batchserve_inference_rows", "Rows computed by ONNX Runtime.", labels=labels),
+            "rejected": CounterMetricFamily(
+                "batchserve_rejected_requests", "Requests rejected because the queue was full.",
+                labels=labels),
+            "cancelled": CounterMetricFamily(
+                "batchserve_cancelled_requests",
+                "Requests withdrawn from the queue (client gone).", labels=labels),
+            "failed": CounterMetricFamily(
+                "batchserve_failed_requests", "Requests whose ONNX Runtime run failed.",
+                labels=labels),
+            "load": GaugeMetricFamily(
+                "batchserve_model_load_seconds", "Time to load and warm up the model.",
+                labels=labels),
+            "ready": GaugeMetricFamily(
+                "batchserve_model_ready", "1 when the model accepts requests.", labels=labels),
+            "cache": CounterMetricFamily(
+                "batchserve_cache_lookups", "Response cache lookups by tier and result.",
+                labels=[*labels, "tier", "result"]),
+            "cache_errors": CounterMetricFamily(
+                "batchserve_cache_errors", "Response cache errors by tier.",
+                labels=[*labels, "tier"]),
+            "coalesced": CounterMetricFamily(
+                "batchserve_cache_coalesced_requests",
+                "Requests that waited for an identical one in flight.", labels=labels),
+            "cache_bytes": GaugeMetricFamily(
+                "batchserve_cache_bytes", "Bytes held by the local cache tier.", labels=labels),
+            "circuit": GaugeMetricFamily(
+                "batchserve_cache_circuit_state",
+                "Redis circuit breaker: 0 closed, 1 open, 2 half-open.", labels=labels),
+        }  # fmt: skip
+        for engine in self._repository:
+            values = [engine.name, engine.version]
+            f["ready"].add_metric(values, 1.0 if engine.ready else 0.0)
+            try:
+                stats = engine.statistics()
+            except Exception:  # not loaded (yet): only readiness is known
+                continue
+            batcher = stats.batcher
+            for key, snap in (
+                ("wait", batcher.queue_wait),
+                ("run", batcher.run_time),
+                ("rows", batcher.batch_rows_histogram),
+            ):
+                if snap is not None:
+                    _histogram(f[key], values, snap)
+            f["queued"].add_metric(values, batcher.queued_rows)
+            f["runs"].add_metric(values, batcher.batches)
+            f["inferred"].add_metric(values, batcher.rows)
+            f["rejected"].add_metric(values, batcher.rejected)
+            f["cancelled"].add_metric(values, batcher.cancelled)
+            f["failed"].add_metric(values, batcher.failed)
+            f["load"].add_metric(values, stats.load_seconds)
+            cache = stats.cache
+            if cache is not None:
+                f["cache"].add_metric([*values, "local", "hit"], cache.local.hits)
+                f["cache"].add_metric([*values, "local", "miss"], cache.local.misses)
+                f["cache_bytes"].add_metric(values, cache.local.bytes)
+                f["coalesced"].add_metric(values, cache.coalesced)
+                if cache.redis is not None:
+                    f["cache"].add_metric([*values, "redis", "hit"], cache.redis.hits)
+                    f["cache"].add_metric([*values, "redis", "miss"], cache.redis.misses)
+                    f["cache_errors"].add_metric([*values, "redis"], cache.redis.errors)
+                    f["circuit"].add_metric(values, CIRCUIT_STATES[cache.redis.circuit])
+        yield from f.values()
+
+
+def build_registry(collector: Collector) -> CollectorRegistry:
+    """An app-owned registry (never the global one): ours plus process and platform metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
