@@ -90,6 +90,9 @@ class BatchserveCollector(Collector):
                 "batchserve_batch_rows", "Rows per ONNX Runtime run.", labels=labels),
             "queued": GaugeMetricFamily(
                 "batchserve_queue_rows", "Rows waiting in the batching queue.", labels=labels),
+            "capacity": GaugeMetricFamily(
+                "batchserve_queue_capacity_rows",
+                "Rows the queue admits before rejecting (429).", labels=labels),
             "runs": CounterMetricFamily(
                 "batchserve_inference_runs", "ONNX Runtime runs.", labels=labels),
             "inferred": CounterMetricFamily(
@@ -139,6 +142,7 @@ class BatchserveCollector(Collector):
                 if snap is not None:
                     _histogram(f[key], values, snap)
             f["queued"].add_metric(values, batcher.queued_rows)
+            f["capacity"].add_metric(values, engine.batch_config.max_queue_rows)
             f["runs"].add_metric(values, batcher.batches)
             f["inferred"].add_metric(values, batcher.rows)
             f["rejected"].add_metric(values, batcher.rejected)
