@@ -22,7 +22,7 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
     """The aiohttp application; its startup loads every model, its cleanup drains them."""
     app = web.Application(client_max_size=config.max_body_bytes)
     app[REPOSITORY] = repository
-    state = app[STATE] = ServerState(config.max_body_bytes)
+    state = app[STATE] = ServerState(config.max_body_bytes, config.access_log)
     collector = BatchserveCollector(
         repository, state.requests.snapshot, lambda: state.requests.in_flight
     )
@@ -37,6 +37,7 @@ async def _models(app: web.Application) -> AsyncIterator[None]:
         app[STATE].accepting = True
         yield
         app[STATE].accepting = False
+    app[STATE].access_log.flush()
 
 
 class Server:

@@ -142,6 +142,12 @@ def _add_serve(commands: Any) -> None:
         help="the model's outputs are not a pure function of its inputs: never cache them",
     )
     serve.add_argument(
+        "--access-log",
+        action="store_true",
+        default=_env("access-log", False, _flag),
+        help="one JSON line per request (request id, trace id, status, latency, batch, cache)",
+    )
+    serve.add_argument(
         "--log-level",
         default=_env("log-level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -249,7 +255,11 @@ def _serve(args: argparse.Namespace) -> int:
             cacheable=not args.no_cache,
         )
         server_config = ServerConfig(
-            args.host, args.port, int(args.max_body_mb * 1024 * 1024), args.shutdown_grace_s
+            args.host,
+            args.port,
+            int(args.max_body_mb * 1024 * 1024),
+            args.shutdown_grace_s,
+            access_log=args.access_log,
         )
     except ValueError as err:
         return _fail(str(err))

@@ -140,6 +140,7 @@ class ServerConfig:
     port: int = 8000
     max_body_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    access_log: bool = False  # one JSON line per request on the batchserve.access logger
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

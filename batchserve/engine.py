@@ -30,6 +30,16 @@ from batchserve.runtime.session import sample_inputs
 log = logging.getLogger("batchserve.engine")
 
 
+class RequestInfo:
+    """Filled in by `Engine.infer` for the caller's access log: how the request was served."""
+
+    __slots__ = ("batch_rows", "cache")
+
+    def __init__(self) -> None:
+        self.batch_rows = 0  # rows of the ONNX Runtime run it shared (0: not run)
+        self.cache = "off"  # off, hit, or miss
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStatistics:
     batcher: BatcherStatistics
@@ -169,6 +179,7 @@ class Engine:
         outputs: Sequence[str] | None = None,
         *,
         cache: bool = True,
+        info: RequestInfo | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the model on `inputs`; returns the requested outputs (all when None).
 
@@ -185,13 +196,17 @@ class Engine:
             key = cache_key(self.name, self._cache_version, named, outputs)
             hit = response_cache.local_hit(key)  # the common case, without a coroutine
             if hit is not None:
+                if info is not None:
+                    info.cache = "hit"
                 return dict(hit)
+            if info is not None:
+                info.cache = "miss"
             return await response_cache.get_or_compute(
                 key,
-                lambda: self._run(batcher, metadata, arrays, rows, selected),
+                lambda: self._run(batcher, metadata, arrays, rows, selected, info),
                 checked_local=True,
             )
-        return await self._run(batcher, metadata, arrays, rows, selected)
+        return await self._run(batcher, metadata, arrays, rows, selected, info)
 
     @staticmethod
     async def _run(
@@ -200,6 +215,7 @@ class Engine:
         arrays: list[np.ndarray],
         rows: int,
         selected: list[int],
+        info: RequestInfo | None = None,
     ) -> dict[str, np.ndarray]:
         item = batcher.submit(arrays, rows, tuple([a.shape[1:] for a in arrays]))
         try:
@@ -207,6 +223,9 @@ class Engine:
         except asyncio.CancelledError:
             batcher.withdraw(item)
             raise
+        finally:
+            if info is not None:
+                info.batch_rows = item.batch_rows
         names = metadata.output_names
         return {names[i]: results[i] for i in selected}
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 from pathlib import Path
 
 import aiohttp
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchserve import CacheConfig, Engine
@@ -90,3 +94,38 @@ async def test_metrics_follow_the_traffic(
     ours = [f for name, f in families.items() if name.startswith("batchserve_")]
     labels = {k for f in ours for s in f.samples for k in s.labels}  # type: ignore[attr-defined]
     assert labels <= {"model", "version", "status_class", "tier", "result", "le"}
+
+
+async def test_access_log_lines_and_request_ids(
+    start_server: StartServer, mlp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="batchserve.access")
+    server = await start_server(
+        Engine(mlp_path, name="mlp", cache=CacheConfig(size_mb=4)), access_log=True
+    )
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]}
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    url = f"{server.url}/v2/models/mlp/infer"
+    async with aiohttp.ClientSession() as http:
+        headers = {"X-Request-ID": "abc-123", "traceparent": trace}
+        async with http.post(url, json=body, headers=headers) as r:
+            assert r.headers["X-Request-ID"] == "abc-123"
+        async with http.post(url, json=body) as r:  # a cache hit, with a generated id
+            generated = r.headers["X-Request-ID"]
+    assert generated
+    for _ in range(100):  # the log is flushed off the request path, within 250 ms
+        if len(caplog.records) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "batchserve.access"]
+    assert [line["request_id"] for line in lines] == ["abc-123", generated]
+    first, second = lines
+    assert first["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert first["status"] == 200
+    assert first["model"] == "mlp"
+    assert first["cache"] == "miss"
+    assert first["batch_rows"] == 1
+    assert second["cache"] == "hit"
+    assert second["batch_rows"] == 0
+    assert second["trace_id"] is None
+    assert first["latency_ms"] > 0

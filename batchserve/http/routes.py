@@ -15,7 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from batchserve import __version__
 from batchserve.cache.tiered import CacheStatistics
+from batchserve.engine import RequestInfo
 from batchserve.errors import BatchserveError, InvalidInput, NotReady, PayloadTooLarge
+from batchserve.http.access import AccessLog, RequestIds, trace_id, wall_clock
 from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.protocol import HEADER_LENGTH, decode_request, encode_response
 from batchserve.repository import ModelRepository
@@ -27,12 +29,14 @@ class ServerState:
     """Whether the front door is open (turned false first when the server drains), and the
     per-model request statistics."""
 
-    __slots__ = ("accepting", "max_body_bytes", "requests")
+    __slots__ = ("accepting", "access_log", "max_body_bytes", "request_ids", "requests")
 
-    def __init__(self, max_body_bytes: int) -> None:
+    def __init__(self, max_body_bytes: int, access_log: bool = False) -> None:
         self.accepting = False
         self.max_body_bytes = max_body_bytes
         self.requests = RequestStatistics()
+        self.access_log = AccessLog(access_log)
+        self.request_ids = RequestIds()
 
 
 REPOSITORY = web.AppKey("repository", ModelRepository)
@@ -128,6 +132,7 @@ class InferEndpoint:
         stats = state.requests
         stats.in_flight += 1
         model, received = UNKNOWN_MODEL, 0
+        info = RequestInfo() if state.access_log.enabled else None
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
         try:
             match = request.match_info
@@ -144,7 +149,10 @@ class InferEndpoint:
             received = len(body)
             decoded = decode_request(body, _header_length(request))
             results = await engine.infer(
-                decoded.inputs, decoded.outputs, cache=_cache_allowed(request, decoded.parameters)
+                decoded.inputs,
+                decoded.outputs,
+                cache=_cache_allowed(request, decoded.parameters),
+                info=info,
             )
             payload, header_length = encode_response(engine.name, engine.version, decoded, results)
             if header_length is None:
@@ -159,8 +167,17 @@ class InferEndpoint:
             response = to_response(request, err)
         finally:
             stats.in_flight -= 1
+        elapsed = time.perf_counter() - started
         sent = len(response.body) if isinstance(response.body, bytes) else 0
-        stats.record(model, response.status, time.perf_counter() - started, received, sent)
+        stats.record(model, response.status, elapsed, received, sent)
+        headers = request.headers
+        request_id = headers.get("X-Request-ID") or state.request_ids.next()
+        response.headers["X-Request-ID"] = request_id
+        if info is not None:
+            state.access_log.record(
+                (wall_clock(), request_id, trace_id(headers.get("traceparent")), model,
+                 response.status, elapsed, info.batch_rows, info.cache, received, sent)
+            )  # fmt: skip
         return response
 
 

@@ -38,7 +38,7 @@ class Runner(Protocol):
 class Pending:
     """One request in the queue; the caller's future travels with it."""
 
-    __slots__ = ("arrays", "enqueued_at", "future", "rows", "signature")
+    __slots__ = ("arrays", "batch_rows", "enqueued_at", "future", "rows", "signature")
 
     def __init__(
         self,
@@ -53,6 +53,7 @@ class Pending:
         self.signature = signature
         self.future = future
         self.enqueued_at = now
+        self.batch_rows = 0  # rows of the run it went into, once dispatched
 
 
 @dataclass(slots=True)
@@ -247,6 +248,7 @@ class Batcher:
         self._batch_rows.observe(rows)
         observe = self._queue_wait.observe
         for item in batch:
+            item.batch_rows = rows
             wait = now - item.enqueued_at
             stats.queue_wait_s += wait
             observe(wait)
