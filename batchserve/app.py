@@ -22,7 +22,13 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
     """The aiohttp application; its startup loads every model, its cleanup drains them."""
     app = web.Application(client_max_size=config.max_body_bytes)
     app[REPOSITORY] = repository
-    state = app[STATE] = ServerState(config.max_body_bytes, config.access_log)
+    state = app[STATE] = ServerState(
+        config.max_body_bytes,
+        config.access_log,
+        api_key=config.api_key,
+        timeout_s=config.request_timeout_s,
+        metrics_public=config.metrics_public,
+    )
     collector = BatchserveCollector(
         repository, state.requests.snapshot, lambda: state.requests.in_flight
     )

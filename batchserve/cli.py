@@ -148,6 +148,25 @@ def _add_serve(commands: Any) -> None:
         help="one JSON line per request (request id, trace id, status, latency, batch, cache)",
     )
     serve.add_argument(
+        "--api-key",
+        default=_env("api-key", None),
+        help="require 'Authorization: Bearer KEY' (health probes stay public); "
+        "prefer BATCHSERVE_API_KEY, since flags show in process lists",
+    )
+    serve.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        default=_env("protect-metrics", False, _flag),
+        help="require the API key on /metrics too",
+    )
+    serve.add_argument(
+        "--request-timeout-ms",
+        type=float,
+        default=_env("request-timeout-ms", 0.0, float),
+        help="default per-request deadline (504 past it; 0 = none); a request's own "
+        "parameters.timeout (microseconds) can only shorten it",
+    )
+    serve.add_argument(
         "--log-level",
         default=_env("log-level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -260,6 +279,9 @@ def _serve(args: argparse.Namespace) -> int:
             int(args.max_body_mb * 1024 * 1024),
             args.shutdown_grace_s,
             access_log=args.access_log,
+            api_key=args.api_key,
+            metrics_public=not args.protect_metrics,
+            request_timeout_ms=args.request_timeout_ms,
         )
     except ValueError as err:
         return _fail(str(err))

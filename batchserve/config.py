@@ -141,9 +141,17 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     access_log: bool = False  # one JSON line per request on the batchserve.access logger
+    api_key: str | None = None  # bearer token required on every endpoint but health (and metrics)
+    metrics_public: bool = True  # /metrics without the API key
+    request_timeout_ms: float = 0.0  # default per-request deadline; 0 = none
+
+    @property
+    def request_timeout_s(self) -> float | None:
+        return self.request_timeout_ms / 1000.0 if self.request_timeout_ms > 0 else None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         _positive("max_body_bytes", self.max_body_bytes)
         _non_negative("shutdown_grace_s", self.shutdown_grace_s)
+        _non_negative("request_timeout_ms", self.request_timeout_ms)

@@ -21,7 +21,7 @@ from batchserve.cache.redis_tier import RedisTier
 from batchserve.cache.tiered import CacheStatistics, ResponseCache
 from batchserve.clock import Clock, MonotonicClock
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
-from batchserve.errors import NotReady
+from batchserve.errors import DeadlineExceeded, NotReady
 from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
 from batchserve.runtime import ModelMetadata, SessionPool, load_sessions
 from batchserve.runtime.pool import PoolStatistics
@@ -180,16 +180,41 @@ class Engine:
         *,
         cache: bool = True,
         info: RequestInfo | None = None,
+        timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the model on `inputs`; returns the requested outputs (all when None).
 
-        With a response cache configured, `cache=False` computes (and stores nothing)."""
+        With a response cache configured, `cache=False` computes (and stores nothing).
+        `timeout_s`: past it the request is withdrawn from the queue (no inference is spent on
+        it) and DeadlineExceeded (504) is raised."""
         batcher = self._batcher
         metadata = self._metadata
         if batcher is None or metadata is None or not self._ready:
             raise NotReady(f"model {self.name!r} is not ready")
         selected = metadata.select_outputs(outputs)
         arrays, rows = metadata.validate(inputs)
+        if timeout_s is not None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await self._infer(arrays, rows, selected, outputs, cache, info)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no answer within the request's deadline of {timeout_s * 1000:g} ms"
+                ) from None
+        return await self._infer(arrays, rows, selected, outputs, cache, info)
+
+    async def _infer(
+        self,
+        arrays: list[np.ndarray],
+        rows: int,
+        selected: list[int],
+        outputs: Sequence[str] | None,
+        cache: bool,
+        info: RequestInfo | None,
+    ) -> dict[str, np.ndarray]:
+        batcher, metadata = self._batcher, self._metadata
+        assert batcher is not None
+        assert metadata is not None
         response_cache = self._cache
         if response_cache is not None and cache:
             named = dict(zip(metadata.input_names, arrays, strict=True))

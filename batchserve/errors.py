@@ -17,6 +17,10 @@ class InvalidInput(BatchserveError):
     status = 400
 
 
+class Unauthorized(BatchserveError):
+    status = 401
+
+
 class ModelNotFound(BatchserveError):
     status = 404
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import time
 from dataclasses import asdict
@@ -16,7 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from batchserve import __version__
 from batchserve.cache.tiered import CacheStatistics
 from batchserve.engine import RequestInfo
-from batchserve.errors import BatchserveError, InvalidInput, NotReady, PayloadTooLarge
+from batchserve.errors import (
+    BatchserveError,
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from batchserve.http.access import AccessLog, RequestIds, trace_id, wall_clock
 from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.protocol import HEADER_LENGTH, decode_request, encode_response
@@ -26,17 +33,46 @@ log = logging.getLogger("batchserve.http")
 
 
 class ServerState:
-    """Whether the front door is open (turned false first when the server drains), and the
-    per-model request statistics."""
+    """Whether the front door is open (turned false first when the server drains), the
+    per-model request statistics, and the request policies (API key, default deadline)."""
 
-    __slots__ = ("accepting", "access_log", "max_body_bytes", "request_ids", "requests")
+    __slots__ = (
+        "accepting",
+        "access_log",
+        "api_key",
+        "max_body_bytes",
+        "metrics_public",
+        "request_ids",
+        "requests",
+        "timeout_s",
+    )  # fmt: skip
 
-    def __init__(self, max_body_bytes: int, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        max_body_bytes: int,
+        access_log: bool = False,
+        api_key: str | None = None,
+        timeout_s: float | None = None,
+        metrics_public: bool = True,
+    ) -> None:
         self.accepting = False
         self.max_body_bytes = max_body_bytes
         self.requests = RequestStatistics()
         self.access_log = AccessLog(access_log)
         self.request_ids = RequestIds()
+        self.api_key = api_key.encode() if api_key else None
+        self.timeout_s = timeout_s  # server default deadline per request, None = no deadline
+        self.metrics_public = metrics_public
+
+    def authorize(self, request: web.Request) -> None:
+        """Bearer-token check (constant-time) when an API key is configured."""
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key
+        ):
+            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
 
 
 REPOSITORY = web.AppKey("repository", ModelRepository)
@@ -57,7 +93,13 @@ def error_response(status: int, message: str) -> web.Response:
 def to_response(request: web.Request, err: BaseException) -> web.Response:
     """The one mapping from an exception to an HTTP answer: `{"error": ...}`, never a traceback."""
     if isinstance(err, BatchserveError):
-        return error_response(err.status, err.message)
+        response = error_response(err.status, err.message)
+        if err.status in (429, 503):
+            # Shed load tells clients when to come back instead of letting them hammer.
+            response.headers["Retry-After"] = "1"
+        if err.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="batchserve"'
+        return response
     if isinstance(err, web.HTTPException) and err.status >= 400:
         text = err.text or ""
         return error_response(err.status, err.reason if text.startswith(str(err.status)) else text)
@@ -65,12 +107,15 @@ def to_response(request: web.Request, err: BaseException) -> web.Response:
     return error_response(500, "internal server error")
 
 
-def guarded(handler: Handler) -> Handler:
-    """Route errors of a handler through `to_response` (a middleware costs more per request)."""
+def guarded(handler: Handler, *, protected: bool = True) -> Handler:
+    """Route errors of a handler through `to_response` (a middleware costs more per request);
+    `protected` endpoints need the API key when one is configured."""
 
     @functools.wraps(handler)
     async def wrapper(request: web.Request) -> web.StreamResponse:
         try:
+            if protected:
+                request.app[STATE].authorize(request)
             return await handler(request)
         except Exception as err:
             return to_response(request, err)
@@ -135,6 +180,7 @@ class InferEndpoint:
         info = RequestInfo() if state.access_log.enabled else None
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
         try:
+            state.authorize(request)  # before the lookup: no probing model names without a key
             match = request.match_info
             engine = self._repository.get(match["name"], match.get("version"))
             model = engine.name
@@ -153,6 +199,7 @@ class InferEndpoint:
                 decoded.outputs,
                 cache=_cache_allowed(request, decoded.parameters),
                 info=info,
+                timeout_s=_timeout(decoded.parameters, state.timeout_s),
             )
             payload, header_length = encode_response(engine.name, engine.version, decoded, results)
             if header_length is None:
@@ -179,6 +226,18 @@ class InferEndpoint:
                  response.status, elapsed, info.batch_rows, info.cache, received, sent)
             )  # fmt: skip
         return response
+
+
+def _timeout(parameters: dict[str, Any] | None, default: float | None) -> float | None:
+    """The request's deadline in seconds: V2 `parameters.timeout` (microseconds, as Triton
+    reads it), never longer than the server's default."""
+    requested = parameters.get("timeout") if parameters else None
+    if requested is None:
+        return default
+    if type(requested) is not int or requested <= 0:
+        raise InvalidInput("parameters.timeout must be a positive integer (microseconds)")
+    seconds = requested / 1e6
+    return seconds if default is None else min(seconds, default)
 
 
 def _cache_allowed(request: web.Request, parameters: dict[str, Any] | None) -> bool:
@@ -255,9 +314,10 @@ def add_routes(app: web.Application) -> None:
     infer = InferEndpoint(app[REPOSITORY], app[STATE]).handle
     get = app.router.add_get
     get("/v2", guarded(server_metadata))
-    get("/v2/health/live", guarded(live))
-    get("/v2/health/ready", guarded(ready))
-    get("/metrics", guarded(metrics))
+    # Probes must work without credentials; metrics too unless the operator says otherwise.
+    get("/v2/health/live", guarded(live, protected=False))
+    get("/v2/health/ready", guarded(ready, protected=False))
+    get("/metrics", guarded(metrics, protected=not app[STATE].metrics_public))
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         get(prefix, guarded(model_metadata))
         get(prefix + "/ready", guarded(model_ready))

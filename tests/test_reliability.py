@@ -1,0 +1,142 @@
+"""Request policies: API key, deadlines, load shedding with Retry-After (real server, real ORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+
+from batchserve import BatchConfig, DeadlineExceeded, Engine
+
+from conftest import StartServer
+
+BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+
+
+def slow_body(rows: int, **parameters: object) -> tuple[io.BytesIO, dict[str, str]]:
+    x = np.zeros((rows, 1024), np.float32)
+    tensor = {"name": "x", "shape": [rows, 1024], "datatype": "FP32",
+              "parameters": {"binary_data_size": x.nbytes}}  # fmt: skip
+    request: dict[str, object] = {"inputs": [tensor]}
+    if parameters:
+        request["parameters"] = parameters
+    header = json.dumps(request).encode()
+    return io.BytesIO(header + x.tobytes()), {"Inference-Header-Content-Length": str(len(header))}
+
+
+async def test_api_key_protects_everything_but_probes_and_metrics(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), api_key="s3cret")
+    url = server.url
+    for path in ("/v2", "/v2/models/mlp", "/v2/models/mlp/stats", "/v2/models/nope"):
+        async with http.get(url + path) as r:
+            assert r.status == 401, path
+            assert "API key" in (await r.json())["error"]
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    async with http.post(f"{url}/v2/models/mlp/infer", json=BODY) as r:
+        assert r.status == 401
+    wrong = {"Authorization": "Bearer s3cre"}
+    async with http.post(f"{url}/v2/models/mlp/infer", json=BODY, headers=wrong) as r:
+        assert r.status == 401
+    right = {"Authorization": "Bearer s3cret"}
+    async with http.post(f"{url}/v2/models/mlp/infer", json=BODY, headers=right) as r:
+        assert r.status == 200
+    for path in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+        async with http.get(url + path) as r:
+            assert r.status == 200, path
+
+
+async def test_metrics_can_be_protected_too(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), api_key="k", metrics_public=False)
+    async with http.get(f"{server.url}/metrics") as r:
+        assert r.status == 401
+    async with http.get(f"{server.url}/metrics", headers={"Authorization": "Bearer k"}) as r:
+        assert r.status == 200
+
+
+async def test_a_request_past_its_deadline_gets_504_and_no_inference(
+    start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
+) -> None:
+    engine = Engine(slow_path, BatchConfig(max_batch_size=8192), name="slow")
+    server = await start_server(engine)
+    url = f"{server.url}/v2/models/slow/infer"
+    data, headers = slow_body(4096)
+    busy = asyncio.create_task(http.post(url, data=data, headers=headers))
+    for _ in range(200):  # bounded wait until the big request occupies the only session
+        if engine.statistics().batcher.in_flight_batches:
+            break
+        await asyncio.sleep(0.005)
+    data, headers = slow_body(2, timeout=20_000)  # 20 ms, in microseconds as Triton reads it
+    async with http.post(url, data=data, headers=headers) as r:
+        assert r.status == 504
+        assert "deadline" in (await r.json())["error"]
+    response = await busy
+    assert response.status == 200
+    response.release()
+    stats = engine.statistics().batcher
+    assert stats.cancelled == 1  # withdrawn from the queue
+    assert stats.rows == 4096  # its rows never reached a session
+
+
+async def test_bad_timeouts_are_400(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"))
+    for value in (-1, 0, "soon", 1.5):
+        body = {**BODY, "parameters": {"timeout": value}}
+        async with http.post(f"{server.url}/v2/models/mlp/infer", json=body) as r:
+            assert r.status == 400, value
+
+
+async def test_the_server_default_deadline_applies(
+    start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(
+        Engine(slow_path, BatchConfig(max_batch_size=8192), name="slow"), request_timeout_ms=5
+    )
+    data, headers = slow_body(4096)
+    async with http.post(f"{server.url}/v2/models/slow/infer", data=data, headers=headers) as r:
+        assert r.status == 504
+
+
+async def test_engine_deadline_raises(slow_path: Path) -> None:
+    async with Engine(slow_path, BatchConfig(max_batch_size=8192)) as engine:
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            await engine.infer({"x": np.zeros((4096, 1024), np.float32)}, timeout_s=0.001)
+
+
+async def test_shed_requests_get_429_with_retry_after(
+    start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
+) -> None:
+    engine = Engine(slow_path, BatchConfig(max_batch_size=8192, max_queue_rows=4), name="slow")
+    server = await start_server(engine)
+    url = f"{server.url}/v2/models/slow/infer"
+    data, headers = slow_body(4096)
+    busy = asyncio.create_task(http.post(url, data=data, headers=headers))
+    for _ in range(200):
+        if engine.statistics().batcher.in_flight_batches:
+            break
+        await asyncio.sleep(0.005)
+    queued_data, queued_headers = slow_body(4)
+    queued = asyncio.create_task(http.post(url, data=queued_data, headers=queued_headers))
+    for _ in range(200):
+        if engine.statistics().batcher.queued_rows:
+            break
+        await asyncio.sleep(0.005)
+    data, headers = slow_body(1)
+    async with http.post(url, data=data, headers=headers) as r:
+        assert r.status == 429
+        assert r.headers["Retry-After"] == "1"
+        assert "queue full" in (await r.json())["error"]
+    for task in (busy, queued):
+        response = await task
+        assert response.status == 200
+        response.release()
