@@ -1,0 +1,104 @@
+"""Property-based fuzzing of the V2 parsers: any input either decodes or raises InvalidInput."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchserve.errors import InvalidInput
+from batchserve.protocol import decode_request, encode_request
+
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=8), children, max_size=6)
+    ),
+    max_leaves=30,
+)
+datatypes = st.sampled_from(
+    ["BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "FLOAT", "", 7]
+)
+
+
+def decodes_or_rejects(body: bytes, header_length: int | None = None) -> None:
+    """Anything else (TypeError, IndexError, struct.error, ...) fails the test."""
+    rejected: InvalidInput | None = None
+    try:
+        request = decode_request(body, header_length)
+    except InvalidInput as err:
+        rejected = err
+    if rejected is not None:
+        assert rejected.status == 400
+        assert rejected.message
+        return
+    for array in request.inputs.values():
+        assert isinstance(array, np.ndarray)
+
+
+@FUZZ
+@given(st.binary(max_size=256))
+def test_arbitrary_bytes(body: bytes) -> None:
+    decodes_or_rejects(body)
+
+
+@FUZZ
+@given(json_values)
+def test_arbitrary_json_documents(document: object) -> None:
+    decodes_or_rejects(json.dumps(document).encode())
+
+
+@FUZZ
+@given(
+    name=st.text(max_size=5),
+    shape=st.lists(st.integers(min_value=-2, max_value=5) | st.booleans(), max_size=4),
+    datatype=datatypes,
+    data=json_values,
+)
+def test_arbitrary_tensors(name: str, shape: list[object], datatype: object, data: object) -> None:
+    body = {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
+    decodes_or_rejects(json.dumps(body).encode())
+
+
+@FUZZ
+@given(
+    shape=st.lists(st.integers(min_value=0, max_value=4), max_size=3),
+    datatype=datatypes,
+    declared=st.integers(min_value=-3, max_value=80),
+    blob=st.binary(max_size=80),
+    header_length=st.integers(min_value=-5, max_value=400) | st.none(),
+)
+def test_arbitrary_binary_requests(
+    shape: list[int], datatype: object, declared: int, blob: bytes, header_length: int | None
+) -> None:
+    tensor = {"name": "x", "shape": shape, "datatype": datatype,
+              "parameters": {"binary_data_size": declared}}  # fmt: skip
+    header = json.dumps({"inputs": [tensor]}).encode()
+    length = len(header) if header_length is None else header_length
+    decodes_or_rejects(header + blob, length)
+
+
+@FUZZ
+@given(st.lists(st.text(max_size=6), min_size=1, max_size=5), st.binary(max_size=40))
+def test_bytes_tensors_with_corrupt_lengths(values: list[str], noise: bytes) -> None:
+    blob = b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values) + noise
+    tensor = {"name": "s", "shape": [len(values)], "datatype": "BYTES",
+              "parameters": {"binary_data_size": len(blob)}}  # fmt: skip
+    header = json.dumps({"inputs": [tensor]}).encode()
+    decodes_or_rejects(header + blob, len(header))
+
+
+@FUZZ
+@given(
+    st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=20),
+    st.booleans(),
+)
+def test_valid_requests_round_trip(values: list[float], binary: bool) -> None:
+    array = np.asarray(values, dtype=np.float32).reshape(1, -1)
+    body, header_length = encode_request({"x": array}, binary=binary)
+    decoded = decode_request(body, header_length)
+    np.testing.assert_array_equal(decoded.inputs["x"], array)
