@@ -138,9 +138,17 @@ def _from_json(name: str, data: Any, shape: list[int], dtype: np.dtype[Any]) -> 
 _ACCEPTS: Final = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
 
 
+def _rounding_limit(dtype: type[np.floating[Any]]) -> float:
+    # Values below the midpoint between the largest finite value and the next power of two
+    # round to that largest value; from the midpoint on they become inf. (The largest float32
+    # printed by a float32-aware encoder, 3.4028235e38, is above float32 max but rounds to it.)
+    info = np.finfo(dtype)
+    return float((2 - 2.0 ** -(info.nmant + 1)) * 2.0 ** (info.maxexp - 1))
+
+
 _FLOAT_LIMITS: Final = {
-    np.dtype(np.float16): float(np.finfo(np.float16).max),
-    np.dtype(np.float32): float(np.finfo(np.float32).max),
+    np.dtype(np.float16): _rounding_limit(np.float16),
+    np.dtype(np.float32): _rounding_limit(np.float32),
 }
 
 
@@ -163,8 +171,8 @@ def _numbers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
         # limit needs the exact (slower) per-element check.
         if (
             limit is not None
-            and np.vdot(inferred, inferred) > limit * limit
-            and np.abs(inferred).max() > limit
+            and np.vdot(inferred, inferred) >= limit * limit
+            and np.abs(inferred).max() >= limit
         ):
             raise OverflowError("a value is outside its range")
     elif target in "iu" and inferred.size:
