@@ -28,6 +28,7 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
         api_key=config.api_key,
         timeout_s=config.request_timeout_s,
         metrics_public=config.metrics_public,
+        body_timeout_s=config.body_timeout_s,
     )
     collector = BatchserveCollector(
         repository, state.requests.snapshot, lambda: state.requests.in_flight

@@ -167,6 +167,12 @@ def _add_serve(commands: Any) -> None:
         "parameters.timeout (microseconds) can only shorten it",
     )
     serve.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=_env("body-timeout-s", 30.0, float),
+        help="a client that takes longer to send its request body gets 408 (slow clients)",
+    )
+    serve.add_argument(
         "--log-level",
         default=_env("log-level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -282,6 +288,7 @@ def _serve(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             metrics_public=not args.protect_metrics,
             request_timeout_ms=args.request_timeout_ms,
+            body_timeout_s=args.body_timeout_s,
         )
     except ValueError as err:
         return _fail(str(err))

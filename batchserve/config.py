@@ -144,6 +144,7 @@ class ServerConfig:
     api_key: str | None = None  # bearer token required on every endpoint but health (and metrics)
     metrics_public: bool = True  # /metrics without the API key
     request_timeout_ms: float = 0.0  # default per-request deadline; 0 = none
+    body_timeout_s: float = 30.0  # a client slower than this to send its body gets 408
 
     @property
     def request_timeout_s(self) -> float | None:
@@ -155,3 +156,4 @@ class ServerConfig:
         _positive("max_body_bytes", self.max_body_bytes)
         _non_negative("shutdown_grace_s", self.shutdown_grace_s)
         _non_negative("request_timeout_ms", self.request_timeout_ms)
+        _positive("body_timeout_s", self.body_timeout_s)

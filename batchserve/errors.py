@@ -25,6 +25,12 @@ class ModelNotFound(BatchserveError):
     status = 404
 
 
+class BodyTimeout(BatchserveError):
+    """The client did not send its whole body in time (slow or stalled clients)."""
+
+    status = 408
+
+
 class PayloadTooLarge(BatchserveError):
     status = 413
 

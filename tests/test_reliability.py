@@ -140,3 +140,55 @@ async def test_shed_requests_get_429_with_retry_after(
         response = await task
         assert response.status == 200
         response.release()
+
+
+async def test_sigterm_under_load_loses_nothing(mlp_path: Path) -> None:
+    """Every request either completes with 200 or is refused before admission (503 or a
+    refused connection); none fails or goes unanswered."""
+    from test_cli import Running
+
+    server = Running(str(mlp_path), "--name", "mlp", "--shutdown-grace-s", "20")
+    outcomes: dict[str, int] = {}
+    stop_sending = asyncio.Event()
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        while not stop_sending.is_set():
+            try:
+                async with http.post(f"{server.url}/v2/models/mlp/infer", json=BODY) as r:
+                    await r.read()
+                    key = str(r.status)
+            except aiohttp.ClientConnectionError:
+                key = "refused"  # the listening socket is closed: never admitted
+            outcomes[key] = outcomes.get(key, 0) + 1
+            if key == "refused":
+                return
+
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as http:
+            clients = [asyncio.create_task(client(http)) for _ in range(32)]
+            await asyncio.sleep(1.0)
+            stopping = asyncio.create_task(asyncio.to_thread(server.stop))
+            await asyncio.sleep(1.0)
+            stop_sending.set()
+            await asyncio.wait_for(asyncio.gather(*clients), timeout=30)
+            assert await stopping == 0
+    finally:
+        server.kill()
+    assert outcomes.get("200", 0) > 100
+    assert set(outcomes) <= {"200", "503", "refused"}, outcomes
+
+
+async def test_a_slow_client_gets_408_and_frees_its_slot(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), body_timeout_s=0.3)
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        b'Content-Type: application/json\r\n\r\n{"inputs"'
+    )  # and then nothing more: a slowloris
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    assert head.startswith(b"HTTP/1.1 408")
+    writer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import logging
@@ -19,6 +20,7 @@ from batchserve.cache.tiered import CacheStatistics
 from batchserve.engine import RequestInfo
 from batchserve.errors import (
     BatchserveError,
+    BodyTimeout,
     InvalidInput,
     NotReady,
     PayloadTooLarge,
@@ -40,6 +42,7 @@ class ServerState:
         "accepting",
         "access_log",
         "api_key",
+        "body_timeout_s",
         "max_body_bytes",
         "metrics_public",
         "request_ids",
@@ -54,8 +57,10 @@ class ServerState:
         api_key: str | None = None,
         timeout_s: float | None = None,
         metrics_public: bool = True,
+        body_timeout_s: float = 30.0,
     ) -> None:
         self.accepting = False
+        self.body_timeout_s = body_timeout_s
         self.max_body_bytes = max_body_bytes
         self.requests = RequestStatistics()
         self.access_log = AccessLog(access_log)
@@ -191,7 +196,13 @@ class InferEndpoint:
                 raise PayloadTooLarge(
                     f"request body of {length} bytes exceeds {state.max_body_bytes}"
                 )
-            body = await request.read()
+            try:
+                async with asyncio.timeout(state.body_timeout_s):
+                    body = await request.read()
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the request body did not arrive within {state.body_timeout_s:g} s"
+                ) from None
             received = len(body)
             decoded = decode_request(body, _header_length(request))
             results = await engine.infer(
