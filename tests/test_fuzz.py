@@ -6,6 +6,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -102,3 +103,20 @@ def test_valid_requests_round_trip(values: list[float], binary: bool) -> None:
     body, header_length = encode_request({"x": array}, binary=binary)
     decoded = decode_request(body, header_length)
     np.testing.assert_array_equal(decoded.inputs["x"], array)
+
+
+def test_a_huge_declared_bytes_shape_is_refused_before_allocating() -> None:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "s",
+                    "shape": [10**12],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 8},
+                }
+            ]
+        }
+    ).encode()
+    with pytest.raises(InvalidInput, match="need at least"):
+        decode_request(header + b"\0" * 8, len(header))

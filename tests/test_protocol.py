@@ -1026,9 +1026,10 @@ def test_binary_zero_size_with_bytes() -> None:
 @pytest.mark.parametrize(
     ("blob", "count", "message"),
     [
-        (b"\x05\x00", 1, "BYTES data ends inside element 0"),
+        # Too short for even the 4-byte lengths: refused before anything is allocated.
+        (b"\x05\x00", 1, "1 BYTES elements need at least 4 bytes, binary_data_size is 2"),
         (struct.pack("<I", 1) + b"a" + b"\x02\x00\x00", 2, "BYTES data ends inside element 1"),
-        (b"", 1, "BYTES data ends inside element 0"),
+        (b"", 1, "1 BYTES elements need at least 4 bytes, binary_data_size is 0"),
         (struct.pack("<I", 10) + b"abc", 1, "BYTES element 0 runs past the data"),
         (_bytes_blob([b"ok"]) + struct.pack("<I", 3) + b"ab", 2, "BYTES element 1 runs past"),
         (struct.pack("<I", 2**32 - 1) + b"x", 1, "BYTES element 0 runs past the data"),

@@ -225,6 +225,11 @@ def _from_binary(
 
 
 def _bytes_elements(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
+    if count * 4 > len(raw):  # every element has a 4-byte length: refuse before allocating
+        raise InvalidInput(
+            f"input {name!r}: {count} BYTES elements need at least {count * 4} bytes, "
+            f"binary_data_size is {len(raw)}"
+        )
     array = np.empty(count, dtype=object)
     view, offset = memoryview(raw), 0
     for i in range(count):
