@@ -8,10 +8,11 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -193,45 +194,49 @@ class Engine:
             raise NotReady(f"model {self.name!r} is not ready")
         selected = metadata.select_outputs(outputs)
         arrays, rows = metadata.validate(inputs)
-        if timeout_s is not None:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    return await self._infer(arrays, rows, selected, outputs, cache, info)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"no answer within the request's deadline of {timeout_s * 1000:g} ms"
-                ) from None
-        return await self._infer(arrays, rows, selected, outputs, cache, info)
+        answer = self._answer(batcher, metadata, arrays, rows, selected, outputs, cache, info)
+        if isinstance(answer, dict):
+            return answer  # a local cache hit: nothing to wait for
+        if timeout_s is None:
+            return await answer
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await answer
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no answer within the request's deadline of {timeout_s * 1000:g} ms"
+            ) from None
 
-    async def _infer(
+    def _answer(
         self,
+        batcher: Batcher,
+        metadata: ModelMetadata,
         arrays: list[np.ndarray],
         rows: int,
         selected: list[int],
         outputs: Sequence[str] | None,
         cache: bool,
         info: RequestInfo | None,
-    ) -> dict[str, np.ndarray]:
-        batcher, metadata = self._batcher, self._metadata
-        assert batcher is not None
-        assert metadata is not None
+    ) -> dict[str, np.ndarray] | Coroutine[Any, Any, dict[str, np.ndarray]]:
+        """The outputs at once (local cache hit), or the coroutine that will produce them.
+        Not itself a coroutine: the hot path awaits one coroutine less."""
         response_cache = self._cache
-        if response_cache is not None and cache:
-            named = dict(zip(metadata.input_names, arrays, strict=True))
-            key = cache_key(self.name, self._cache_version, named, outputs)
-            hit = response_cache.local_hit(key)  # the common case, without a coroutine
-            if hit is not None:
-                if info is not None:
-                    info.cache = "hit"
-                return dict(hit)
+        if response_cache is None or not cache:
+            return self._run(batcher, metadata, arrays, rows, selected, info)
+        named = dict(zip(metadata.input_names, arrays, strict=True))
+        key = cache_key(self.name, self._cache_version, named, outputs)
+        hit = response_cache.local_hit(key)
+        if hit is not None:
             if info is not None:
-                info.cache = "miss"
-            return await response_cache.get_or_compute(
-                key,
-                lambda: self._run(batcher, metadata, arrays, rows, selected, info),
-                checked_local=True,
-            )
-        return await self._run(batcher, metadata, arrays, rows, selected, info)
+                info.cache = "hit"
+            return dict(hit)
+        if info is not None:
+            info.cache = "miss"
+        return response_cache.get_or_compute(
+            key,
+            lambda: self._run(batcher, metadata, arrays, rows, selected, info),
+            checked_local=True,
+        )
 
     @staticmethod
     async def _run(
