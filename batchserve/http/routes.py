@@ -185,7 +185,8 @@ class InferEndpoint:
         info = RequestInfo() if state.access_log.enabled else None
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
         try:
-            state.authorize(request)  # before the lookup: no probing model names without a key
+            if state.api_key is not None:  # before the lookup: no probing names without a key
+                state.authorize(request)
             match = request.match_info
             engine = self._repository.get(match["name"], match.get("version"))
             model = engine.name
@@ -196,21 +197,19 @@ class InferEndpoint:
                 raise PayloadTooLarge(
                     f"request body of {length} bytes exceeds {state.max_body_bytes}"
                 )
-            try:
-                async with asyncio.timeout(state.body_timeout_s):
-                    body = await request.read()
-            except TimeoutError:
-                raise BodyTimeout(
-                    f"the request body did not arrive within {state.body_timeout_s:g} s"
-                ) from None
+            if request.content.is_eof():
+                body = await request.read()  # already here: no timer needed
+            else:
+                body = await _read_slow_body(request, state.body_timeout_s)
             received = len(body)
             decoded = decode_request(body, _header_length(request))
+            parameters = decoded.parameters
             results = await engine.infer(
                 decoded.inputs,
                 decoded.outputs,
-                cache=_cache_allowed(request, decoded.parameters),
+                cache=_cache_allowed(request, parameters),
                 info=info,
-                timeout_s=_timeout(decoded.parameters, state.timeout_s),
+                timeout_s=_timeout(parameters, state.timeout_s) if parameters else state.timeout_s,
             )
             payload, header_length = encode_response(engine.name, engine.version, decoded, results)
             if header_length is None:
@@ -237,6 +236,14 @@ class InferEndpoint:
                  response.status, elapsed, info.batch_rows, info.cache, received, sent)
             )  # fmt: skip
         return response
+
+
+async def _read_slow_body(request: web.Request, timeout_s: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
 
 
 def _timeout(parameters: dict[str, Any] | None, default: float | None) -> float | None:
