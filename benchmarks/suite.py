@@ -311,8 +311,10 @@ def plot(curves: dict[str, Any], path: Path, slo_ms: float) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for server, data in curves.items():
+        # x = offered rate (open loop): past saturation the achieved rate falls, and plotting
+        # against it would fold the curve back on itself.
         points = sorted(
-            (r["achieved_rps"], r["latency_ms"]) for r in data["curve"] if r["latency_ms"]
+            (r["target_rate"], r["latency_ms"]) for r in data["curve"] if r["latency_ms"]
         )
         xs = [p[0] for p in points]
         ax.plot(xs, [p[1]["p99"] for p in points], marker="o", label=f"{server} p99")
@@ -321,7 +323,7 @@ def plot(curves: dict[str, Any], path: Path, slo_ms: float) -> None:
         )
     ax.axhline(slo_ms, color="grey", linewidth=1, linestyle=":", label=f"SLO p99 {slo_ms:g} ms")
     ax.set_yscale("log")
-    ax.set_xlabel("achieved requests/s (open loop)")
+    ax.set_xlabel("offered load, requests/s (open loop)")
     ax.set_ylabel("latency from scheduled send, ms")
     ax.set_title("mlp, open loop: latency vs throughput (2-core machine)")
     ax.grid(True, which="both", alpha=0.3)
