@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from batchserve import __version__
 from batchserve.cache.tiered import CacheStatistics
-from batchserve.engine import RequestInfo
+from batchserve.engine import Engine, RequestInfo
 from batchserve.errors import (
     BatchserveError,
     BodyTimeout,
@@ -128,6 +128,12 @@ def guarded(handler: Handler, *, protected: bool = True) -> Handler:
     return wrapper
 
 
+def _engine(request: web.Request) -> Engine:
+    """The engine a `/v2/models/{name}[/versions/{version}]/...` path names, or 404."""
+    match = request.match_info
+    return request.app[REPOSITORY].get(match["name"], match.get("version"))
+
+
 async def server_metadata(request: web.Request) -> web.Response:
     return json_response(
         {"name": "batchserve", "version": __version__, "extensions": ["binary_tensor_data"]}
@@ -144,9 +150,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    engine = request.app[REPOSITORY].get(
-        request.match_info["name"], request.match_info.get("version")
-    )
+    engine = _engine(request)
     metadata = engine.metadata
     return json_response(
         {
@@ -160,9 +164,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    engine = request.app[REPOSITORY].get(
-        request.match_info["name"], request.match_info.get("version")
-    )
+    engine = _engine(request)
     is_ready = engine.ready and request.app[STATE].accepting
     return json_response({"name": engine.name, "ready": is_ready}, 200 if is_ready else 503)
 
@@ -276,9 +278,7 @@ def _header_length(request: web.Request) -> int | None:
 
 
 async def model_statistics(request: web.Request) -> web.Response:
-    engine = request.app[REPOSITORY].get(
-        request.match_info["name"], request.match_info.get("version")
-    )
+    engine = _engine(request)
     stats = engine.statistics()
     batcher = stats.batcher
     return json_response(
