@@ -173,6 +173,14 @@ def _add_serve(commands: Any) -> None:
         help="a client that takes longer to send its request body gets 408 (slow clients)",
     )
     serve.add_argument(
+        "--replace-after-failures", type=int, default=_env("replace-after-failures", 5, int),
+        help="rebuild a session after this many failed runs in a row (0 = never)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--stall-timeout-s", type=float, default=_env("stall-timeout-s", 120.0, float),
+        help="one run longer than this fails the liveness probe (wedged engine; 0 = never)",
+    )  # fmt: skip
+    serve.add_argument(
         "--log-level",
         default=_env("log-level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -270,6 +278,8 @@ def _serve(args: argparse.Namespace) -> int:
             args.intra_op_threads,
             args.device,
             spin={"on": True, "off": False}.get(args.spin),
+            replace_after_failures=args.replace_after_failures,
+            stall_timeout_s=args.stall_timeout_s,
         )
         cache = CacheConfig(
             size_mb=args.cache_size_mb,

@@ -79,6 +79,10 @@ class RuntimeConfig:
         between their many operators (resnet50 on 2 cores: about 0.89 → 1.0 of raw ORT); for
         small models it stays off, since spinning threads would steal the event loop's core.
     warmup: run each session once on generated inputs before reporting ready.
+    replace_after_failures: a session whose runs fail this many times in a row is rebuilt
+        (0 = never).
+    stall_timeout_s: a single run going on longer than this is a wedged engine: the liveness
+        probe fails so the orchestrator restarts the process (0 = never).
     """
 
     instances: int = 1
@@ -86,10 +90,14 @@ class RuntimeConfig:
     device: Device = field(default_factory=Device)
     spin: bool | None = None
     warmup: bool = True
+    replace_after_failures: int = 5
+    stall_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _positive("instances", self.instances)
         _non_negative("intra_op_threads", self.intra_op_threads)
+        _non_negative("replace_after_failures", self.replace_after_failures)
+        _non_negative("stall_timeout_s", self.stall_timeout_s)
 
     def resolved_spin(self, model_bytes: int) -> bool:
         return self.spin if self.spin is not None else model_bytes > SPIN_MODEL_BYTES

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -24,9 +23,9 @@ from batchserve.clock import Clock, MonotonicClock
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.errors import DeadlineExceeded, NotReady
 from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
-from batchserve.runtime import ModelMetadata, SessionPool, load_sessions
-from batchserve.runtime.pool import PoolStatistics
-from batchserve.runtime.session import sample_inputs
+from batchserve.runtime import ModelMetadata, SessionPool
+from batchserve.runtime.pool import HealthPolicy, PoolStatistics
+from batchserve.runtime.session import SessionBuilder, sample_inputs
 
 log = logging.getLogger("batchserve.engine")
 
@@ -98,13 +97,20 @@ class Engine:
     async def start(self) -> None:
         """Load the model, build and warm up the sessions; returns when ready to serve."""
         started = time.perf_counter()
-        sessions, metadata = await asyncio.to_thread(
-            load_sessions, self.model_path, self.runtime_config
+        builder = SessionBuilder(self.model_path, self.runtime_config)
+        sessions, metadata = await asyncio.to_thread(builder.load)
+        # Keys carry the file's digest: a new file never gets the old file's answers.
+        self._cache_version = f"{self.version}:{builder.digest}"
+        runtime = self.runtime_config
+        health = HealthPolicy(
+            replace_after_failures=runtime.replace_after_failures,
+            stall_after_s=runtime.stall_timeout_s,
         )
+        pool = SessionPool(sessions, metadata.input_names, factory=builder.rebuild, health=health)
         async with contextlib.AsyncExitStack() as stack:
             if self.cache_config.enabled:
-                self._cache = await stack.enter_async_context(await self._build_cache())
-            pool = await stack.enter_async_context(SessionPool(sessions, metadata.input_names))
+                self._cache = await stack.enter_async_context(self._build_cache())
+            await stack.enter_async_context(pool)
             if self.runtime_config.warmup:
                 await self._warm_up(pool, metadata)
             policy = BatchPolicy(self.batch_config.max_batch_size, self.batch_config.max_latency_s)
@@ -117,6 +123,7 @@ class Engine:
             )
             # Closed in reverse: the batcher drains before the pool stops its threads.
             self._batcher = await stack.enter_async_context(batcher)
+            pool.on_capacity = batcher.wake
             self._stack = stack.pop_all()
         self._pool, self._metadata = pool, metadata
         self._load_seconds = time.perf_counter() - started
@@ -130,11 +137,8 @@ class Engine:
             f"up to {self.batch_config.max_batch_size} rows" if metadata.batched else "off",
         )
 
-    async def _build_cache(self) -> ResponseCache:
+    def _build_cache(self) -> ResponseCache:
         config = self.cache_config
-        # Keys carry the file's digest: a new file never gets the old file's answers.
-        digest = await asyncio.to_thread(_file_digest, self.model_path)
-        self._cache_version = f"{self.version}:{digest}"
         redis = None
         if config.redis_url:
             redis = RedisTier(
@@ -167,6 +171,12 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    def problem(self) -> str | None:
+        """Why this engine cannot serve although loaded (a wedged or lost session pool), or
+        None. The liveness probe reports it: only a restart fixes it."""
+        pool = self._pool
+        return pool.problem() if pool is not None and self._ready else None
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -266,8 +276,3 @@ class Engine:
         return EngineStatistics(
             self._batcher.statistics(), self._pool.statistics(), self._load_seconds, cache
         )
-
-
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "blake2b").hexdigest()[:32]

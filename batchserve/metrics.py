@@ -111,6 +111,14 @@ class BatchserveCollector(Collector):
                 labels=labels),
             "ready": GaugeMetricFamily(
                 "batchserve_model_ready", "1 when the model accepts requests.", labels=labels),
+            "sessions": GaugeMetricFamily(
+                "batchserve_sessions", "ONNX Runtime sessions in service.", labels=labels),
+            "replaced": CounterMetricFamily(
+                "batchserve_session_replacements",
+                "Sessions rebuilt after repeated failed runs.", labels=labels),
+            "live": GaugeMetricFamily(
+                "batchserve_model_live",
+                "0 when the session pool is wedged or lost (liveness fails).", labels=labels),
             "cache": CounterMetricFamily(
                 "batchserve_cache_lookups", "Response cache lookups by tier and result.",
                 labels=[*labels, "tier", "result"]),
@@ -149,6 +157,9 @@ class BatchserveCollector(Collector):
             f["cancelled"].add_metric(values, batcher.cancelled)
             f["failed"].add_metric(values, batcher.failed)
             f["load"].add_metric(values, stats.load_seconds)
+            f["sessions"].add_metric(values, stats.pool.instances - stats.pool.lost)
+            f["replaced"].add_metric(values, stats.pool.replacements)
+            f["live"].add_metric(values, 0.0 if engine.problem() else 1.0)
             cache = stats.cache
             if cache is not None:
                 f["cache"].add_metric([*values, "local", "hit"], cache.local.hits)

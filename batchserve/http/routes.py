@@ -141,6 +141,11 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 async def live(request: web.Request) -> web.Response:
+    # Answering at all shows the event loop turns; a wedged or lost session pool needs a restart.
+    for engine in request.app[REPOSITORY]:
+        problem = engine.problem()
+        if problem is not None:
+            return json_response({"live": False, "error": f"model {engine.name!r}: {problem}"}, 503)
     return json_response({"live": True})
 
 

@@ -174,6 +174,11 @@ class Batcher:
         self._check_idle()
         return True
 
+    def wake(self) -> None:
+        """The runner has capacity again (a session rejoined): dispatch what is waiting."""
+        if self._stats.queued_rows:
+            self._schedule()
+
     # -- dispatch ------------------------------------------------------------------------------
 
     def _schedule(self) -> None:

@@ -1,9 +1,16 @@
-"""A pool of ONNX Runtime sessions, each with its own thread; results come back on the loop."""
+"""A pool of ONNX Runtime sessions, each with its own thread; results come back on the loop.
+
+The pool also keeps itself healthy: a session whose runs keep failing is rebuilt off the event
+loop (its slot is out of rotation meanwhile), and a run that takes far longer than any run should
+is reported as a stall, which the server's liveness probe turns into a restart.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -14,8 +21,16 @@ import numpy as np
 
 from batchserve.runtime.session import run_session
 
+log = logging.getLogger("batchserve.runtime")
+
 # Called on the event loop thread with the run's outputs, or the exception it raised.
 RunCallback = Callable[[list[np.ndarray] | BaseException], None]
+# Builds a fresh session of the same model (blocking; called in a worker thread).
+SessionFactory = Callable[[], Any]
+
+
+class NoHealthySession(RuntimeError):
+    """Every session failed and none could be rebuilt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,14 +39,36 @@ class PoolStatistics:
     idle: int
     runs: int
     failures: int
+    replacements: int = 0
+    lost: int = 0  # sessions that could not be rebuilt
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    """When a session is replaced, and when a run counts as stalled.
+
+    replace_after_failures: consecutive failed runs of one session before it is rebuilt
+        (0 = never). A failure caused by one request's input also counts, so this is a count
+        in a row: a single good run resets it.
+    rebuild_attempts / rebuild_backoff_s: tries to rebuild a session, with doubling waits,
+        before its slot is given up as lost.
+    stall_after_s: a run still going after this long makes the pool unhealthy (0 = never).
+    """
+
+    replace_after_failures: int = 5
+    rebuild_attempts: int = 3
+    rebuild_backoff_s: float = 1.0
+    stall_after_s: float = 0.0
 
 
 class _Worker:
-    __slots__ = ("executor", "index", "session")
+    __slots__ = ("executor", "failures", "index", "session", "started_at")
 
     def __init__(self, index: int, session: Any) -> None:
         self.index = index
         self.session = session
+        self.failures = 0  # consecutive
+        self.started_at = 0.0  # monotonic time the current run began; 0 when idle
         # One thread per session: ORT releases the GIL inside run(), so sessions overlap.
         self.executor = cf.ThreadPoolExecutor(1, thread_name_prefix=f"batchserve-session-{index}")
 
@@ -39,16 +76,30 @@ class _Worker:
 class SessionPool:
     """Runs batches on idle sessions; `try_run` never blocks and never queues."""
 
-    def __init__(self, sessions: list[Any], input_names: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        sessions: list[Any],
+        input_names: tuple[str, ...],
+        *,
+        factory: SessionFactory | None = None,
+        health: HealthPolicy | None = None,
+    ) -> None:
         if not sessions:
             raise ValueError("a session pool needs at least one session")
         self._workers = [_Worker(i, s) for i, s in enumerate(sessions)]
         self._idle = list(reversed(self._workers))
         self._names = input_names
+        self._factory = factory
+        self._health = health or HealthPolicy()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drained: asyncio.Event | None = None
+        self._rebuilding: set[asyncio.Task[None]] = set()
+        self._lost = 0
         self._runs = 0
         self._failures = 0
+        self._replacements = 0
+        # Called when a rebuilt session rejoins, so the batcher dispatches what waited for it.
+        self.on_capacity: Callable[[], None] | None = None
 
     async def __aenter__(self) -> SessionPool:
         self._loop = asyncio.get_running_loop()
@@ -70,14 +121,22 @@ class SessionPool:
 
     @property
     def size(self) -> int:
-        return len(self._workers)
+        return len(self._workers) - self._lost
 
     def try_run(self, arrays: list[np.ndarray], done: RunCallback) -> bool:
         """Start a run on an idle session; False (and nothing started) when none is idle."""
-        if not self._idle or self._loop is None or self._drained is None:
+        if self._loop is None or self._drained is None:
+            return False
+        if not self._idle:
+            if self._lost == len(self._workers):
+                # Nothing will ever run it: fail now rather than let requests wait forever.
+                error = NoHealthySession("no healthy ONNX Runtime session is left")
+                self._loop.call_soon(done, error)
+                return True
             return False
         worker = self._idle.pop()
         self._drained.clear()
+        worker.started_at = time.monotonic()
         future = worker.executor.submit(run_session, worker.session, arrays, self._names)
         future.add_done_callback(partial(self._from_thread, worker, done))
         return True
@@ -87,14 +146,75 @@ class SessionPool:
         self._loop.call_soon_threadsafe(self._complete, worker, done, future)
 
     def _complete(self, worker: _Worker, done: RunCallback, future: cf.Future[Any]) -> None:
-        self._idle.append(worker)
+        worker.started_at = 0.0
         self._runs += 1
         error = future.exception()
-        if error is not None:
+        if error is None:
+            worker.failures = 0
+            self._idle.append(worker)
+        else:
             self._failures += 1
-        if len(self._idle) == len(self._workers) and self._drained is not None:
-            self._drained.set()
+            worker.failures += 1
+            limit = self._health.replace_after_failures
+            if self._factory is not None and limit and worker.failures >= limit:
+                self._start_rebuild(worker)
+            else:
+                self._idle.append(worker)
+        self._check_drained()
         done(future.result() if error is None else error)
+
+    def _check_drained(self) -> None:
+        if len(self._idle) + self._lost == len(self._workers) and self._drained is not None:
+            self._drained.set()
+
+    def _start_rebuild(self, worker: _Worker) -> None:
+        log.warning(
+            "session %d failed %d runs in a row: rebuilding it", worker.index, worker.failures
+        )
+        task = asyncio.ensure_future(self._rebuild(worker))
+        self._rebuilding.add(task)
+        task.add_done_callback(self._rebuilding.discard)
+
+    async def _rebuild(self, worker: _Worker) -> None:
+        assert self._factory is not None
+        policy = self._health
+        for attempt in range(policy.rebuild_attempts):
+            try:
+                session = await asyncio.to_thread(self._factory)
+            except Exception as err:
+                log.error(
+                    "rebuilding session %d failed (try %d): %s", worker.index, attempt + 1, err
+                )
+                await asyncio.sleep(policy.rebuild_backoff_s * 2**attempt)
+                continue
+            worker.session = session
+            worker.failures = 0
+            self._replacements += 1
+            self._idle.append(worker)
+            log.warning("session %d replaced", worker.index)
+            if self.on_capacity is not None:
+                self.on_capacity()
+            return
+        self._lost += 1
+        log.error("session %d could not be rebuilt: its slot is out of service", worker.index)
+        self._check_drained()
+        if self.on_capacity is not None:
+            self.on_capacity()  # the batcher re-checks, and fails what no session can run
+
+    def problem(self) -> str | None:
+        """Why the pool cannot serve (for the liveness probe), or None when it is healthy."""
+        if self._lost == len(self._workers):
+            return "every ONNX Runtime session failed and could not be rebuilt"
+        stall = self._health.stall_after_s
+        if stall:
+            now = time.monotonic()
+            for worker in self._workers:
+                if worker.started_at and now - worker.started_at > stall:
+                    return (
+                        f"session {worker.index} has been running one batch for "
+                        f"{now - worker.started_at:.1f} s (stall limit {stall:g} s)"
+                    )
+        return None
 
     async def run_each(self, arrays: list[np.ndarray]) -> None:
         """Run every session once on the same inputs (warm-up), concurrently."""
@@ -108,10 +228,27 @@ class SessionPool:
 
     async def aclose(self) -> None:
         """Wait for runs in progress, then stop the threads."""
+        for task in list(self._rebuilding):
+            task.cancel()
+        if self._rebuilding:
+            await asyncio.gather(*self._rebuilding, return_exceptions=True)
         if self._drained is not None:
+            # A slot whose rebuild was cancelled will never be idle again.
+            self._lost = len(self._workers) - len(self._idle) - self._busy()
+            self._check_drained()
             await self._drained.wait()
         for worker in self._workers:
             worker.executor.shutdown(wait=False)
 
+    def _busy(self) -> int:
+        return sum(1 for worker in self._workers if worker.started_at)
+
     def statistics(self) -> PoolStatistics:
-        return PoolStatistics(len(self._workers), len(self._idle), self._runs, self._failures)
+        return PoolStatistics(
+            len(self._workers),
+            len(self._idle),
+            self._runs,
+            self._failures,
+            self._replacements,
+            self._lost,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -65,21 +66,54 @@ def read_model(path: str | os.PathLike[str]) -> bytes:
         raise ModelLoadError(f"cannot read model file {model_path}: {err.strerror}") from err
 
 
+class SessionBuilder:
+    """Builds the sessions of one model file: the pool at load, and replacements later.
+
+    A replacement re-reads the file and refuses it if its bytes changed since the load, so a
+    rebuilt session always computes what the metadata and the cache keys say it does."""
+
+    def __init__(self, path: str | os.PathLike[str], config: RuntimeConfig) -> None:
+        self.path = path
+        self.config = config
+        self.digest = ""
+
+    def load(self) -> tuple[list[ort.InferenceSession], ModelMetadata]:
+        """Build `config.instances` sessions (blocking: call it off the event loop)."""
+        model = read_model(self.path)
+        self.digest = model_digest(model)
+        config = self.config
+        if config.device.kind == "cuda":
+            _preload_cuda()
+        providers = provider_chain(config.device)
+        sessions = [_build(model, self.path, config, providers) for _ in range(config.instances)]
+        metadata = ModelMetadata.from_session(sessions[0])
+        if (
+            config.device.kind == "cuda"
+            and "CUDAExecutionProvider" not in sessions[0].get_providers()
+        ):
+            raise DeviceUnavailable(f"ONNX Runtime could not start CUDA on {config.device}")
+        if not metadata.batched:
+            log.warning("model %s has no variable batch dimension: batching is off", self.path)
+        return sessions, metadata
+
+    def rebuild(self) -> ort.InferenceSession:
+        """One more session of the loaded model (blocking)."""
+        model = read_model(self.path)
+        if model_digest(model) != self.digest:
+            raise ModelLoadError(f"{self.path} changed since it was loaded; restart to serve it")
+        return _build(model, self.path, self.config, provider_chain(self.config.device))
+
+
 def load_sessions(
     path: str | os.PathLike[str], config: RuntimeConfig
 ) -> tuple[list[ort.InferenceSession], ModelMetadata]:
     """Build `config.instances` sessions of one model (blocking: call it off the event loop)."""
-    model = read_model(path)
-    if config.device.kind == "cuda":
-        _preload_cuda()
-    providers = provider_chain(config.device)
-    sessions = [_build(model, path, config, providers) for _ in range(config.instances)]
-    metadata = ModelMetadata.from_session(sessions[0])
-    if config.device.kind == "cuda" and "CUDAExecutionProvider" not in sessions[0].get_providers():
-        raise DeviceUnavailable(f"ONNX Runtime could not start CUDA on {config.device}")
-    if not metadata.batched:
-        log.warning("model %s has no variable batch dimension: batching is off", path)
-    return sessions, metadata
+    return SessionBuilder(path, config).load()
+
+
+def model_digest(model: bytes) -> str:
+    """Identifies a model file's content (cache keys carry it; rebuilds check it)."""
+    return hashlib.blake2b(model).hexdigest()[:32]
 
 
 def _preload_cuda() -> None:

@@ -1,0 +1,140 @@
+"""Session pool health: failing sessions are rebuilt, lost ones fail fast, stalls fail liveness."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from test_reliability import slow_body
+
+from batchserve import BatchConfig, Engine, RuntimeConfig
+from batchserve.errors import InferenceFailed, ModelLoadError
+from batchserve.runtime.pool import HealthPolicy, NoHealthySession, SessionPool
+from batchserve.runtime.session import SessionBuilder
+
+from conftest import StartServer
+
+GOOD = {"index": np.array([[3]], dtype=np.int64)}
+BAD = {"index": np.array([[7]], dtype=np.int64)}  # outside the 5-entry table: the run fails
+
+
+async def wait_for(condition: object, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_session_that_keeps_failing_is_rebuilt(gather_path: Path) -> None:
+    runtime = RuntimeConfig(replace_after_failures=3)
+    async with Engine(gather_path, BatchConfig(max_batch_size=1), runtime) as engine:
+        for _ in range(2):
+            with pytest.raises(InferenceFailed):
+                await engine.infer(BAD)
+        # A good run in between resets the count: no rebuild yet.
+        assert (await engine.infer(GOOD))["value"].tolist() == [[30.0]]
+        for _ in range(3):
+            with pytest.raises(InferenceFailed):
+                await engine.infer(BAD)
+        # Requests that arrive while the only session is rebuilt wait for it, then run.
+        answer = await engine.infer(GOOD)
+        stats = engine.statistics().pool
+        assert engine.problem() is None
+    assert answer["value"].tolist() == [[30.0]]
+    assert stats.replacements == 1
+    assert stats.failures == 5
+    assert stats.lost == 0
+
+
+async def test_a_session_that_cannot_be_rebuilt_is_lost_and_requests_fail_fast(
+    gather_path: Path,
+) -> None:
+    builder = SessionBuilder(gather_path, RuntimeConfig())
+    sessions, metadata = builder.load()
+
+    def broken_factory() -> object:
+        raise ModelLoadError("the model file is gone")
+
+    health = HealthPolicy(replace_after_failures=1, rebuild_attempts=2, rebuild_backoff_s=0.01)
+    pool = SessionPool(sessions, metadata.input_names, factory=broken_factory, health=health)
+    async with pool:
+        results: list[object] = []
+        assert pool.try_run([BAD["index"]], results.append)
+        await wait_for(lambda: pool.statistics().lost == 1)
+        assert isinstance(results[0], Exception)
+        assert "could not be rebuilt" in str(pool.problem())
+        # With no session left a run is failed at once instead of waiting forever.
+        assert pool.try_run([GOOD["index"]], results.append)
+        await wait_for(lambda: len(results) == 2)
+        assert isinstance(results[1], NoHealthySession)
+    assert pool.statistics().replacements == 0
+
+
+async def test_a_rebuild_refuses_a_model_file_that_changed(
+    gather_path: Path, mlp_path: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.onnx"
+    shutil.copy(gather_path, path)
+    builder = SessionBuilder(path, RuntimeConfig())
+    builder.load()
+    assert builder.rebuild().get_inputs()[0].name == "index"
+    shutil.copy(mlp_path, path)
+    with pytest.raises(ModelLoadError, match="changed since it was loaded"):
+        builder.rebuild()
+
+
+async def test_closing_during_a_rebuild_does_not_hang(gather_path: Path) -> None:
+    builder = SessionBuilder(gather_path, RuntimeConfig())
+    sessions, metadata = builder.load()
+
+    def slow_factory() -> object:
+        raise ModelLoadError("not now")
+
+    health = HealthPolicy(replace_after_failures=1, rebuild_attempts=100, rebuild_backoff_s=0.05)
+    pool = SessionPool(sessions, metadata.input_names, factory=slow_factory, health=health)
+    async with pool:
+        results: list[object] = []
+        pool.try_run([BAD["index"]], results.append)
+        await wait_for(lambda: len(results) == 1)
+    # Leaving the block returned: the pending rebuild was cancelled and the slot given up.
+    assert pool.statistics().lost == 1
+
+
+async def test_a_stalled_run_fails_liveness_until_it_ends(
+    start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
+) -> None:
+    engine = Engine(
+        slow_path,
+        BatchConfig(max_batch_size=8192),
+        RuntimeConfig(stall_timeout_s=0.05),
+        name="slow",
+    )
+    server = await start_server(engine)
+    async with http.get(f"{server.url}/v2/health/live") as r:
+        assert r.status == 200
+    data, headers = slow_body(8192)
+    busy = asyncio.create_task(
+        http.post(f"{server.url}/v2/models/slow/infer", data=data, headers=headers)
+    )
+    seen: dict[str, object] = {}
+    for _ in range(500):  # bounded: until the long run counts as a stall
+        async with http.get(f"{server.url}/v2/health/live") as r:
+            if r.status == 503:
+                seen = await r.json()
+                break
+        await asyncio.sleep(0.01)
+    assert seen.get("live") is False
+    assert "stall limit" in str(seen.get("error"))
+    async with http.get(f"{server.url}/metrics") as r:
+        assert 'batchserve_model_live{model="slow",version="1"} 0.0' in await r.text()
+    response = await busy
+    assert response.status == 200
+    response.release()
+    async with http.get(f"{server.url}/v2/health/live") as r:
+        assert r.status == 200
+        assert await r.json() == {"live": True}
