@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from batchserve.config import ServerConfig
 from batchserve.http import METRICS, REPOSITORY, STATE, ServerState, add_routes
 from batchserve.metrics import BatchserveCollector, build_registry
+from batchserve.protocol import DecodeLimits
 from batchserve.repository import ModelRepository
 
 log = logging.getLogger("batchserve.server")
@@ -29,6 +31,7 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
         timeout_s=config.request_timeout_s,
         metrics_public=config.metrics_public,
         body_timeout_s=config.body_timeout_s,
+        limits=DecodeLimits(config.max_inputs, config.max_tensor_elements),
     )
     collector = BatchserveCollector(
         repository, state.requests.snapshot, lambda: state.requests.in_flight
@@ -45,6 +48,28 @@ async def _models(app: web.Application) -> AsyncIterator[None]:
         yield
         app[STATE].accepting = False
     app[STATE].access_log.flush()
+
+
+class _OneLineProtocolErrors(logging.Filter):
+    """Requests that are not valid HTTP (oversized request line or headers, garbage) are refused
+    by aiohttp's parser with 400 and the connection closed; log them as one warning line, not
+    as an error with a traceback, so hostile clients cannot flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = "refused a malformed HTTP request: %s"
+            record.args = (str(error.message).strip().splitlines()[0][:200],)
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _wire_logger() -> logging.Logger:
+    logger = logging.getLogger("batchserve.http.wire")
+    if not any(isinstance(f, _OneLineProtocolErrors) for f in logger.filters):
+        logger.addFilter(_OneLineProtocolErrors())
+    return logger
 
 
 class Server:
@@ -64,6 +89,7 @@ class Server:
             access_log=None,
             handler_cancellation=True,
             shutdown_timeout=config.shutdown_grace_s,
+            logger=_wire_logger(),
         )
         self._port: int | None = None
 

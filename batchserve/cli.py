@@ -173,6 +173,14 @@ def _add_serve(commands: Any) -> None:
         help="a client that takes longer to send its request body gets 408 (slow clients)",
     )
     serve.add_argument(
+        "--max-inputs", type=int, default=_env("max-inputs", 64, int),
+        help="input tensors one request may carry (400 above it)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-tensor-elements", type=int, default=_env("max-tensor-elements", 1 << 24, int),
+        help="elements one input tensor may declare (413 above it)",
+    )  # fmt: skip
+    serve.add_argument(
         "--replace-after-failures", type=int, default=_env("replace-after-failures", 5, int),
         help="rebuild a session after this many failed runs in a row (0 = never)",
     )  # fmt: skip
@@ -299,6 +307,8 @@ def _serve(args: argparse.Namespace) -> int:
             metrics_public=not args.protect_metrics,
             request_timeout_ms=args.request_timeout_ms,
             body_timeout_s=args.body_timeout_s,
+            max_inputs=args.max_inputs,
+            max_tensor_elements=args.max_tensor_elements,
         )
     except ValueError as err:
         return _fail(str(err))

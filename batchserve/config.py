@@ -153,6 +153,8 @@ class ServerConfig:
     metrics_public: bool = True  # /metrics without the API key
     request_timeout_ms: float = 0.0  # default per-request deadline; 0 = none
     body_timeout_s: float = 30.0  # a client slower than this to send its body gets 408
+    max_inputs: int = 64  # input tensors per request
+    max_tensor_elements: int = 1 << 24  # elements per input tensor (413 above)
 
     @property
     def request_timeout_s(self) -> float | None:
@@ -165,3 +167,5 @@ class ServerConfig:
         _non_negative("shutdown_grace_s", self.shutdown_grace_s)
         _non_negative("request_timeout_ms", self.request_timeout_ms)
         _positive("body_timeout_s", self.body_timeout_s)
+        _positive("max_inputs", self.max_inputs)
+        _positive("max_tensor_elements", self.max_tensor_elements)

@@ -192,3 +192,58 @@ async def test_a_slow_client_gets_408_and_frees_its_slot(
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
     assert head.startswith(b"HTTP/1.1 408")
     writer.close()
+
+
+def tensor(name: str, shape: list[int]) -> dict[str, object]:
+    count = int(np.prod(shape))
+    return {"name": name, "shape": shape, "datatype": "FP32", "data": [0.0] * count}
+
+
+async def test_request_size_limits_answer_before_building_tensors(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(
+        Engine(mlp_path, name="mlp"), max_inputs=2, max_tensor_elements=100
+    )
+    url = f"{server.url}/v2/models/mlp/infer"
+    cases: list[tuple[dict[str, object], int, str]] = [
+        ({"inputs": [tensor(f"i{k}", [1]) for k in range(3)]}, 400, "3 inputs"),
+        ({"inputs": [tensor("input", [2, 64])]}, 413, "128 elements; the limit is 100"),
+        ({"inputs": [tensor("input", [1] * 33)]}, 400, "33 dimensions"),
+        # Past numpy's own 64-dimension limit, which once escaped as a 500.
+        ({"inputs": [{"name": "input", "shape": [0] * 100, "datatype": "FP32", "data": []}]},
+         400, "100 dimensions"),
+    ]  # fmt: skip
+    for body, status, message in cases:
+        async with http.post(url, json=body) as r:
+            assert r.status == status, (body, await r.text())
+            assert message in (await r.json())["error"]
+    deep = b"[" * 5000 + b"]" * 5000  # orjson stops at 1024 levels: no recursion blow-up
+    async with http.post(url, data=deep, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 400
+        assert "depth" in (await r.json())["error"]
+    async with http.post(url, json=BODY) as r:  # within every limit
+        assert r.status == 200
+
+
+async def test_oversized_headers_are_refused_in_one_log_line(
+    start_server: StartServer, mlp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"))
+    host, port = server.url.removeprefix("http://").split(":")
+    for request in (
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+        b"GET /v2/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        assert head.split(b" ")[1] == b"400"
+        writer.close()
+    refusals = [r for r in caplog.records if r.name == "batchserve.http.wire"]
+    assert len(refusals) == 2
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in refusals)
+    assert "8190 bytes" in refusals[0].getMessage()
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/v2") as r:
+        assert r.status == 200

@@ -28,7 +28,13 @@ from batchserve.errors import (
 )
 from batchserve.http.access import AccessLog, RequestIds, trace_id, wall_clock
 from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
-from batchserve.protocol import HEADER_LENGTH, decode_request, encode_response
+from batchserve.protocol import (
+    DEFAULT_LIMITS,
+    HEADER_LENGTH,
+    DecodeLimits,
+    decode_request,
+    encode_response,
+)
 from batchserve.repository import ModelRepository
 
 log = logging.getLogger("batchserve.http")
@@ -43,6 +49,7 @@ class ServerState:
         "access_log",
         "api_key",
         "body_timeout_s",
+        "limits",
         "max_body_bytes",
         "metrics_public",
         "request_ids",
@@ -58,8 +65,10 @@ class ServerState:
         timeout_s: float | None = None,
         metrics_public: bool = True,
         body_timeout_s: float = 30.0,
+        limits: DecodeLimits = DEFAULT_LIMITS,
     ) -> None:
         self.accepting = False
+        self.limits = limits
         self.body_timeout_s = body_timeout_s
         self.max_body_bytes = max_body_bytes
         self.requests = RequestStatistics()
@@ -209,7 +218,7 @@ class InferEndpoint:
             else:
                 body = await _read_slow_body(request, state.body_timeout_s)
             received = len(body)
-            decoded = decode_request(body, _header_length(request))
+            decoded = decode_request(body, _header_length(request), state.limits)
             parameters = decoded.parameters
             results = await engine.infer(
                 decoded.inputs,

@@ -1,11 +1,21 @@
 """Open Inference Protocol (KServe V2) codecs: JSON tensors and the binary tensor extension."""
 
 from batchserve.protocol.v2 import (
+    DEFAULT_LIMITS,
     HEADER_LENGTH,
+    DecodeLimits,
     InferRequest,
     decode_request,
     encode_request,
     encode_response,
 )
 
-__all__ = ["HEADER_LENGTH", "InferRequest", "decode_request", "encode_request", "encode_response"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "HEADER_LENGTH",
+    "DecodeLimits",
+    "InferRequest",
+    "decode_request",
+    "encode_request",
+    "encode_response",
+]

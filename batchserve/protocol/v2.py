@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 
 from batchserve.datatypes import V2_TO_NUMPY, v2_name
-from batchserve.errors import InvalidInput
+from batchserve.errors import InvalidInput, PayloadTooLarge
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 _NUMPY: Final = orjson.OPT_SERIALIZE_NUMPY
@@ -29,7 +29,27 @@ class InferRequest:
     parameters: dict[str, Any] | None = None
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """What one request may declare, checked before any tensor is built.
+
+    max_inputs: input tensors per request (400 above it).
+    max_elements: elements per tensor (413 above it): bounds the memory one request can make
+        the server allocate, independently of how compactly the body encodes it.
+    max_rank: dimensions per tensor (400 above it; numpy itself stops at 64).
+    """
+
+    max_inputs: int = 64
+    max_elements: int = 1 << 24
+    max_rank: int = 32
+
+
+DEFAULT_LIMITS: Final = DecodeLimits()
+
+
+def decode_request(
+    body: bytes, header_length: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+) -> InferRequest:
     """Parse a request body; `header_length` is the binary extension's JSON header length."""
     blob: bytes | memoryview = b""
     if header_length is None:
@@ -43,7 +63,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         header, blob = _loads(view[:header_length]), view[header_length:]
     if not isinstance(header, dict):
         raise InvalidInput("the request body must be a JSON object")
-    inputs = _decode_inputs(header.get("inputs"), blob)
+    inputs = _decode_inputs(header.get("inputs"), blob, limits)
     outputs, binary = _decode_outputs(header)
     parameters = header.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
@@ -58,15 +78,20 @@ def _loads(data: bytes | memoryview) -> Any:
         raise InvalidInput(f"malformed JSON: {err}") from None
 
 
-def _decode_inputs(specs: Any, blob: bytes | memoryview) -> dict[str, np.ndarray]:
+def _decode_inputs(
+    specs: Any, blob: bytes | memoryview, limits: DecodeLimits
+) -> dict[str, np.ndarray]:
     if type(specs) is not list or not specs:
         raise InvalidInput("'inputs' must be a non-empty list")
+    if len(specs) > limits.max_inputs:
+        raise InvalidInput(f"{len(specs)} inputs in one request; the limit is {limits.max_inputs}")
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for spec in specs:
         if type(spec) is not dict:
             raise InvalidInput("each input must be an object")
         name, shape, dtype = _tensor_header(spec)
+        _check_size(name, shape, limits)
         if name in arrays:
             raise InvalidInput(f"input {name!r} appears twice")
         size = _binary_size(name, spec["parameters"]) if "parameters" in spec else None
@@ -102,6 +127,19 @@ def _tensor_header(spec: Mapping[str, Any]) -> tuple[str, list[int], np.dtype[An
             f"input {name!r}: unknown datatype {datatype!r}; expected one of {list(V2_TO_NUMPY)}"
         )
     return name, shape, dtype
+
+
+def _check_size(name: str, shape: list[int], limits: DecodeLimits) -> None:
+    if len(shape) > limits.max_rank:
+        raise InvalidInput(
+            f"input {name!r} has {len(shape)} dimensions; the limit is {limits.max_rank}"
+        )
+    count = prod(shape)
+    if count > limits.max_elements:
+        raise PayloadTooLarge(
+            f"input {name!r}: shape {shape} has {count} elements; "
+            f"the limit is {limits.max_elements}"
+        )
 
 
 def _binary_size(name: str, parameters: Any) -> int | None:
