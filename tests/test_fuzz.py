@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the V2 parsers: any input either decodes or raises InvalidInput."""
+"""Property-based fuzzing of the V2 parsers: any input either decodes or is refused with a
+400 (InvalidInput) or 413 (PayloadTooLarge: over the size limits) error."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchserve.errors import InvalidInput
-from batchserve.protocol import decode_request, encode_request
+from batchserve.errors import InvalidInput, PayloadTooLarge
+from batchserve.protocol import DecodeLimits, decode_request, encode_request
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(
@@ -28,13 +29,13 @@ datatypes = st.sampled_from(
 
 def decodes_or_rejects(body: bytes, header_length: int | None = None) -> None:
     """Anything else (TypeError, IndexError, struct.error, ...) fails the test."""
-    rejected: InvalidInput | None = None
+    rejected: InvalidInput | PayloadTooLarge | None = None
     try:
         request = decode_request(body, header_length)
-    except InvalidInput as err:
+    except (InvalidInput, PayloadTooLarge) as err:
         rejected = err
     if rejected is not None:
-        assert rejected.status == 400
+        assert rejected.status in (400, 413)
         assert rejected.message
         return
     for array in request.inputs.values():
@@ -118,5 +119,8 @@ def test_a_huge_declared_bytes_shape_is_refused_before_allocating() -> None:
             ]
         }
     ).encode()
-    with pytest.raises(InvalidInput, match="need at least"):
+    with pytest.raises(PayloadTooLarge, match="limit"):
         decode_request(header + b"\0" * 8, len(header))
+    # Even with the element limit lifted, the BYTES decoder refuses before allocating.
+    with pytest.raises(InvalidInput, match="need at least"):
+        decode_request(header + b"\0" * 8, len(header), DecodeLimits(max_elements=10**13))

@@ -202,9 +202,7 @@ def tensor(name: str, shape: list[int]) -> dict[str, object]:
 async def test_request_size_limits_answer_before_building_tensors(
     start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    server = await start_server(
-        Engine(mlp_path, name="mlp"), max_inputs=2, max_tensor_elements=100
-    )
+    server = await start_server(Engine(mlp_path, name="mlp"), max_inputs=2, max_tensor_elements=100)
     url = f"{server.url}/v2/models/mlp/infer"
     cases: list[tuple[dict[str, object], int, str]] = [
         ({"inputs": [tensor(f"i{k}", [1]) for k in range(3)]}, 400, "3 inputs"),
