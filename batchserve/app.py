@@ -32,9 +32,13 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
         metrics_public=config.metrics_public,
         body_timeout_s=config.body_timeout_s,
         limits=DecodeLimits(config.max_inputs, config.max_tensor_elements),
+        max_loop_lag_s=config.max_loop_lag_ms / 1000.0,
     )
     collector = BatchserveCollector(
-        repository, state.requests.snapshot, lambda: state.requests.in_flight
+        repository,
+        state.requests.snapshot,
+        lambda: state.requests.in_flight,
+        lambda: (state.lag.lag_s, state.lag_shed),
     )
     app[METRICS] = build_registry(collector)
     app.cleanup_ctx.append(_models)
@@ -43,10 +47,13 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
 
 
 async def _models(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
     async with app[REPOSITORY]:
-        app[STATE].accepting = True
+        state.accepting = True
+        state.lag.start()
         yield
-        app[STATE].accepting = False
+        state.accepting = False
+        state.lag.stop()
     app[STATE].access_log.flush()
 
 

@@ -181,6 +181,10 @@ def _add_serve(commands: Any) -> None:
         help="elements one input tensor may declare (413 above it)",
     )  # fmt: skip
     serve.add_argument(
+        "--max-loop-lag-ms", type=float, default=_env("max-loop-lag-ms", 50.0, float),
+        help="shed new requests (429) while the event loop runs this late (0 = never)",
+    )  # fmt: skip
+    serve.add_argument(
         "--replace-after-failures", type=int, default=_env("replace-after-failures", 5, int),
         help="rebuild a session after this many failed runs in a row (0 = never)",
     )  # fmt: skip
@@ -309,6 +313,7 @@ def _serve(args: argparse.Namespace) -> int:
             body_timeout_s=args.body_timeout_s,
             max_inputs=args.max_inputs,
             max_tensor_elements=args.max_tensor_elements,
+            max_loop_lag_ms=args.max_loop_lag_ms,
         )
     except ValueError as err:
         return _fail(str(err))

@@ -155,6 +155,7 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # a client slower than this to send its body gets 408
     max_inputs: int = 64  # input tensors per request
     max_tensor_elements: int = 1 << 24  # elements per input tensor (413 above)
+    max_loop_lag_ms: float = 50.0  # event loop this late: shed new requests (0 = never)
 
     @property
     def request_timeout_s(self) -> float | None:
@@ -169,3 +170,4 @@ class ServerConfig:
         _positive("body_timeout_s", self.body_timeout_s)
         _positive("max_inputs", self.max_inputs)
         _positive("max_tensor_elements", self.max_tensor_elements)
+        _non_negative("max_loop_lag_ms", self.max_loop_lag_ms)

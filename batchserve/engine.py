@@ -172,6 +172,13 @@ class Engine:
     def ready(self) -> bool:
         return self._ready
 
+    def check_admission(self, timeout_s: float | None = None) -> None:
+        """Overloaded (429) at once when the queue is full or would make a request with this
+        deadline late: lets the front end shed a request before reading and decoding it."""
+        batcher = self._batcher
+        if batcher is not None:
+            batcher.check_room(timeout_s)
+
     def problem(self) -> str | None:
         """Why this engine cannot serve although loaded (a wedged or lost session pool), or
         None. The liveness probe reports it: only a restart fixes it."""
@@ -204,7 +211,9 @@ class Engine:
             raise NotReady(f"model {self.name!r} is not ready")
         selected = metadata.select_outputs(outputs)
         arrays, rows = metadata.validate(inputs)
-        answer = self._answer(batcher, metadata, arrays, rows, selected, outputs, cache, info)
+        answer = self._answer(
+            batcher, metadata, arrays, rows, selected, outputs, cache, info, timeout_s
+        )
         if isinstance(answer, dict):
             return answer  # a local cache hit: nothing to wait for
         if timeout_s is None:
@@ -227,12 +236,13 @@ class Engine:
         outputs: Sequence[str] | None,
         cache: bool,
         info: RequestInfo | None,
+        timeout_s: float | None,
     ) -> dict[str, np.ndarray] | Coroutine[Any, Any, dict[str, np.ndarray]]:
         """The outputs at once (local cache hit), or the coroutine that will produce them.
         Not itself a coroutine: the hot path awaits one coroutine less."""
         response_cache = self._cache
         if response_cache is None or not cache:
-            return self._run(batcher, metadata, arrays, rows, selected, info)
+            return self._run(batcher, metadata, arrays, rows, selected, info, timeout_s)
         named = dict(zip(metadata.input_names, arrays, strict=True))
         key = cache_key(self.name, self._cache_version, named, outputs)
         hit = response_cache.local_hit(key)
@@ -244,7 +254,7 @@ class Engine:
             info.cache = "miss"
         return response_cache.get_or_compute(
             key,
-            lambda: self._run(batcher, metadata, arrays, rows, selected, info),
+            lambda: self._run(batcher, metadata, arrays, rows, selected, info, timeout_s),
             checked_local=True,
         )
 
@@ -256,8 +266,9 @@ class Engine:
         rows: int,
         selected: list[int],
         info: RequestInfo | None = None,
+        timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
-        item = batcher.submit(arrays, rows, tuple([a.shape[1:] for a in arrays]))
+        item = batcher.submit(arrays, rows, tuple([a.shape[1:] for a in arrays]), timeout_s)
         try:
             results = await item.future
         except asyncio.CancelledError:

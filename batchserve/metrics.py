@@ -37,10 +37,12 @@ class BatchserveCollector(Collector):
         repository: ModelRepository,
         requests: Callable[[], dict[str, ModelRequestStatistics]],
         in_flight: Callable[[], int],
+        loop_lag: Callable[[], tuple[float, int]] = lambda: (0.0, 0),
     ) -> None:
         self._repository = repository
         self._requests = requests
         self._in_flight = in_flight
+        self._loop_lag = loop_lag  # (seconds late now, requests shed for it)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._http()
@@ -75,7 +77,17 @@ class BatchserveCollector(Collector):
             "batchserve_in_flight_requests", "Inference requests being handled now."
         )
         in_flight.add_metric([], self._in_flight())
-        yield from (total, latency, received, sent, in_flight)
+        lag_s, lag_shed = self._loop_lag()
+        lag = GaugeMetricFamily(
+            "batchserve_event_loop_lag_seconds", "How late the event loop ran its last 5 ms timer."
+        )
+        lag.add_metric([], lag_s)
+        shed = CounterMetricFamily(
+            "batchserve_lag_shed_requests",
+            "Requests refused (429) before reading them because the event loop ran late.",
+        )
+        shed.add_metric([], lag_shed)
+        yield from (total, latency, received, sent, in_flight, lag, shed)
 
     def _engines(self) -> Iterator[Metric]:
         labels = ["model", "version"]

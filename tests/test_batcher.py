@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from batchserve.errors import NotReady
+from batchserve.errors import NotReady, Overloaded
 from batchserve.queue import Batcher, BatchPolicy
 from batchserve.testing import FakeClock
 
@@ -118,3 +118,32 @@ async def test_closing_refuses_new_requests_and_drains_old_ones() -> None:
     runner.finish()
     await closing
     np.testing.assert_array_equal((await item.future)[0], item.arrays[0] * 2)
+
+
+async def test_a_request_the_queue_would_make_late_is_refused_on_arrival() -> None:
+    runner, clock = ManualRunner(), FakeClock()
+    async with Batcher(runner, BatchPolicy(4, 0.0), clock, max_queue_rows=1000) as batcher:
+        assert batcher.expected_wait_s(100) == 0.0  # nothing measured yet: nothing refused
+        first = batcher.submit(rows(4, 1), 4, ((2,),))
+        await settle()
+        clock.advance(0.1)  # one run of 4 rows took 100 ms: 40 rows/s, 0.1 s per run
+        runner.finish()
+        await first.future
+        blocker = batcher.submit(rows(4, 1), 4, ((2,),))  # busy again
+        await settle()
+        queued = [batcher.submit(rows(4, 1), 4, ((2,),), deadline_s=1.0) for _ in range(4)]
+        # 16 rows ahead + 4 = 20 rows at 40 rows/s = 0.5 s, plus a run: 0.6 s.
+        assert batcher.expected_wait_s(4) == pytest.approx(0.6)
+        # Refused once the wait passes 80% of the deadline (headroom for HTTP and jitter).
+        with pytest.raises(Overloaded, match=r"expected wait \(600 ms\) exceeds .* \(700 ms\)"):
+            batcher.submit(rows(4, 1), 4, ((2,),), deadline_s=0.7)
+        with pytest.raises(Overloaded, match="expected wait"):
+            batcher.check_room(0.6)  # the front end's check, before reading a body
+        batcher.check_room(0.8)  # a later deadline still fits
+        assert batcher.statistics().rejected == 2
+        for _ in range(5):
+            clock.advance(0.1)
+            runner.finish()
+            await settle()
+        for item in [blocker, *queued]:
+            await item.future

@@ -34,6 +34,8 @@ EXPECTED = {
     "batchserve_model_load_seconds": "gauge",
     "batchserve_model_ready": "gauge",
     "batchserve_model_live": "gauge",
+    "batchserve_event_loop_lag_seconds": "gauge",
+    "batchserve_lag_shed_requests": "counter",
     "batchserve_sessions": "gauge",
     "batchserve_session_replacements": "counter",
     "batchserve_cache_lookups": "counter",

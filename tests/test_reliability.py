@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 
 from batchserve import BatchConfig, DeadlineExceeded, Engine
 
+import models
 from conftest import StartServer
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
@@ -245,3 +249,81 @@ async def test_oversized_headers_are_refused_in_one_log_line(
     assert "8190 bytes" in refusals[0].getMessage()
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/v2") as r:
         assert r.status == 200
+
+
+async def test_a_blocked_event_loop_sheds_new_requests_until_it_catches_up(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), max_loop_lag_ms=50)
+    url = f"{server.url}/v2/models/mlp/infer"
+    async with http.post(url, json=BODY) as r:
+        assert r.status == 200
+    # The loop stays behind for a while, as it would behind a flood of requests (a single
+    # stall is not enough: a burst or a collection pause is not overload).
+    for _ in range(4):
+        time.sleep(0.06)  # noqa: ASYNC251
+        await asyncio.sleep(0.001)
+    async with http.post(url, json=BODY) as r:
+        assert r.status == 429
+        assert r.headers["Retry-After"] == "1"
+        assert "event loop" in (await r.json())["error"]
+    for _ in range(100):  # bounded: the smoothed lag decays within a few dozen ticks
+        await asyncio.sleep(0.02)
+        async with http.post(url, json=BODY) as r:
+            if r.status == 200:
+                break
+    assert r.status == 200
+    async with http.get(f"{server.url}/metrics") as r:
+        shed = re.search(r"^batchserve_lag_shed_requests_total (\S+)$", await r.text(), re.M)
+    assert shed is not None
+    assert float(shed.group(1)) >= 1  # the one above, and any refused while it decayed
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_three_times_capacity_sheds_the_excess_and_keeps_admitted_requests_on_time(
+    tmp_path: Path,
+) -> None:
+    """A real server process offered 3x its measured capacity (open loop): the excess gets
+    429, nothing gets a 5xx (no admitted request misses its 500 ms deadline), memory stays
+    bounded. The figures for docs/reliability.md come from benchmarks/overload.py."""
+    from test_cli import Running
+
+    from batchserve.bench.loadgen import LoadConfig, run_load
+    from batchserve.bench.report import summarize
+    from batchserve.bench.workload import build_workload
+
+    path = models.slow(tmp_path / "heavy.onnx", width=2048, layers=4)
+    server = Running(str(path), "--name", "heavy", "--max-batch-size", "32",
+                     "--max-queue-rows", "64", "--request-timeout-ms", "500")  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/v2/models/heavy") as r:
+            metadata = await r.json()
+        workload = build_workload(server.url, "heavy", metadata, binary=True)
+
+        def load(**config: float) -> Any:
+            results = run_load(workload, LoadConfig(**config, warmup_s=0.5), progress=False)  # type: ignore[arg-type]
+            return summarize(results, LoadConfig(**config))  # type: ignore[arg-type]
+
+        capacity = (await asyncio.to_thread(load, concurrency=64, duration_s=2.0)).achieved_rps
+        before = rss_mb(server.process.pid)
+        report = await asyncio.to_thread(load, rate=3 * capacity, duration_s=3.0)
+        after = rss_mb(server.process.pid)
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    shed = report.errors_by_status.get("429", 0)
+    late = report.errors_by_status.get("504", 0)
+    assert set(report.errors_by_status) <= {"429", "504"}, report.errors_by_status
+    # Deadline-aware admission refuses up front what could not be on time; the rare request
+    # that still runs late (a run slower than measured) is cut off by its deadline with 504.
+    assert late <= 0.01 * report.requests, report.errors_by_status
+    assert not report.errors_by_exception
+    assert shed > 0.3 * report.requests  # 3x the capacity: most of the excess is refused
+    assert report.ok > 0.25 * capacity * 3.0  # while a good share of capacity is still served
+    assert after - before < 100, (before, after)

@@ -56,9 +56,11 @@ class LoadConfig:
 
 @dataclass(slots=True)
 class RawResult:
-    """One process's measurements (latencies in seconds, successful requests only)."""
+    """One process's measurements (latencies in seconds: `latencies` of successful requests,
+    `refused_latencies` of those answered with an error status, such as shed 429s)."""
 
     latencies: list[float] = field(default_factory=list)
+    refused_latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     exceptions: Counter[str] = field(default_factory=Counter)
     window_start: float = 0.0
@@ -107,6 +109,7 @@ async def _one(
         rec.ok(started, ended)
     else:
         rec.failed(status, None)
+        rec.result.refused_latencies.append(ended - started)
 
 
 def _schedule(config: LoadConfig, share: float, start: float, end: float, seed: int) -> Any:

@@ -28,6 +28,8 @@ class Report:
     errors_by_exception: dict[str, int]
     delayed_by_cap: int
     server: dict[str, Any] = field(default_factory=dict)
+    # Latency of requests answered with an error status (shed 429s, 503s): how fast refusals are.
+    refused_latency_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def errors(self) -> int:
@@ -61,6 +63,11 @@ class Report:
             )
         else:
             lines.append("  errors     none")
+        if self.refused_latency_ms:
+            refused = self.refused_latency_ms
+            lines.append(
+                f"  refusals   answered in p50 {refused['p50']:.2f} ms, p99 {refused['p99']:.2f} ms"
+            )
         if self.delayed_by_cap:
             lines.append(f"  {self.delayed_by_cap:,} requests waited for a free slot (cap)")
         if self.server:
@@ -101,6 +108,9 @@ def summarize(results: list[RawResult], config: LoadConfig) -> Report:
         errors_by_status={str(k): v for k, v in sorted(statuses.items())},
         errors_by_exception=dict(sorted(exceptions.items())),
         delayed_by_cap=sum(r.delayed_by_cap for r in results),
+        refused_latency_ms=_percentiles(
+            np.concatenate([np.asarray(r.refused_latencies, dtype=np.float64) for r in results])
+        ),
     )
 
 

@@ -23,10 +23,12 @@ from batchserve.errors import (
     BodyTimeout,
     InvalidInput,
     NotReady,
+    Overloaded,
     PayloadTooLarge,
     Unauthorized,
 )
 from batchserve.http.access import AccessLog, RequestIds, trace_id, wall_clock
+from batchserve.http.lag import LoopLag
 from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.protocol import (
     DEFAULT_LIMITS,
@@ -49,6 +51,8 @@ class ServerState:
         "access_log",
         "api_key",
         "body_timeout_s",
+        "lag",
+        "lag_shed",
         "limits",
         "max_body_bytes",
         "metrics_public",
@@ -66,8 +70,11 @@ class ServerState:
         metrics_public: bool = True,
         body_timeout_s: float = 30.0,
         limits: DecodeLimits = DEFAULT_LIMITS,
+        max_loop_lag_s: float = 0.0,
     ) -> None:
         self.accepting = False
+        self.lag = LoopLag(max_loop_lag_s)
+        self.lag_shed = 0  # requests refused because the event loop ran late
         self.limits = limits
         self.body_timeout_s = body_timeout_s
         self.max_body_bytes = max_body_bytes
@@ -208,6 +215,13 @@ class InferEndpoint:
             model = engine.name
             if not state.accepting:
                 raise NotReady("the server is shutting down")
+            # Shed before reading the body: a refusal must cost far less than an answer.
+            engine.check_admission(state.timeout_s)
+            if state.lag.overloaded:
+                state.lag_shed += 1
+                raise Overloaded(
+                    f"server overloaded: its event loop runs {state.lag.lag_s * 1000:.0f} ms late"
+                )
             length = request.content_length
             if length is not None and length > state.max_body_bytes:
                 raise PayloadTooLarge(

@@ -18,6 +18,7 @@ from batchserve.histogram import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, Hist
 from batchserve.queue.policy import ArrivalRate, BatchPolicy, QueueState
 
 Signature = tuple[tuple[int, ...], ...]
+DEADLINE_HEADROOM = 0.8
 Outputs = list[np.ndarray]
 
 
@@ -109,6 +110,11 @@ class Batcher:
         self._timer_at = float("inf")
         self._closing = False
         self._idle: asyncio.Event | None = None
+        # Smoothed per-session service: rows per second of run time, and seconds per run.
+        # They price the queue's wait, so that a request that cannot make its deadline is
+        # refused on arrival instead of waiting only to time out (which wastes the slot).
+        self._row_rate = 0.0
+        self._run_s = 0.0
 
     async def __aenter__(self) -> Batcher:
         self._loop = asyncio.get_running_loop()
@@ -126,8 +132,15 @@ class Batcher:
 
     # -- the caller's side -------------------------------------------------------------------
 
-    def submit(self, arrays: list[np.ndarray], rows: int, signature: Signature) -> Pending:
-        """Queue a request; await `.future` for its own output rows."""
+    def submit(
+        self,
+        arrays: list[np.ndarray],
+        rows: int,
+        signature: Signature,
+        deadline_s: float | None = None,
+    ) -> Pending:
+        """Queue a request; await `.future` for its own output rows. With `deadline_s`, a
+        request the queue's expected wait would make late is refused at once (Overloaded)."""
         loop = self._loop
         if loop is None or self._closing:
             raise NotReady("the model is not accepting requests")
@@ -137,6 +150,8 @@ class Batcher:
             raise Overloaded(
                 f"queue full ({stats.queued_rows} rows waiting, limit {self._max_queue_rows})"
             )
+        if deadline_s is not None and stats.queued_rows:
+            self._check_deadline(rows, deadline_s)
         now = self._clock.now()
         item = Pending(arrays, rows, signature, loop.create_future(), now)
         group = self._groups.get(signature)
@@ -150,6 +165,37 @@ class Batcher:
         self._idle.clear()
         self._schedule()
         return item
+
+    def check_room(self, deadline_s: float | None = None) -> None:
+        """Refuse now, before the request is even read, when the queue is already full or its
+        expected wait already exceeds `deadline_s`."""
+        stats = self._stats
+        if stats.queued_rows >= self._max_queue_rows:
+            stats.rejected += 1
+            raise Overloaded(
+                f"queue full ({stats.queued_rows} rows waiting, limit {self._max_queue_rows})"
+            )
+        if deadline_s is not None and stats.queued_rows:
+            self._check_deadline(1, deadline_s)
+
+    def expected_wait_s(self, rows: int) -> float:
+        """Estimated time until `rows` more rows would be computed: the rows queued ahead
+        served at the measured rate by every session, plus one run. 0 before any run."""
+        if not self._row_rate:
+            return 0.0
+        sessions = max(1, self._runner.size)
+        return (self._stats.queued_rows + rows) / (self._row_rate * sessions) + self._run_s
+
+    def _check_deadline(self, rows: int, deadline_s: float) -> None:
+        wait = self.expected_wait_s(rows)
+        # A fifth of the deadline stays for what the estimate does not see: HTTP, scheduling
+        # jitter, a run slower than the average.
+        if wait > DEADLINE_HEADROOM * deadline_s:
+            self._stats.rejected += 1
+            raise Overloaded(
+                f"the queue's expected wait ({wait * 1000:.0f} ms) exceeds the request's "
+                f"deadline ({deadline_s * 1000:g} ms)"
+            )
 
     def withdraw(self, item: Pending) -> None:
         """The caller gave up (client gone): drop the item unless its batch already runs."""
@@ -262,7 +308,12 @@ class Batcher:
         self, batch: list[Pending], rows: int, started: float, result: Outputs | BaseException
     ) -> None:
         self._stats.in_flight_batches -= 1
-        self._run_time.observe(self._clock.now() - started)
+        elapsed = self._clock.now() - started
+        self._run_time.observe(elapsed)
+        if elapsed > 0 and not isinstance(result, BaseException):
+            rate = rows / elapsed
+            self._row_rate = rate if not self._row_rate else 0.8 * self._row_rate + 0.2 * rate
+            self._run_s = elapsed if not self._run_s else 0.8 * self._run_s + 0.2 * elapsed
         if isinstance(result, BaseException):
             self._fail(batch, InferenceFailed(f"inference failed: {_describe(result)}"))
         elif len(batch) == 1:

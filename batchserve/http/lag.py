@@ -1,0 +1,77 @@
+"""Event-loop lag: the early overload signal of a server whose front end is the bottleneck.
+
+When requests arrive faster than the event loop can handle them, they wait in socket buffers
+before any handler sees them, where no queue bound or deadline can reach them, and everyone's
+latency grows. The loop's lateness measures exactly that wait. While it is over the limit the
+infer endpoint refuses new requests with 429 before reading their bodies, which costs a
+fraction of serving them, so the loop catches up instead of falling further behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class LoopLag:
+    """How late the event loop runs a 5 ms timer. It counts as overloaded only when the timer
+    has been late by more than the limit on every tick for a while (at least `sustain` ticks
+    in a row spanning `window_s`): a burst that one long iteration absorbs, or a collection
+    pause, is not overload; a loop that stays behind is."""
+
+    __slots__ = ("_due", "_handle", "_interval_s", "_late_since", "_late_ticks", "_limit_s",
+                 "_loop", "_sustain", "_window_s", "lag_s", "max_lag_s", "overloaded")  # fmt: skip
+
+    def __init__(
+        self, limit_s: float, interval_s: float = 0.005, window_s: float = 0.1, sustain: int = 3
+    ) -> None:
+        self._limit_s = limit_s
+        self._interval_s = interval_s
+        self._window_s = window_s
+        self._sustain = sustain
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._late_since = 0.0
+        self._late_ticks = 0
+        self.lag_s = 0.0  # lateness of the last tick
+        self.max_lag_s = 0.0
+        self.overloaded = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._limit_s > 0
+
+    def start(self) -> None:
+        if not self.enabled or self._handle is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._arm(time.monotonic())
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.overloaded = False
+
+    def _arm(self, now: float) -> None:
+        assert self._loop is not None
+        self._due = now + self._interval_s
+        self._handle = self._loop.call_later(self._interval_s, self._tick)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        late = max(0.0, now - self._due)
+        self.lag_s = late
+        self.max_lag_s = max(self.max_lag_s, late)
+        if late > self._limit_s:
+            if not self._late_ticks:
+                self._late_since = self._due
+            self._late_ticks += 1
+            self.overloaded = (
+                self._late_ticks >= self._sustain and now - self._late_since >= self._window_s
+            )
+        else:
+            self._late_ticks = 0
+            self.overloaded = False
+        self._arm(now)

@@ -1,0 +1,173 @@
+"""Overload figure: what the server does when offered several times its capacity.
+
+The server's capacity is measured first (a real `batchserve serve` process on 127.0.0.1 with
+default settings, `batchserve bench` closed loop). Then, for each admission setting, a fresh
+server is offered an open-loop load of `--multiple` times that capacity for `--duration`
+seconds. Reported: requests held
+(200) and shed (429), the p50/p99 of admitted requests measured from their scheduled send
+time, how fast refusals were answered, any other error, and the server's memory.
+
+    python benchmarks/overload.py            # writes docs/results/overload.json
+
+Settings compared:
+* `bounded`: `--max-queue-rows 128 --request-timeout-ms 100` (admission control on);
+* `unbounded`: `--max-queue-rows 1000000` and no deadline (what a server without admission
+  control does: everyone's latency grows with the backlog).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import compare  # noqa: E402
+
+BUILD = REPO / "build"
+SETTINGS = {
+    "bounded": ["--max-queue-rows", "128", "--request-timeout-ms", "100"],
+    "unbounded": ["--max-queue-rows", "1000000"],
+}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench(base: str, model: str, load: list[str], duration: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "batchserve", "bench", base, "--model", model, "--binary",
+               "--duration", str(duration), "--warmup", "1", "--timeout", "30",
+               "--json", "/dev/stdout", *load]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + 120, cwd=REPO, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench failed:\n{done.stderr[-2000:]}")
+    text = done.stdout
+    report: dict[str, Any] = json.loads(text[text.index("{\n") :])["report"]
+    return report
+
+
+def start(model_path: Path, model: str, flags: list[str], log: str) -> tuple[Any, str]:
+    port = compare.free_port()
+    command = [sys.executable, "-m", "batchserve", "serve", str(model_path), "--name", model,
+               "--host", compare.HOST, "--port", str(port), "--log-level", "warning",
+               *flags]  # fmt: skip
+    proc = compare.start_server(command, BUILD / f"overload-{log}.log")
+    base = f"http://{compare.HOST}:{port}"
+    try:
+        compare.wait_ready(proc, base)
+    except BaseException:
+        compare.stop_server(proc)
+        raise
+    return proc, base
+
+
+def measure_capacity(model_path: Path, model: str, args: argparse.Namespace) -> float:
+    proc, base = start(model_path, model, [], "capacity")
+    try:
+        closed = bench(base, model, ["--concurrency", "64"], args.capacity_duration)
+    finally:
+        compare.stop_server(proc)
+    return float(closed["achieved_rps"])
+
+
+def run_setting(name: str, model_path: Path, model: str, args: argparse.Namespace,
+                capacity: float) -> dict[str, Any]:  # fmt: skip
+    proc, base = start(model_path, model, SETTINGS[name], name)
+    try:
+        rss_before = rss_mb(proc.pid)
+        offered = capacity * args.multiple
+        report = bench(
+            base, model, ["--rate", f"{offered:.0f}", "--max-outstanding", "8192"], args.duration
+        )
+        rss_after = rss_mb(proc.pid)
+    finally:
+        compare.stop_server(proc)
+    statuses = report["errors_by_status"]
+    requests = report["requests"]
+    shed = statuses.get("429", 0) + statuses.get("503", 0)
+    return {
+        "setting": name,
+        "flags": " ".join(SETTINGS[name]),
+        "capacity_rps": capacity,
+        "offered_rps": offered,
+        "requests": requests,
+        "held": report["ok"],
+        "held_rps": report["achieved_rps"],
+        "shed": shed,
+        "shed_share": shed / requests if requests else 0.0,
+        "other_errors": {k: v for k, v in statuses.items() if k not in ("429", "503")},
+        "exceptions": report["errors_by_exception"],
+        "admitted_latency_ms": report["latency_ms"],
+        "refused_latency_ms": report.get("refused_latency_ms", {}),
+        "server_rss_mb": {"before": rss_before, "after": rss_after},
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| admission | offered (x capacity) | held | shed | other errors | admitted p50 / p99 "
+        "| refusal p50 / p99 | server RSS before → after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lat, ref, rss = r["admitted_latency_ms"], r["refused_latency_ms"], r["server_rss_mb"]
+        errors = sum(r["other_errors"].values()) + sum(r["exceptions"].values())
+        refused = f"{ref['p50']:.2f} / {ref['p99']:.2f} ms" if ref else "n/a"
+        lines.append(
+            f"| {r['setting']} (`{r['flags']}`) | {r['offered_rps']:,.0f} req/s "
+            f"({r['offered_rps'] / r['capacity_rps']:.1f}x) | {r['held_rps']:,.0f} req/s "
+            f"| {r['shed']:,} ({r['shed_share']:.0%}) | {errors} "
+            f"| {lat.get('p50', 0):.1f} / {lat.get('p99', 0):.1f} ms | {refused} "
+            f"| {rss['before']:.0f} → {rss['after']:.0f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="wide-mlp", help="example model to serve")
+    parser.add_argument("--multiple", type=float, default=3.0, help="offered load / capacity")
+    parser.add_argument("--duration", type=float, default=10.0, help="overload seconds")
+    parser.add_argument("--capacity-duration", type=float, default=5.0)
+    parser.add_argument("--json", default=str(REPO / "docs" / "results" / "overload.json"))
+    args = parser.parse_args()
+    BUILD.mkdir(exist_ok=True)
+    model_path = BUILD / f"{args.model}.onnx"
+    if not model_path.exists():
+        subprocess.run([sys.executable, "-m", "batchserve", "example-model", args.model,
+                        "-o", str(model_path)], check=True, cwd=REPO)  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    capacity = measure_capacity(model_path, args.model, args)
+    print(f"capacity (closed loop, 64 callers): {capacity:,.0f} req/s", flush=True)
+    for name in SETTINGS:
+        row = run_setting(name, model_path, args.model, args, capacity)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    output = {
+        "model": args.model,
+        "machine": f"{os.cpu_count()} CPUs",
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "duration_s": args.duration,
+        "rows": rows,
+    }
+    Path(args.json).write_text(json.dumps(output, indent=1))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
