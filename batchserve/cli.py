@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchserve.config import BatchConfig, CacheConfig, Device, RuntimeConfig, ServerConfig
+from batchserve.cost.command import add_cost_parser, run_cost
 from batchserve.errors import DeviceUnavailable, ModelLoadError
 
 EXIT_USAGE = 2
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_bench(commands)
     _add_tune(commands)
+    add_cost_parser(commands)
     example = commands.add_parser("example-model", help="write a generated example ONNX model")
     example.add_argument("name", help="mlp, wide-mlp or resnet50")
     example.add_argument("-o", "--output", required=True, help="where to write the .onnx file")
@@ -431,4 +433,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "cost":
+        return run_cost(args)
     return _example(args)

