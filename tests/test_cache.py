@@ -146,6 +146,21 @@ async def test_hits_equal_misses_for_every_datatype(echo_path: Path) -> None:
         assert hit[name].tolist() == miss[name].tolist()
 
 
+async def test_an_empty_batch_is_cached_like_any_other(mlp_path: Path) -> None:
+    # Found by the schema-driven fuzz run: a zero-row tensor once failed the key with a 500.
+    empty = np.zeros((0, 64), np.float32)
+    assert cache_key("m", "1", {"input": empty}, None) != cache_key(
+        "m", "1", {"input": np.zeros((0, 32), np.float32)}, None
+    )
+    async with Engine(mlp_path, cache=CacheConfig(size_mb=8)) as engine:
+        first = await engine.infer({"input": empty})
+        second = await engine.infer({"input": empty.copy()})
+        stats = engine.statistics()
+    assert first["probabilities"].shape == second["probabilities"].shape == (0, 10)
+    assert stats.cache is not None
+    assert stats.cache.local.hits == 1
+
+
 async def test_requested_outputs_and_models_never_share_entries(
     two_inputs_path: Path,
 ) -> None:

@@ -33,7 +33,8 @@ def cache_key(
         else:
             data = array if array.flags.c_contiguous else np.ascontiguousarray(array)
             parts.append(struct.pack("<Q", data.nbytes))
-            parts.append(data.data.cast("B"))
+            # memoryview cannot cast an empty array's view; its nbytes (0) already says it all.
+            parts.append(data.data.cast("B") if data.size else b"")
     return hashlib.blake2b(b"".join(parts), digest_size=32, person=_PERSON).digest()
 
 
