@@ -108,8 +108,8 @@ def main() -> int:
         text = output[0]
         report: dict[str, Any] = json.loads(text[text.index("{\n") :])["report"]
         redis_errors = metric(base, "batchserve_cache_errors_total")
-        redis_hits = metric(base, 'batchserve_cache_lookups_total{model="mlp",version="1",'
-                            'tier="redis",result="hit"}')  # fmt: skip
+        redis_hits = metric(base, 'batchserve_cache_lookups_total{model="mlp",result="hit",'
+                            'tier="redis",version="1"}')  # fmt: skip
     finally:
         compare.stop_server(server)
         if redis.poll() is None:

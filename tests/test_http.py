@@ -134,6 +134,8 @@ async def test_model_metadata_and_readiness(mlp_server: str, http: aiohttp.Clien
         ("POST", "/v2/models/nope/infer", 404, "unknown model"),
         ("POST", "/v2/models/mlp/versions/2/infer", 404, "no version '2'"),
         ("GET", "/v3/anything", 404, "no endpoint GET /v3/anything"),
+        ("DELETE", "/v2/models/mlp/infer", 405, "DELETE is not allowed on /v2/models/mlp/infer"),
+        ("POST", "/v2/health/live", 405, "use GET, HEAD"),
     ],
 )
 async def test_unknown_models_versions_and_paths_are_json_404(
@@ -142,6 +144,8 @@ async def test_unknown_models_versions_and_paths_are_json_404(
     async with http.request(method, mlp_server + path, json={"inputs": []}) as r:
         assert r.status == status
         assert message in (await r.json())["error"]
+        if status == 405:
+            assert r.headers["Allow"] in ("POST", "GET, HEAD")
 
 
 async def test_json_infer_matches_onnxruntime_and_echoes_id(

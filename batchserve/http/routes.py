@@ -353,7 +353,25 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def no_route(request: web.Request) -> web.Response:
+    # A known path asked with another method is 405 with `Allow`, as HTTP says; the rest 404.
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical != _CATCH_ALL:
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+    allowed.discard("*")
+    if allowed:
+        response = error_response(
+            405,
+            f"{request.method} is not allowed on {request.path}; use {', '.join(sorted(allowed))}",
+        )
+        response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
     return error_response(404, f"no endpoint {request.method} {request.path}")
+
+
+_CATCH_ALL = "/{tail}"
 
 
 def add_routes(app: web.Application) -> None:
