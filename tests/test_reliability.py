@@ -178,6 +178,7 @@ async def test_sigterm_under_load_loses_nothing(mlp_path: Path) -> None:
             assert await stopping == 0
     finally:
         server.kill()
+    print(f"SIGTERM under load: {outcomes}")  # the figure in docs/reliability.md (pytest -s)
     assert outcomes.get("200", 0) > 100
     assert set(outcomes) <= {"200", "503", "refused"}, outcomes
 
