@@ -83,6 +83,19 @@ class RuntimeConfig:
         (0 = never).
     stall_timeout_s: a single run going on longer than this is a wedged engine: the liveness
         probe fails so the orchestrator restarts the process (0 = never).
+    io_binding: run through ONNX Runtime's I/O binding with reused output buffers. None (auto)
+        turns it on for CUDA only: on CPU a plain run measured faster (docs/gpu.md).
+    trt: put the TensorRT execution provider before CUDA (CUDA only; falls back to CUDA with a
+        warning when this onnxruntime build has no TensorRT).
+    fp16: half precision. With trt, TensorRT's own FP16 mode; otherwise the model is converted
+        once with onnxconverter-common (inputs and outputs stay FP32) and the result cached.
+    trt_cache_dir: TensorRT engine and timing caches, so a restart does not rebuild engines
+        (None: `trt` under build_cache_dir).
+    build_cache_dir: converted FP16 models and, by default, TensorRT engines
+        (None: $XDG_CACHE_HOME/batchserve, else ~/.cache/batchserve).
+    cuda_graphs: capture a CUDA graph per power-of-two batch bucket and replay it; inputs are
+        padded up to their bucket (CUDA only, needs I/O binding and fixed shapes but the batch).
+    gpu_mem_limit_mb: cap on each session's CUDA memory arena (0 = no cap; CUDA only).
     """
 
     instances: int = 1
@@ -92,15 +105,40 @@ class RuntimeConfig:
     warmup: bool = True
     replace_after_failures: int = 5
     stall_timeout_s: float = 120.0
+    io_binding: bool | None = None
+    trt: bool = False
+    fp16: bool = False
+    trt_cache_dir: str | None = None
+    build_cache_dir: str | None = None
+    cuda_graphs: bool = False
+    gpu_mem_limit_mb: int = 0
 
     def __post_init__(self) -> None:
         _positive("instances", self.instances)
         _non_negative("intra_op_threads", self.intra_op_threads)
         _non_negative("replace_after_failures", self.replace_after_failures)
         _non_negative("stall_timeout_s", self.stall_timeout_s)
+        _non_negative("gpu_mem_limit_mb", self.gpu_mem_limit_mb)
+        if self.device.kind != "cuda":
+            for name, value in (
+                ("trt", self.trt),
+                ("cuda_graphs", self.cuda_graphs),
+                ("gpu_mem_limit_mb", self.gpu_mem_limit_mb),
+            ):
+                if value:
+                    raise ValueError(
+                        f"{name} needs a CUDA device (--device cuda[:N]), got {self.device}"
+                    )
+        if self.cuda_graphs and self.io_binding is False:
+            raise ValueError("cuda_graphs needs I/O binding: replayed graphs read fixed buffers")
 
     def resolved_spin(self, model_bytes: int) -> bool:
         return self.spin if self.spin is not None else model_bytes > SPIN_MODEL_BYTES
+
+    def resolved_io_binding(self) -> bool:
+        if self.io_binding is not None:
+            return self.io_binding
+        return self.device.kind == "cuda"
 
     def resolved_intra_op_threads(self) -> int:
         if self.intra_op_threads:

@@ -81,6 +81,8 @@ class Engine:
         self.cache_config = cache or CacheConfig()
         self._cache: ResponseCache | None = None
         self._cache_version = version
+        self._calls = 0  # infer calls in progress, so an unloaded version can drain them
+        self.retired = False  # no longer routed to: callers holding it should look again
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -127,6 +129,7 @@ class Engine:
             self._stack = stack.pop_all()
         self._pool, self._metadata = pool, metadata
         self._load_seconds = time.perf_counter() - started
+        self.retired = False
         self._ready = True
         log.info(
             "model %s loaded in %.2fs: %d session(s) on %s, batching %s",
@@ -172,6 +175,19 @@ class Engine:
     def ready(self) -> bool:
         return self._ready
 
+    def retire(self) -> None:
+        """Mark the engine as no longer routed to (a new version replaced it or it is being
+        unloaded); requests already inside `infer` still finish."""
+        self.retired = True
+
+    async def quiesce(self, timeout_s: float) -> None:
+        """Wait (up to `timeout_s`) until no `infer` call is in progress."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        # Polled rather than signalled: an event set per request would cost the hot path.
+        while self._calls and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
     def check_admission(self, timeout_s: float | None = None) -> None:
         """Overloaded (429) at once when the queue is full or would make a request with this
         deadline late: lets the front end shed a request before reading and decoding it."""
@@ -216,15 +232,20 @@ class Engine:
         )
         if isinstance(answer, dict):
             return answer  # a local cache hit: nothing to wait for
-        if timeout_s is None:
-            return await answer
+        # Counted while it waits, so an engine being unloaded can let it finish first.
+        self._calls += 1
         try:
-            async with asyncio.timeout(timeout_s):
+            if timeout_s is None:
                 return await answer
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"no answer within the request's deadline of {timeout_s * 1000:g} ms"
-            ) from None
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await answer
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no answer within the request's deadline of {timeout_s * 1000:g} ms"
+                ) from None
+        finally:
+            self._calls -= 1
 
     def _answer(
         self,

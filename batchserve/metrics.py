@@ -184,6 +184,25 @@ class BatchserveCollector(Collector):
                     f["cache_errors"].add_metric([*values, "redis"], cache.redis.errors)
                     f["circuit"].add_metric(values, CIRCUIT_STATES[cache.redis.circuit])
         yield from f.values()
+        yield from self._repository_state()
+
+    def _repository_state(self) -> Iterator[Metric]:
+        states = GaugeMetricFamily(
+            "batchserve_model_version_state",
+            "1 for each model version's current state (READY, LOADING, UNAVAILABLE, UNLOADING); "
+            "version 'config' is a problem with the model's config.",
+            labels=["model", "version", "state"],
+        )
+        for row in self._repository.index():
+            states.add_metric([row["name"], row["version"] or "config", row["state"]], 1.0)
+        failures = CounterMetricFamily(
+            "batchserve_model_load_failures",
+            "Model versions (or model configs) that failed to load.",
+            labels=["model"],
+        )
+        for model, count in sorted(self._repository.load_failures.items()):
+            failures.add_metric([model], count)
+        yield from (states, failures)
 
 
 def build_registry(collector: Collector) -> CollectorRegistry:

@@ -34,6 +34,8 @@ EXPECTED = {
     "batchserve_model_load_seconds": "gauge",
     "batchserve_model_ready": "gauge",
     "batchserve_model_live": "gauge",
+    "batchserve_model_version_state": "gauge",
+    "batchserve_model_load_failures": "counter",
     "batchserve_event_loop_lag_seconds": "gauge",
     "batchserve_lag_shed_requests": "counter",
     "batchserve_sessions": "gauge",
@@ -98,7 +100,7 @@ async def test_metrics_follow_the_traffic(
     assert value(families["batchserve_model_ready"], "batchserve_model_ready", model="mlp") == 1
     ours = [f for name, f in families.items() if name.startswith("batchserve_")]
     labels = {k for f in ours for s in f.samples for k in s.labels}  # type: ignore[attr-defined]
-    assert labels <= {"model", "version", "status_class", "tier", "result", "le"}
+    assert labels <= {"model", "version", "status_class", "tier", "result", "le", "state"}
 
 
 async def test_access_log_lines_and_request_ids(

@@ -104,7 +104,7 @@ def test_every_registered_route_is_documented_and_nothing_else(mlp_path: Path) -
     documented = documented_routes()
     assert registered - documented == set(), "routes the document lacks"
     assert documented - registered == set(), "documented routes the server does not have"
-    assert len(registered) == 12
+    assert len(registered) == 15
 
 
 def test_every_operation_documents_its_error_statuses() -> None:
@@ -306,7 +306,9 @@ def filter_failure(context: Any, failure: Any, case: schemathesis.Case, response
 @schema.hooks.apply(flatmap_body)
 @schema.hooks.apply(map_case)
 @schema.hooks.apply(flatmap_path_parameters)
-@schema.parametrize()
+# Unload is destructive by design (the model stops serving until a load): tested on its own in
+# tests/test_repository.py, left out of the fuzz run so every other case reaches a live model.
+@schema.exclude(operation_id="repositoryUnload").parametrize()
 @FUZZ
 def test_fuzz_the_live_server(
     case: schemathesis.Case, live_server: LiveServer, http_session: requests.Session

@@ -299,7 +299,7 @@ async def test_three_times_capacity_sheds_the_excess_and_keeps_admitted_requests
     from batchserve.bench.report import summarize
     from batchserve.bench.workload import build_workload
 
-    path = models.slow(tmp_path / "heavy.onnx", width=2048, layers=4)
+    path = models.slow(tmp_path / "heavy.onnx", width=4096, layers=4)
     server = Running(str(path), "--name", "heavy", "--max-batch-size", "32",
                      "--max-queue-rows", "64", "--request-timeout-ms", "500")  # fmt: skip
     try:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from batchserve.cache import codec
@@ -56,6 +59,11 @@ class RedisTier:
             socket_connect_timeout=timeout_s,
             retry_on_timeout=False,
             health_check_interval=0,
+            # After a Redis restart every pooled connection is dead; one immediate retry on a
+            # fresh connection turns each of those into a success instead of an error that
+            # would open the breaker again. Timeouts are never retried (they cost the budget).
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._prefix = prefix

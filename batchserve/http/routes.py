@@ -147,7 +147,7 @@ def guarded(handler: Handler, *, protected: bool = True) -> Handler:
 def _engine(request: web.Request) -> Engine:
     """The engine a `/v2/models/{name}[/versions/{version}]/...` path names, or 404."""
     match = request.match_info
-    return request.app[REPOSITORY].get(match["name"], match.get("version"))
+    return request.app[REPOSITORY].get(match["name"], match.get("version"), request.headers)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -173,10 +173,12 @@ async def ready(request: web.Request) -> web.Response:
 async def model_metadata(request: web.Request) -> web.Response:
     engine = _engine(request)
     metadata = engine.metadata
+    named = request.match_info.get("version")
+    versions = [named] if named else request.app[REPOSITORY].versions(engine.name)
     return json_response(
         {
             "name": engine.name,
-            "versions": [engine.version],
+            "versions": versions,
             "platform": "onnxruntime_onnx",
             "inputs": [t.as_dict() for t in metadata.inputs],
             "outputs": [t.as_dict() for t in metadata.outputs],
@@ -211,7 +213,7 @@ class InferEndpoint:
             if state.api_key is not None:  # before the lookup: no probing names without a key
                 state.authorize(request)
             match = request.match_info
-            engine = self._repository.get(match["name"], match.get("version"))
+            engine = self._repository.get(match["name"], match.get("version"), request.headers)
             model = engine.name
             if not state.accepting:
                 raise NotReady("the server is shutting down")
@@ -234,6 +236,8 @@ class InferEndpoint:
             received = len(body)
             decoded = decode_request(body, _header_length(request), state.limits)
             parameters = decoded.parameters
+            if engine.retired:  # unloaded or replaced while the body arrived: route again
+                engine = self._repository.get(match["name"], match.get("version"), request.headers)
             results = await engine.infer(
                 decoded.inputs,
                 decoded.outputs,
@@ -352,6 +356,42 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def repository_index(request: web.Request) -> web.Response:
+    """V2 repository extension: every model version the server knows and its state."""
+    rows = request.app[REPOSITORY].index()
+    if request.can_read_body:
+        body = _json_object(await request.read())
+        if body.get("ready") is True:
+            rows = [row for row in rows if row["state"] == "READY"]
+    return json_response(rows)
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    if request.can_read_body:
+        _json_object(await request.read())  # Triton's optional parameters: accepted, unused
+    await request.app[REPOSITORY].load(request.match_info["name"])
+    return json_response({})
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    if request.can_read_body:
+        _json_object(await request.read())
+    await request.app[REPOSITORY].unload(request.match_info["name"])
+    return json_response({})
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise InvalidInput(f"malformed JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return value
+
+
 async def no_route(request: web.Request) -> web.Response:
     # A known path asked with another method is 405 with `Allow`, as HTTP says; the rest 404.
     allowed: set[str] = set()
@@ -387,5 +427,9 @@ def add_routes(app: web.Application) -> None:
         get(prefix + "/ready", guarded(model_ready))
         get(prefix + "/stats", guarded(model_statistics))
         app.router.add_post(prefix + "/infer", infer)
+    post = app.router.add_post
+    post("/v2/repository/index", guarded(repository_index))
+    post("/v2/repository/models/{name}/load", guarded(repository_load))
+    post("/v2/repository/models/{name}/unload", guarded(repository_unload))
     # Last, so unknown paths and methods answer in JSON like every other error.
     app.router.add_route("*", "/{tail:.*}", no_route)

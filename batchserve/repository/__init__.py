@@ -1,5 +1,8 @@
-"""The set of served models and their versions."""
+"""The set of served models and their versions: a fixed list of engines, or a model repository
+directory with versions, per-model config, hot reload, traffic splitting and the load/unload API.
+"""
 
-from batchserve.repository._old import ModelRepository
+from batchserve.repository.config import ModelConfig, TrafficSplit, VersionPolicy
+from batchserve.repository.repository import EngineFactory, ModelRepository
 
-__all__ = ["ModelRepository"]
+__all__ = ["EngineFactory", "ModelConfig", "ModelRepository", "TrafficSplit", "VersionPolicy"]

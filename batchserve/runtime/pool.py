@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from batchserve.runtime.session import run_session
+from batchserve.runtime.session import close_session, run_session
 
 log = logging.getLogger("batchserve.runtime")
 
@@ -187,6 +187,9 @@ class SessionPool:
                 )
                 await asyncio.sleep(policy.rebuild_backoff_s * 2**attempt)
                 continue
+            # The replaced session is out of rotation (its last run has returned): release
+            # what it owns, such as its CUDA stream.
+            close_session(worker.session)
             worker.session = session
             worker.failures = 0
             self._replacements += 1
@@ -239,6 +242,8 @@ class SessionPool:
             await self._drained.wait()
         for worker in self._workers:
             worker.executor.shutdown(wait=False)
+            if not worker.started_at:  # a wedged run may still use its session: leave it be
+                close_session(worker.session)
 
     def _busy(self) -> int:
         return sum(1 for worker in self._workers if worker.started_at)

@@ -1,0 +1,183 @@
+"""Per-model configuration in a model repository: `<model>/config.toml`, all keys optional.
+
+max_batch_size = 32          # batching knobs; the server's flags are the defaults
+max_latency_ms = 2.0
+max_queue_rows = 4096
+instances = 2                # session pool
+intra_op_threads = 0
+device = "cuda:0"
+cache = false                # never cache this model's outputs
+handler = "pkg.module:Class" # optional pre/post-processing handler
+
+[version_policy]             # which versions on disk are served (default: latest 1)
+latest = 2                   # or: specific = ["1", "3"]   or: all = true
+
+[traffic]                    # split requests that name no version (A/B tests, canaries)
+weights = { "1" = 90, "2" = 10 }
+sticky_header = "X-User-Id"  # requests with this header always reach the same version
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchserve.config import BatchConfig, Device, RuntimeConfig
+from batchserve.errors import ModelLoadError
+
+CONFIG_FILE = "config.toml"
+DEFAULT_STICKY_HEADER = "X-User-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which of the versions on disk to serve: the `latest` N (by number), `specific` ones, or
+    all of them."""
+
+    latest: int | None = 1
+    specific: tuple[str, ...] = ()
+    all: bool = False
+
+    def select(self, versions: list[str]) -> list[str]:
+        ordered = sorted(versions, key=version_order)
+        if self.all:
+            return ordered
+        if self.specific:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficSplit:
+    """Weights per version for requests that name no version; a header can pin a user."""
+
+    weights: tuple[tuple[str, float], ...] = ()
+    sticky_header: str = DEFAULT_STICKY_HEADER
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The keys a model's config.toml may set; None means the server's default."""
+
+    max_batch_size: int | None = None
+    max_latency_ms: float | None = None
+    max_queue_rows: int | None = None
+    instances: int | None = None
+    intra_op_threads: int | None = None
+    device: Device | None = None
+    cache: bool | None = None
+    handler: str | None = None
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    traffic: TrafficSplit | None = None
+
+    def batch(self, default: BatchConfig) -> BatchConfig:
+        return BatchConfig(
+            _pick(self.max_batch_size, default.max_batch_size),
+            _pick(self.max_latency_ms, default.max_latency_ms),
+            _pick(self.max_queue_rows, default.max_queue_rows),
+        )
+
+    def runtime(self, default: RuntimeConfig) -> RuntimeConfig:
+        from dataclasses import replace
+
+        return replace(
+            default,
+            instances=_pick(self.instances, default.instances),
+            intra_op_threads=_pick(self.intra_op_threads, default.intra_op_threads),
+            device=_pick(self.device, default.device),
+        )
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def version_order(version: str) -> tuple[int, int | str]:
+    """Numbers in numeric order, then anything else by name."""
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+_TOP = {"max_batch_size": int, "max_latency_ms": float, "max_queue_rows": int, "instances": int,
+        "intra_op_threads": int, "device": str, "cache": bool, "handler": str,
+        "version_policy": dict, "traffic": dict}  # fmt: skip
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """The model's config.toml, or defaults when there is none; ModelLoadError when invalid."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return ModelConfig()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ModelLoadError(f"{path}: {err}") from None
+    return parse_model_config(raw, str(path))
+
+
+def parse_model_config(raw: dict[str, Any], where: str = "config") -> ModelConfig:
+    unknown = sorted(set(raw) - set(_TOP))
+    if unknown:
+        raise ModelLoadError(f"{where}: unknown key(s) {unknown}; known: {sorted(_TOP)}")
+    values: dict[str, Any] = {}
+    for key, kind in _TOP.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind:
+            raise ModelLoadError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+        values[key] = value
+    try:
+        if "device" in values:
+            values["device"] = Device.parse(values["device"])
+        if "version_policy" in values:
+            values["version_policy"] = _policy(values["version_policy"], where)
+        if "traffic" in values:
+            values["traffic"] = _traffic(values["traffic"], where)
+        config = ModelConfig(**values)
+        # Validate the numbers the same way the server's own configs do.
+        config.batch(BatchConfig())
+        config.runtime(RuntimeConfig())
+    except ValueError as err:
+        raise ModelLoadError(f"{where}: {err}") from None
+    return config
+
+
+def _policy(raw: dict[str, Any], where: str) -> VersionPolicy:
+    if len(raw) != 1 or next(iter(raw)) not in ("latest", "specific", "all"):
+        raise ModelLoadError(f"{where}: version_policy needs exactly one of latest, specific, all")
+    (key, value), = raw.items()  # fmt: skip
+    if key == "latest":
+        if type(value) is not int or value < 1:
+            raise ModelLoadError(f"{where}: version_policy.latest must be an integer >= 1")
+        return VersionPolicy(latest=value)
+    if key == "specific":
+        if type(value) is not list or not value or not all(type(v) is str for v in value):
+            raise ModelLoadError(f"{where}: version_policy.specific must be a list of strings")
+        return VersionPolicy(latest=None, specific=tuple(value))
+    if value is not True:
+        raise ModelLoadError(f"{where}: version_policy.all must be true")
+    return VersionPolicy(latest=None, all=True)
+
+
+def _traffic(raw: dict[str, Any], where: str) -> TrafficSplit:
+    unknown = sorted(set(raw) - {"weights", "sticky_header"})
+    if unknown:
+        raise ModelLoadError(f"{where}: unknown traffic key(s) {unknown}")
+    weights = raw.get("weights")
+    if type(weights) is not dict or not weights:
+        raise ModelLoadError(f"{where}: traffic.weights must be a table of version = weight")
+    pairs: list[tuple[str, float]] = []
+    for version, weight in weights.items():
+        if type(weight) not in (int, float) or weight < 0:
+            raise ModelLoadError(f"{where}: traffic weight of version {version} must be >= 0")
+        pairs.append((str(version), float(weight)))
+    if not sum(w for _, w in pairs) > 0:
+        raise ModelLoadError(f"{where}: traffic weights must not all be 0")
+    header = raw.get("sticky_header", DEFAULT_STICKY_HEADER)
+    if type(header) is not str or not header:
+        raise ModelLoadError(f"{where}: traffic.sticky_header must be a header name")
+    return TrafficSplit(tuple(sorted(pairs, key=lambda p: version_order(p[0]))), header)

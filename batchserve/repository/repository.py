@@ -1,0 +1,383 @@
+"""The served models and their versions: routing, loading, unloading and hot reload.
+
+Routing (`get`) is on the hot path: a dict lookup and, for models with a traffic split, one
+weighted draw. Everything that changes the set of engines runs under one lock, off the hot
+path: a new version is started and warmed up before it is published; a version that goes away
+is unpublished first, then drained (its in-flight requests finish), then closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from batchserve.engine import Engine
+from batchserve.errors import BatchserveError, InvalidInput, ModelLoadError, ModelNotFound, NotReady
+from batchserve.repository.config import ModelConfig, TrafficSplit, version_order
+from batchserve.repository.source import ModelDirectory, scan_directory, scan_model
+
+log = logging.getLogger("batchserve.repository")
+
+# Builds the engine of one version: (model name, version, model file, the model's config).
+EngineFactory = Callable[[str, str, Path, ModelConfig], Engine]
+
+READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
+_MODEL_LEVEL = ""  # status key for problems that concern the whole model (its config)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    state: str
+    reason: str = ""
+
+
+class _Model:
+    """One model's routable engines and the routing they imply."""
+
+    __slots__ = ("default", "engines", "fingerprints", "name", "split", "status",
+                 "sticky_header", "traffic")  # fmt: skip
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.engines: dict[str, Engine] = {}  # published versions only
+        self.status: dict[str, VersionStatus] = {}
+        self.fingerprints: dict[str, object] = {}
+        self.traffic: TrafficSplit | None = None
+        self.default: Engine | None = None
+        self.split: tuple[list[float], list[Engine]] | None = None
+        self.sticky_header: str | None = None
+
+    def reroute(self) -> None:
+        """Recompute the default (latest) version and the traffic split after a change."""
+        ordered = sorted(self.engines, key=version_order)
+        self.default = self.engines[ordered[-1]] if ordered else None
+        self.split, self.sticky_header = None, None
+        if self.traffic is None:
+            return
+        bounds: list[float] = []
+        engines: list[Engine] = []
+        total = 0.0
+        for version, weight in self.traffic.weights:
+            engine = self.engines.get(version)
+            if engine is not None and weight > 0:
+                total += weight
+                bounds.append(total)
+                engines.append(engine)
+        if len(engines) > 1:
+            self.split = ([b / total for b in bounds], engines)
+            self.sticky_header = self.traffic.sticky_header
+        elif engines:
+            self.default = engines[0]  # the only weighted version that is up takes it all
+
+    def choose(self, key: str | None) -> Engine:
+        assert self.split is not None
+        bounds, engines = self.split
+        if key:
+            # The same key always lands on the same version while the weights stay the same.
+            digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+            point = int.from_bytes(digest, "big") / 2.0**64
+        else:
+            point = random.random()
+        return engines[min(bisect.bisect_right(bounds, point), len(engines) - 1)]
+
+
+class ModelRepository:
+    """Owns the engines it serves: entering it loads them all, leaving it drains and stops them.
+
+    Two forms: a fixed list of engines (`ModelRepository([engine, ...])`, the single-file
+    `batchserve serve model.onnx`), or a directory (`ModelRepository.from_directory`) with
+    versions, per-model config, hot reload and the load/unload API.
+    """
+
+    def __init__(
+        self,
+        engines: list[Engine] | None = None,
+        *,
+        root: Path | None = None,
+        factory: EngineFactory | None = None,
+        poll_s: float = 0.0,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self._models: dict[str, _Model] = {}
+        self._static: list[Engine] = list(engines or [])
+        for engine in self._static:
+            model = self._models.setdefault(engine.name, _Model(engine.name))
+            if engine.version in model.engines:
+                raise ValueError(f"two engines serve {engine.name!r} version {engine.version!r}")
+            model.engines[engine.version] = engine
+        self._root = root
+        self._factory = factory
+        self._poll_s = poll_s
+        self._drain_timeout_s = drain_timeout_s
+        self._lock = asyncio.Lock()
+        self._unloaded: set[str] = set()  # explicitly unloaded: polling leaves them alone
+        self._seen: dict[str, object] = {}  # last applied directory state per model
+        self._poller: asyncio.Task[None] | None = None
+        self._started = False
+        self.load_failures: dict[str, int] = {}
+
+    @classmethod
+    def from_directory(
+        cls,
+        root: Path,
+        factory: EngineFactory,
+        *,
+        poll_s: float = 0.0,
+        drain_timeout_s: float = 30.0,
+    ) -> ModelRepository:
+        return cls(root=root, factory=factory, poll_s=poll_s, drain_timeout_s=drain_timeout_s)
+
+    async def __aenter__(self) -> ModelRepository:
+        async with contextlib.AsyncExitStack() as stack:
+            for engine in self._static:
+                await stack.enter_async_context(engine)
+            stack.pop_all()
+        for model in self._models.values():
+            for version in model.engines:
+                model.status[version] = VersionStatus(READY)
+            model.reroute()
+        if self._root is not None:
+            if not self._root.is_dir():
+                await self._close_all()
+                raise ModelLoadError(f"model repository {self._root} is not a directory")
+            await self.poll()
+            if self._poll_s > 0:
+                self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
+        self._started = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        async with self._lock:
+            await self._close_all()
+
+    async def _close_all(self) -> None:
+        for model in self._models.values():
+            engines = list(model.engines.values())
+            model.engines.clear()
+            model.reroute()
+            for engine in reversed(engines):
+                await engine.aclose()
+
+    # -- routing (hot path) ----------------------------------------------------------------------
+
+    def get(
+        self, name: str, version: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> Engine:
+        """The engine for a request: the named version, or the model's traffic split (sticky
+        on the value of its `sticky_header` in `headers`), or its latest version."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"unknown model {name!r}")
+        if version is not None:
+            engine = model.engines.get(version)
+            if engine is None:
+                status = model.status.get(version)
+                why = (
+                    f" ({status.state.lower()}: {status.reason})"
+                    if status and status.reason
+                    else ""
+                )
+                raise ModelNotFound(f"model {name!r} has no version {version!r}{why}")
+            return engine
+        if model.split is not None:
+            key = headers.get(model.sticky_header) if headers and model.sticky_header else None
+            return model.choose(key)
+        if model.default is None:
+            raise NotReady(f"model {name!r} has no version ready{self._reasons(model)}")
+        return model.default
+
+    @staticmethod
+    def _reasons(model: _Model) -> str:
+        problems = [f"{v or 'config'}: {s.reason}" for v, s in model.status.items() if s.reason]
+        return f" ({'; '.join(problems)})" if problems else ""
+
+    def __iter__(self) -> Iterator[Engine]:
+        """Every published engine (metrics, liveness)."""
+        return iter([e for m in list(self._models.values()) for e in list(m.engines.values())])
+
+    def versions(self, name: str) -> list[str]:
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"unknown model {name!r}")
+        return sorted(model.engines, key=version_order)
+
+    @property
+    def ready(self) -> bool:
+        engines = list(self)
+        return self._started and bool(engines) and all(e.ready for e in engines)
+
+    def index(self) -> list[dict[str, str]]:
+        """Every known model version and its state (the V2 repository index)."""
+        rows: list[dict[str, str]] = []
+        for name in sorted(self._models):
+            model = self._models[name]
+            for version in sorted(model.status, key=version_order):
+                status = model.status[version]
+                row = {"name": name, "version": version, "state": status.state}
+                if status.reason:
+                    row["reason"] = status.reason
+                rows.append(row)
+        return rows
+
+    # -- changes (off the hot path) --------------------------------------------------------------
+
+    async def poll(self) -> None:
+        """Scan the directory once and apply what changed (new, changed or removed versions)."""
+        if self._root is None:
+            return
+        try:
+            scanned = await asyncio.to_thread(scan_directory, self._root)
+        except (OSError, ModelLoadError) as err:
+            log.error("cannot scan the model repository: %s", err)
+            return
+        async with self._lock:
+            for name in sorted(set(scanned) | set(self._seen)):
+                if name in self._unloaded:
+                    continue
+                entry = scanned.get(name)
+                state = entry.state if entry is not None else None
+                if self._seen.get(name) != state:
+                    await self._apply(name, entry)
+                    self._seen[name] = state
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await self.poll()
+            except Exception:  # one bad pass must not end polling
+                log.exception("model repository poll failed")
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model from the directory (the repository API's load). Raises when the
+        model is not in the repository or none of its versions could be loaded."""
+        if self._root is None:
+            await self._load_static(name)
+            return
+        model_dir = self._root / name
+        if not name or "/" in name or name.startswith(".") or not model_dir.is_dir():
+            raise ModelNotFound(f"no model {name!r} in the repository")
+        entry = await asyncio.to_thread(scan_model, model_dir)
+        async with self._lock:
+            self._unloaded.discard(name)
+            await self._apply(name, entry, force=True)
+            self._seen[name] = entry.state
+        model = self._models[name]
+        if not model.engines:
+            raise InvalidInput(f"failed to load model {name!r}{self._reasons(model)}")
+
+    async def _load_static(self, name: str) -> None:
+        """Without a directory, a load brings an unloaded model's engines back."""
+        engines = [e for e in self._static if e.name == name]
+        if not engines:
+            raise ModelNotFound(f"unknown model {name!r}")
+        async with self._lock:
+            model = self._models[name]
+            for engine in engines:
+                if engine.version not in model.engines:
+                    model.status[engine.version] = VersionStatus(LOADING)
+                    await engine.start()
+                    model.engines[engine.version] = engine
+                    model.status[engine.version] = VersionStatus(READY)
+            model.reroute()
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of a model (the repository API's unload); in-flight requests
+        finish first. Polling leaves it unloaded until it is loaded again."""
+        async with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise ModelNotFound(f"unknown model {name!r}")
+            self._unloaded.add(name)
+            for version in list(model.engines):
+                await self._retire(model, version)
+                model.status[version] = VersionStatus(UNAVAILABLE, "unloaded")
+
+    async def _apply(self, name: str, entry: ModelDirectory | None, force: bool = False) -> None:
+        model = self._models.setdefault(name, _Model(name))
+        if entry is None:  # the model's directory is gone
+            for version in list(model.engines):
+                await self._retire(model, version)
+            del self._models[name]
+            log.info("model %s removed", name)
+            return
+        model.status.pop(_MODEL_LEVEL, None)
+        if entry.error is not None:
+            # A bad config keeps the versions already serving; a model with none is reported.
+            model.status[_MODEL_LEVEL] = VersionStatus(UNAVAILABLE, entry.error)
+            self._failed(name, entry.error)
+            return
+        model.traffic = entry.config.traffic
+        wanted = entry.config.version_policy.select(list(entry.versions))
+        for version in wanted:
+            fingerprint = (entry.fingerprints[version], entry.config_fingerprint)
+            if not force and model.fingerprints.get(version) == fingerprint:
+                continue
+            if await self._start(model, version, entry.versions[version], entry.config):
+                model.fingerprints[version] = fingerprint
+        for version in [v for v in list(model.engines) if v not in wanted]:
+            await self._retire(model, version)
+        for version in [v for v in list(model.status) if v not in wanted and v != _MODEL_LEVEL]:
+            if version not in model.engines:
+                del model.status[version]
+                model.fingerprints.pop(version, None)
+        model.reroute()
+
+    async def _start(self, model: _Model, version: str, path: Path, config: ModelConfig) -> bool:
+        assert self._factory is not None
+        model.status[version] = VersionStatus(LOADING)
+        try:
+            engine = self._factory(model.name, version, path, config)
+            await engine.start()
+        except (BatchserveError, OSError, ValueError) as err:
+            reason = err.message if isinstance(err, BatchserveError) else str(err)
+            model.status[version] = VersionStatus(UNAVAILABLE, reason)
+            self._failed(f"{model.name} version {version}", reason)
+            return False
+        old = model.engines.get(version)
+        model.engines[version] = engine
+        model.status[version] = VersionStatus(READY)
+        model.reroute()
+        log.info("model %s version %s is serving", model.name, version)
+        if old is not None:  # the same version from a new file: the old engine drains
+            await self._drain_and_close(old)
+        return True
+
+    def _failed(self, what: str, reason: str) -> None:
+        name = what.split(" ", 1)[0]
+        self.load_failures[name] = self.load_failures.get(name, 0) + 1
+        log.error("cannot serve %s: %s", what, reason)
+
+    async def _retire(self, model: _Model, version: str) -> None:
+        engine = model.engines.pop(version, None)
+        model.fingerprints.pop(version, None)
+        if engine is None:
+            return
+        model.status[version] = VersionStatus(UNLOADING)
+        model.reroute()  # no new request reaches it from here on
+        await self._drain_and_close(engine)
+        model.status.pop(version, None)
+        log.info("model %s version %s unloaded", model.name, version)
+
+    async def _drain_and_close(self, engine: Engine) -> None:
+        engine.retire()
+        await engine.quiesce(self._drain_timeout_s)
+        await engine.aclose()
