@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from batchserve.config import BatchConfig, CacheConfig, Device, RuntimeConfig, ServerConfig
@@ -55,7 +56,18 @@ def _add_serve(commands: Any) -> None:
     serve = commands.add_parser(
         "serve", help="serve an ONNX model over HTTP (Open Inference Protocol)"
     )
-    serve.add_argument("model", help="path to the .onnx model file")
+    serve.add_argument(
+        "model", nargs="?", help="path to the .onnx model file (or use --model-repository)"
+    )
+    serve.add_argument(
+        "--model-repository",
+        default=_env("model-repository", None),
+        help="serve every model in DIR/<model>/<version>/model.onnx (docs/models.md)",
+    )
+    serve.add_argument(
+        "--repository-poll-s", type=float, default=_env("repository-poll-s", 0.0, float),
+        help="rescan the model repository this often and apply changes (0 = never)",
+    )  # fmt: skip
     serve.add_argument(
         "--name", default=_env("name", None), help="model name in URLs (default: file stem)"
     )
@@ -321,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from batchserve.app import Server, serve_until_signalled
     from batchserve.engine import Engine
-    from batchserve.repository import ModelRepository
+    from batchserve.repository import ModelRepository, engine_factory
 
     try:
         batch = BatchConfig(args.max_batch_size, args.max_latency_ms, args.max_queue_rows)
@@ -364,8 +376,19 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         return _fail(str(err))
-    engine = Engine(args.model, batch, runtime, name=args.name, cache=cache)
-    server = Server(ModelRepository([engine]), server_config)
+    if (args.model is None) == (args.model_repository is None):
+        return _fail("give a model file or --model-repository DIR (one of them)")
+    if args.model_repository is not None:
+        repository = ModelRepository.from_directory(
+            Path(args.model_repository),
+            engine_factory(batch, runtime, cache),
+            poll_s=args.repository_poll_s,
+            drain_timeout_s=args.shutdown_grace_s,
+        )
+    else:
+        engine = Engine(args.model, batch, runtime, name=args.name, cache=cache)
+        repository = ModelRepository([engine], drain_timeout_s=args.shutdown_grace_s)
+    server = Server(repository, server_config)
     try:
         _run(serve_until_signalled(server, on_ready=_tune_gc))
     except (ModelLoadError, DeviceUnavailable) as err:

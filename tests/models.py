@@ -128,3 +128,17 @@ def gather(path: Path) -> Path:
         [table],
     )
     return _save(graph, path)
+
+
+def scaled(path: Path, factor: float) -> Path:
+    """`x` FP32 [batch, 4] -> `y` = x * factor: each version of a model says which it is."""
+    k = numpy_helper.from_array(np.array(factor, dtype=np.float32), "k")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [k],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(graph, path)

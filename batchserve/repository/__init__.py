@@ -3,6 +3,13 @@ directory with versions, per-model config, hot reload, traffic splitting and the
 """
 
 from batchserve.repository.config import ModelConfig, TrafficSplit, VersionPolicy
-from batchserve.repository.repository import EngineFactory, ModelRepository
+from batchserve.repository.repository import EngineFactory, ModelRepository, engine_factory
 
-__all__ = ["EngineFactory", "ModelConfig", "ModelRepository", "TrafficSplit", "VersionPolicy"]
+__all__ = [
+    "EngineFactory",
+    "ModelConfig",
+    "ModelRepository",
+    "TrafficSplit",
+    "VersionPolicy",
+    "engine_factory",
+]

@@ -15,10 +15,11 @@ import hashlib
 import logging
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
+from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.engine import Engine
 from batchserve.errors import BatchserveError, InvalidInput, ModelLoadError, ModelNotFound, NotReady
 from batchserve.repository.config import ModelConfig, TrafficSplit, version_order
@@ -31,6 +32,17 @@ EngineFactory = Callable[[str, str, Path, ModelConfig], Engine]
 
 READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
 _MODEL_LEVEL = ""  # status key for problems that concern the whole model (its config)
+
+
+def engine_factory(batch: BatchConfig, runtime: RuntimeConfig, cache: CacheConfig) -> EngineFactory:
+    """Engines with the server's settings, overridden by each model's config.toml."""
+
+    def build(name: str, version: str, path: Path, config: ModelConfig) -> Engine:
+        model_cache = replace(cache, cacheable=False) if config.cache is False else cache
+        return Engine(path, config.batch(batch), config.runtime(runtime), name=name,
+                      version=version, cache=model_cache)  # fmt: skip
+
+    return build
 
 
 @dataclass(frozen=True, slots=True)
