@@ -114,9 +114,21 @@ class Server:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        config = self.config
+        sites: list[web.BaseSite] = []
+        # With --workers, every worker binds the same port (SO_REUSEPORT): the kernel spreads
+        # new connections evenly across them, where one shared socket would let the busiest
+        # worker accept most of them.
+        sites.append(
+            web.TCPSite(
+                self._runner, config.host, config.port, reuse_port=config.reuse_port or None
+            )
+        )
+        if config.extra_port is not None:
+            sites.append(web.TCPSite(self._runner, config.host, config.extra_port))
         try:
-            await site.start()
+            for site in sites:
+                await site.start()
         except BaseException:
             await self._runner.cleanup()
             raise
@@ -139,8 +151,12 @@ class Server:
         await self._runner.cleanup()
 
 
-async def serve_until_signalled(server: Server, on_ready: Callable[[], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return; `on_ready` runs once listening."""
+async def serve_until_signalled(
+    server: Server, on_ready: Callable[[], None] | None = None, *, worker: bool = False
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return; `on_ready` runs once listening.
+    A worker of `--workers` leaves "listening on" to its supervisor, which says it once all
+    workers are ready."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -149,7 +165,7 @@ async def serve_until_signalled(server: Server, on_ready: Callable[[], None] | N
         async with server:
             if on_ready is not None:
                 on_ready()
-            log.info("listening on %s", server.url)
+            log.info("worker ready on %s" if worker else "listening on %s", server.url)
             await stop.wait()
             log.info("signal received: draining")
             server.app[STATE].accepting = False

@@ -244,6 +244,18 @@ def _add_serve(commands: Any) -> None:
         help="one run longer than this fails the liveness probe (wedged engine; 0 = never)",
     )  # fmt: skip
     serve.add_argument(
+        "--workers", type=int, default=_env("workers", 1, int),
+        help="server processes sharing the port, each with its own engines and batching "
+        "(docs/gpu.md: instances vs workers)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--metrics-port", type=int, default=_env("metrics-port", None, int),
+        help="with --workers N, worker i also listens on this port + i, so each worker's "
+        "/metrics can be scraped on its own",
+    )  # fmt: skip
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # --workers
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # set by --workers
+    serve.add_argument(
         "--log-level",
         default=_env("log-level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -330,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
     from batchserve.app import Server, serve_until_signalled
     from batchserve.engine import Engine
     from batchserve.repository import ModelRepository, engine_factory
@@ -373,11 +385,24 @@ def _serve(args: argparse.Namespace) -> int:
             max_inputs=args.max_inputs,
             max_tensor_elements=args.max_tensor_elements,
             max_loop_lag_ms=args.max_loop_lag_ms,
+            reuse_port=args.reuse_port,
+            extra_port=args.metrics_port if args.reuse_port else None,
         )
     except ValueError as err:
         return _fail(str(err))
     if (args.model is None) == (args.model_repository is None):
         return _fail("give a model file or --model-repository DIR (one of them)")
+    if args.workers < 1:
+        return _fail(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1:
+        from batchserve.workers import Supervisor, WorkerPlan, worker_argv
+
+        plan = WorkerPlan(args.workers, worker_argv(serve_argv), args.host, args.port,
+                          args.shutdown_grace_s, args.metrics_port)  # fmt: skip
+        try:
+            return Supervisor(plan).run()
+        except OSError as err:
+            return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
     if args.model_repository is not None:
         repository = ModelRepository.from_directory(
             Path(args.model_repository),
@@ -390,12 +415,22 @@ def _serve(args: argparse.Namespace) -> int:
         repository = ModelRepository([engine], drain_timeout_s=args.shutdown_grace_s)
     server = Server(repository, server_config)
     try:
-        _run(serve_until_signalled(server, on_ready=_tune_gc))
+        ready = serve_until_signalled(
+            server, on_ready=lambda: _on_ready(args.ready_fd), worker=args.ready_fd is not None
+        )
+        _run(ready)
     except (ModelLoadError, DeviceUnavailable) as err:
         return _fail(err.message)
     except OSError as err:  # e.g. the port is taken
         return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
     return 0
+
+
+def _on_ready(ready_fd: int | None) -> None:
+    _tune_gc()
+    if ready_fd is not None:  # a worker tells its supervisor it listens
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
 
 
 def _tune_gc() -> None:
@@ -496,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "serve":
-        return _serve(args)
+        raw = list(sys.argv[1:] if argv is None else argv)
+        return _serve(args, raw[raw.index("serve") + 1 :])
     if args.command == "bench":
         return _bench(args)
     if args.command == "tune":

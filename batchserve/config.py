@@ -194,6 +194,8 @@ class ServerConfig:
     max_inputs: int = 64  # input tensors per request
     max_tensor_elements: int = 1 << 24  # elements per input tensor (413 above)
     max_loop_lag_ms: float = 50.0  # event loop this late: shed new requests (0 = never)
+    reuse_port: bool = False  # share the port with other workers (SO_REUSEPORT, --workers)
+    extra_port: int | None = None  # also listen here (a worker's own metrics port)
 
     @property
     def request_timeout_s(self) -> float | None:

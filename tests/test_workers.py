@@ -1,0 +1,105 @@
+"""`batchserve serve --workers N`: processes sharing one port (real processes, real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+
+from batchserve.workers import worker_argv
+
+BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+
+
+def two_free_ports() -> int:
+    """A port p with p + 1 free as well (each worker's own metrics port)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return int(port)
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_workers_get_the_serve_arguments_minus_the_ones_the_supervisor_sets() -> None:
+    argv = ["m.onnx", "--workers", "3", "--port=9", "--metrics-port", "7", "--reuse-port",
+            "--name", "m", "--ready-fd", "5", "--max-batch-size", "8"]  # fmt: skip
+    assert worker_argv(argv) == ("m.onnx", "--name", "m", "--max-batch-size", "8")
+
+
+def requests_by_worker(text: str) -> float:
+    found = re.search(r'^batchserve_requests_total\{model="mlp",status_class="2xx"\} (\S+)$',
+                      text, re.M)  # fmt: skip
+    return float(found.group(1)) if found else 0.0
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+async def test_two_workers_share_the_port_survive_a_crash_and_drain_on_sigterm(
+    mlp_path: Path,
+) -> None:
+    from test_cli import Running
+
+    metrics = two_free_ports()
+    server = Running(str(mlp_path), "--name", "mlp", "--workers", "2",
+                     "--metrics-port", str(metrics))  # fmt: skip
+    try:
+        url = f"{server.url}/v2/models/mlp/infer"
+        connector = aiohttp.TCPConnector(limit=16, force_close=False)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def burst(count: int) -> list[int]:
+                async def one() -> int:
+                    async with http.post(url, json=BODY) as r:
+                        await r.read()
+                        return r.status
+
+                return await asyncio.gather(*(one() for _ in range(count)))
+
+            assert set(await burst(400)) == {200}
+            counts = []
+            for port in (metrics, metrics + 1):
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    counts.append(requests_by_worker(await r.text()))
+            # Both workers took connections; together they answered every request.
+            assert all(c > 0 for c in counts), counts
+            assert sum(counts) == 400
+
+            victim = worker_pids(server.process.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # bounded: until a new worker replaced it
+                pids = worker_pids(server.process.pid)
+                if victim not in pids and len(pids) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert victim not in worker_pids(server.process.pid)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            statuses = []
+            for _ in range(40):  # fresh connections: both the old and the new worker serve
+                for _attempt in range(50):
+                    try:
+                        async with http.post(url, json=BODY) as r:
+                            statuses.append(r.status)
+                            break
+                    except aiohttp.ClientConnectionError:  # the new worker is still loading
+                        await asyncio.sleep(0.1)
+            assert statuses == [200] * 40
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    assert "worker 0 exited" in "".join(server.log) or "worker 1 exited" in "".join(server.log)
