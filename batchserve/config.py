@@ -67,6 +67,24 @@ class Device:
 SPIN_MODEL_BYTES = 8 * 1024 * 1024
 
 
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may really use: its affinity mask, capped by a cgroup v2 CPU
+    quota (a Kubernetes CPU limit). os.cpu_count() reports the whole node, and sizing thread
+    pools by it in a 2-CPU pod on a 64-core node means 64 threads throttled by the quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as file:
+            quota, period = file.read().split()[:2]
+    except (OSError, ValueError):
+        return max(1, cpus)
+    if quota != "max" and int(period) > 0:
+        cpus = min(cpus, max(1, -(-int(quota) // int(period))))  # a 1.5-CPU limit: 2 threads
+    return max(1, cpus)
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """The ONNX Runtime session pool.
@@ -145,7 +163,7 @@ class RuntimeConfig:
             return self.intra_op_threads
         if self.device.kind == "cuda":
             return 1
-        return max(1, (os.cpu_count() or 1) // self.instances)
+        return max(1, available_cpus() // self.instances)
 
 
 @dataclass(frozen=True, slots=True)

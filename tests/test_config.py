@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,18 @@ def test_cache_is_enabled_only_with_a_tier_and_a_cacheable_model() -> None:
     assert CacheConfig(size_mb=1).enabled
     assert CacheConfig(redis_url="redis://x").enabled
     assert not CacheConfig(size_mb=1, cacheable=False).enabled
+
+
+def test_available_cpus_honours_a_cgroup_cpu_limit(tmp_path: Path) -> None:
+    import os
+
+    from batchserve.config import available_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(str(tmp_path / "none")) == affinity  # no cgroup file: the mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(str(tmp_path)) == affinity  # no limit
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU limit
+    assert available_cpus(str(tmp_path)) == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU still gets one thread
+    assert available_cpus(str(tmp_path)) == 1
