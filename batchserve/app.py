@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
@@ -161,6 +162,7 @@ async def serve_until_signalled(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(stop)) if worker else None
     try:
         async with server:
             if on_ready is not None:
@@ -170,6 +172,18 @@ async def serve_until_signalled(
             log.info("signal received: draining")
             server.app[STATE].accepting = False
     finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor is gone (killed outright) drains and exits instead of
+    serving on, unsupervised, forever."""
+    parent = os.getppid()
+    while os.getppid() == parent:  # noqa: ASYNC110 (no event exists for a parent death)
+        await asyncio.sleep(0.5)
+    log.warning("the supervisor is gone: draining")
+    stop.set()

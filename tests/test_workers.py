@@ -103,3 +103,23 @@ async def test_two_workers_share_the_port_survive_a_crash_and_drain_on_sigterm(
     finally:
         server.kill()
     assert "worker 0 exited" in "".join(server.log) or "worker 1 exited" in "".join(server.log)
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(mlp_path: Path) -> None:
+    from test_cli import Running
+
+    server = Running(str(mlp_path), "--name", "mlp", "--workers", "2")
+    try:
+        workers = worker_pids(server.process.pid)
+        assert len(workers) == 2
+        server.process.kill()  # no chance to forward anything
+        server.process.communicate()  # reaps it and closes its pipe
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+            time.sleep(0.1)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists()]
+        for pid in alive:  # never leave a stray process behind, even when failing
+            os.kill(pid, signal.SIGKILL)
+        assert alive == []
+    finally:
+        server.kill()
