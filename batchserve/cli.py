@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(commands)
     add_cost_parser(commands)
     example = commands.add_parser("example-model", help="write a generated example ONNX model")
-    example.add_argument("name", help="mlp, wide-mlp or resnet50")
+    example.add_argument("name", help="mlp, wide-mlp, resnet50 or bert-base")
     example.add_argument("-o", "--output", required=True, help="where to write the .onnx file")
     example.add_argument("--seed", type=int, default=0)
     return parser

@@ -8,12 +8,18 @@ the graphs directly with the ``onnx`` helper API instead:
 * ``wide-mlp`` -- a 1024 -> 4096 -> 4096 -> 1000 classifier (~25M parameters) whose
   cost is dominated by large GEMMs, i.e. it benefits a lot from batching;
 * ``resnet50`` -- the torchvision ResNet-50 v1.5 architecture (25,557,032 trainable
-  parameters plus BatchNormalization running statistics), a realistic CNN workload.
+  parameters plus BatchNormalization running statistics), a realistic CNN workload;
+* ``bert-base`` -- a BERT-base-sized transformer encoder (12 layers, hidden 768, 12 heads,
+  FFN 3072, vocabulary 30,522; 109,483,778 parameters) over a fixed sequence of 128 tokens,
+  with a two-class head: inputs ``input_ids`` and ``attention_mask`` (INT64 ``[batch, 128]``),
+  output ``logits`` (``[batch, 2]``), so a response stays small. :class:`BertConfig` and
+  :func:`build_bert` build smaller variants of the same graph.
 
 The weights are random (drawn from ``numpy.random.default_rng(seed)``), so the outputs
 mean nothing; for a given seed the serialized bytes are identical on every call. All
-models are float32, opset 17, IR version 8 (loadable by onnxruntime >= 1.17), and have a
-dynamic leading batch dimension named ``"batch"``.
+models compute in float32 (the BERT inputs are INT64 token ids and mask), use opset 17, IR
+version 8 (loadable by onnxruntime >= 1.17), and have a dynamic leading batch dimension named
+``"batch"``.
 
 ``onnx`` is an optional dependency (``pip install 'batchserve[examples]'``); it is only
 imported when a model is built, so importing this module never fails.
@@ -21,9 +27,11 @@ imported when a model is built, so importing this module never fails.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,9 +40,9 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["EXAMPLE_MODELS", "build_example", "write_example"]
+__all__ = ["EXAMPLE_MODELS", "BertConfig", "build_bert", "build_example", "write_example"]
 
-EXAMPLE_MODELS: tuple[str, ...] = ("mlp", "wide-mlp", "resnet50")
+EXAMPLE_MODELS: tuple[str, ...] = ("mlp", "wide-mlp", "resnet50", "bert-base")
 
 OPSET = 17
 IR_VERSION = 8
@@ -58,7 +66,7 @@ class _GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
 
-    def param(self, name: str, value: npt.NDArray[np.float32]) -> str:
+    def param(self, name: str, value: npt.NDArray[np.float32] | npt.NDArray[np.int64]) -> str:
         from onnx import numpy_helper
 
         self.initializers.append(numpy_helper.from_array(value, name=name))
@@ -73,6 +81,10 @@ class _GraphBuilder:
     def constant(self, name: str, shape: Sequence[int], value: float) -> str:
         return self.param(name, np.full(tuple(shape), value, dtype=np.float32))
 
+    def ints(self, name: str, values: Sequence[int] | int) -> str:
+        """An INT64 initializer; a bare int gives a scalar (a Gather index that drops an axis)."""
+        return self.param(name, np.asarray(values, dtype=np.int64))
+
     def node(self, op: str, inputs: Sequence[str], output: str, **attrs: Any) -> str:
         from onnx import helper
 
@@ -84,15 +96,21 @@ class _GraphBuilder:
         graph_name: str,
         inputs: Sequence[tuple[str, Sequence[int | str]]],
         outputs: Sequence[tuple[str, Sequence[int | str]]],
+        dtypes: Mapping[str, int] | None = None,
     ) -> bytes:
+        """``dtypes`` maps an input or output name to its TensorProto type (default FLOAT)."""
         import onnx
         from onnx import TensorProto, helper
+
+        def info(name: str, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
+            dtype = (dtypes or {}).get(name, TensorProto.FLOAT)
+            return helper.make_tensor_value_info(name, dtype, list(shape))
 
         graph = helper.make_graph(
             self.nodes,
             graph_name,
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs],
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in outputs],
+            [info(n, s) for n, s in inputs],
+            [info(n, s) for n, s in outputs],
             initializer=self.initializers,
         )
         model = helper.make_model(
@@ -231,12 +249,149 @@ def _build_resnet50(seed: int) -> bytes:
     )
 
 
+# -------------------------------------------------------------------- BERT encoder
+
+
+@dataclass(frozen=True, slots=True)
+class BertConfig:
+    """Shape of a BERT encoder; the defaults are BERT-base (bert-base-uncased)."""
+
+    layers: int = 12
+    hidden: int = 768
+    heads: int = 12
+    ffn: int = 3072
+    vocab: int = 30522
+    seq: int = 128
+    max_positions: int = 512
+    type_vocab: int = 2
+    labels: int = 2
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.hidden, self.heads, self.ffn, self.vocab, self.labels) < 1:
+            raise ValueError("every BERT dimension must be >= 1")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if not 1 <= self.seq <= self.max_positions:
+            raise ValueError(f"seq must be in [1, max_positions={self.max_positions}]")
+        if self.type_vocab < 1:
+            raise ValueError("type_vocab must be >= 1")
+
+    def parameter_count(self) -> int:
+        """Float parameters of the built graph (embeddings, encoder, pooler, classifier)."""
+        h, f = self.hidden, self.ffn
+        embeddings = (self.vocab + self.max_positions + self.type_vocab) * h + 2 * h
+        layer = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 2 * 2 * h
+        return embeddings + self.layers * layer + (h * h + h) + (h * self.labels + self.labels)
+
+
+def _dense(g: _GraphBuilder, x: str, name: str, fan_in: int, fan_out: int) -> str:
+    """``x @ W + b`` with ``W`` as ``[in, out]`` (how exporters lay out nn.Linear for MatMul)."""
+    w = g.normal(f"{name}.weight", (fan_in, fan_out), std=0.02)  # BERT's initializer_range
+    b = g.constant(f"{name}.bias", (fan_out,), 0.0)
+    return g.node("Add", [g.node("MatMul", [x, w], f"{name}.matmul"), b], name)
+
+
+def _layer_norm(g: _GraphBuilder, x: str, name: str, hidden: int) -> str:
+    scale = g.constant(f"{name}.weight", (hidden,), 1.0)
+    bias = g.constant(f"{name}.bias", (hidden,), 0.0)
+    return g.node("LayerNormalization", [x, scale, bias], name, axis=-1, epsilon=1e-12)
+
+
+def _bert_embeddings(g: _GraphBuilder, c: BertConfig) -> str:
+    """Word + position + token type (all type 0: single-segment input) -> LayerNorm."""
+    vocab = g.normal("word_embeddings", (c.vocab, c.hidden), 0.02)
+    words = g.node("Gather", [vocab, "input_ids"], "embeddings.words")
+    table = g.normal("position_embeddings", (c.max_positions, c.hidden), 0.02)
+    positions = g.node("Gather", [table, g.ints("position_ids", range(c.seq))], "embeddings.pos")
+    types = g.normal("token_type_embeddings", (c.type_vocab, c.hidden), 0.02)
+    segment = g.node("Gather", [types, g.ints("token_type_id", 0)], "embeddings.type")
+    x = g.node("Add", [words, positions], "embeddings.add1")
+    x = g.node("Add", [x, segment], "embeddings.add2")
+    return _layer_norm(g, x, "embeddings.norm", c.hidden)
+
+
+def _mask_bias(g: _GraphBuilder) -> str:
+    """attention_mask [B, S] (1 = token, 0 = padding) -> additive bias [B, 1, 1, S]:
+    0 where attended, -10000 where masked, as BERT does (finite, so a fully masked row
+    still gives a defined softmax)."""
+    mask = g.node("Cast", ["attention_mask"], "mask.float", to=1)  # TensorProto.FLOAT
+    inverted = g.node("Sub", [g.constant("mask.one", (), 1.0), mask], "mask.inverted")
+    bias = g.node("Mul", [inverted, g.constant("mask.scale", (), -10000.0)], "mask.bias")
+    return g.node("Unsqueeze", [bias, g.ints("mask.axes", [1, 2])], "mask.bias4d")
+
+
+def _heads(g: _GraphBuilder, x: str, name: str, c: BertConfig, perm: Sequence[int]) -> str:
+    """[B, S, H] -> [B, heads, S, d] (or [B, heads, d, S] for keys, by ``perm``)."""
+    shape = g.ints(f"{name}.shape", [0, 0, c.heads, c.hidden // c.heads])
+    split = g.node("Reshape", [x, shape], f"{name}.split")
+    return g.node("Transpose", [split], f"{name}.heads", perm=list(perm))
+
+
+def _attention(g: _GraphBuilder, x: str, name: str, bias: str, c: BertConfig) -> str:
+    q = _heads(g, _dense(g, x, f"{name}.query", c.hidden, c.hidden), f"{name}.q", c, (0, 2, 1, 3))
+    k = _heads(g, _dense(g, x, f"{name}.key", c.hidden, c.hidden), f"{name}.k", c, (0, 2, 3, 1))
+    v = _heads(g, _dense(g, x, f"{name}.value", c.hidden, c.hidden), f"{name}.v", c, (0, 2, 1, 3))
+    scores = g.node("MatMul", [q, k], f"{name}.scores")
+    scale = g.constant(f"{name}.scale", (), 1.0 / math.sqrt(c.hidden // c.heads))
+    scores = g.node("Mul", [scores, scale], f"{name}.scaled")
+    scores = g.node("Add", [scores, bias], f"{name}.masked")
+    probs = g.node("Softmax", [scores], f"{name}.probs", axis=-1)
+    context = g.node("MatMul", [probs, v], f"{name}.context")
+    context = g.node("Transpose", [context], f"{name}.context.t", perm=[0, 2, 1, 3])
+    merge = g.ints(f"{name}.merge", [0, 0, c.hidden])
+    merged = g.node("Reshape", [context, merge], f"{name}.merged")
+    return _dense(g, merged, f"{name}.output", c.hidden, c.hidden)
+
+
+def _gelu(g: _GraphBuilder, x: str, name: str) -> str:
+    """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), from opset-13 ops (ORT fuses it into Gelu)."""
+    scaled = g.node("Div", [x, g.constant(f"{name}.sqrt2", (), math.sqrt(2.0))], f"{name}.div")
+    erf = g.node("Erf", [scaled], f"{name}.erf")
+    erf = g.node("Add", [erf, g.constant(f"{name}.one", (), 1.0)], f"{name}.erf1")
+    half = g.node("Mul", [x, g.constant(f"{name}.half", (), 0.5)], f"{name}.half.x")
+    return g.node("Mul", [half, erf], name)
+
+
+def _encoder_layer(g: _GraphBuilder, x: str, name: str, bias: str, c: BertConfig) -> str:
+    attended = _attention(g, x, f"{name}.attention", bias, c)
+    x = _layer_norm(g, g.node("Add", [attended, x], f"{name}.residual1"), f"{name}.norm1", c.hidden)
+    y = _gelu(g, _dense(g, x, f"{name}.intermediate", c.hidden, c.ffn), f"{name}.gelu")
+    y = _dense(g, y, f"{name}.output", c.ffn, c.hidden)
+    return _layer_norm(g, g.node("Add", [y, x], f"{name}.residual2"), f"{name}.norm2", c.hidden)
+
+
+def build_bert(config: BertConfig, *, seed: int = 0, name: str = "bert") -> bytes:
+    """A BERT encoder with a classification head on the pooled [CLS] token."""
+    g = _GraphBuilder(seed)
+    x = _bert_embeddings(g, config)
+    bias = _mask_bias(g)
+    for i in range(config.layers):
+        x = _encoder_layer(g, x, f"layer{i}", bias, config)
+    # A scalar index drops the sequence axis: [B, S, H] -> [B, H], the [CLS] token.
+    cls = g.node("Gather", [x, g.ints("cls_index", 0)], "cls", axis=1)
+    dense = _dense(g, cls, "pooler.dense", config.hidden, config.hidden)
+    pooled = g.node("Tanh", [dense], "pooler")
+    _dense(g, pooled, "logits", config.hidden, config.labels)
+    tokens: tuple[str | int, ...] = (BATCH_DIM, config.seq)
+    return g.finish(
+        name,
+        inputs=[("input_ids", tokens), ("attention_mask", tokens)],
+        outputs=[("logits", (BATCH_DIM, config.labels))],
+        dtypes={"input_ids": 7, "attention_mask": 7},  # TensorProto.INT64
+    )
+
+
+def _build_bert_base(seed: int) -> bytes:
+    return build_bert(BertConfig(), seed=seed, name="bert-base")
+
+
 # ------------------------------------------------------------------------ public API
 
 _BUILDERS: dict[str, Callable[[int], bytes]] = {
     "mlp": _build_mlp,
     "wide-mlp": _build_wide_mlp,
     "resnet50": _build_resnet50,
+    "bert-base": _build_bert_base,
 }
 
 

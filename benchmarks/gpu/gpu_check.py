@@ -1,0 +1,742 @@
+"""GPU check: raw ONNX Runtime CUDA ceilings, then batchserve over HTTP against them.
+
+    python benchmarks/gpu/gpu_check.py --out DIR [--models resnet50,bert-base]
+        [--instances 1,2,4] [--budget-s 330] [--cpu-dry-run]
+
+For each model (generated here: the example `resnet50` and a BERT-base-sized encoder at
+sequence length 128):
+
+1. raw ONNX Runtime throughput by batch size, one session, inputs and outputs numpy arrays on
+   the host (as the server hands them over): the best batch is the ceiling;
+2. for each instance count: a real `python -m batchserve serve --device cuda` process, driven
+   by `python -m batchserve bench --binary --sweep` (open loop, several load generator
+   processes) to find the highest request rate whose p99 stays under the SLO, while
+   `nvidia-smi` samples GPU utilisation; then SIGTERM, and the server must exit 0.
+
+Every step is skipped (with a note) when its estimated cost would overrun `--budget-s`.
+Writes `DIR/gpu_check.json` and `DIR/gpu_check.md` and prints the markdown.
+
+`--cpu-dry-run` runs the same code on `--device cpu` with tiny durations, small batch lists,
+a small BERT and a looser SLO, so the whole path can be proven on a machine without a GPU.
+"""
+
+# ruff: noqa: RUF001  -- the report prints the multiplication sign on purpose
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a file from anywhere: batchserve comes from this tree
+    sys.path.insert(0, str(REPO))
+
+from batchserve.examples import BertConfig, build_bert, write_example  # noqa: E402
+
+SWEEP_FACTOR = 2.0  # `batchserve bench --sweep` steps the rate by this factor
+BERT_SMALL = BertConfig(layers=2, hidden=128, heads=2, ffn=512, vocab=30522, seq=128)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything that differs between the GPU run and the CPU dry run."""
+
+    device: str
+    batches: dict[str, tuple[int, ...]]
+    raw_seconds: float
+    bench_duration_s: float
+    bench_warmup_s: float
+    bisect_steps: int
+    processes: int
+    slo_p99_ms: float
+    bert: BertConfig
+    # The sweep starts at start_fraction x the raw ceiling and may go up to max_fraction x it:
+    # with factor 2 that is 0.6 and 1.2 (several sessions may pass one session's ceiling),
+    # then bisection (0.9, then 0.75 or 1.05): four runs, finest where the 80% target lies.
+    start_fraction: float = 0.6
+    max_fraction: float = 1.25
+    request_timeout_s: float = 2.0  # far past the SLO: a slower answer already failed it
+    # Per bench run on top of warm-up and duration: `bench` gives its spawned load generators
+    # 2 s to import, then collects; measured 2.2 s.
+    run_overhead_s: float = 2.5
+    server_start_s: float = 10.0  # estimate before a configuration of the model was measured
+    build_s: dict[str, float] = field(default_factory=lambda: {"resnet50": 8.0, "bert-base": 15.0})
+
+    def __post_init__(self) -> None:
+        if self.start_fraction <= 0 or self.max_fraction < self.start_fraction:
+            raise ValueError("need 0 < start_fraction <= max_fraction")
+        if self.bench_duration_s <= 0 or self.raw_seconds <= 0 or self.processes < 1:
+            raise ValueError("durations must be > 0 and processes >= 1")
+
+
+def gpu_settings() -> Settings:
+    return Settings(
+        device="cuda",
+        batches={"resnet50": (1, 8, 32, 64, 128), "bert-base": (1, 8, 32, 64)},
+        raw_seconds=2.0,
+        bench_duration_s=3.0,
+        bench_warmup_s=1.0,
+        bisect_steps=2,
+        # A Python load generator process tops out around 7k small requests/s; the machine
+        # has 16 cores, and the server needs some.
+        processes=6,
+        slo_p99_ms=100.0,
+        bert=BertConfig(),
+    )
+
+
+def dry_run_settings() -> Settings:
+    return Settings(
+        device="cpu",
+        batches={"resnet50": (1, 4), "bert-base": (1, 8)},
+        raw_seconds=0.5,
+        bench_duration_s=1.0,
+        bench_warmup_s=0.5,
+        bisect_steps=1,
+        processes=2,
+        # One ResNet-50 image alone takes ~60 ms on 2 cores: a 100 ms SLO would leave the
+        # "best rate" branch unexercised.
+        slo_p99_ms=1000.0,
+        bert=BERT_SMALL,
+        server_start_s=5.0,
+    )
+
+
+# ------------------------------------------------------------------------ pure helpers
+
+
+def sweep_rates(raw_best: float, settings: Settings) -> tuple[float, float]:
+    """(start, max) request rates for one-row requests, from the raw ceiling."""
+    start = max(1.0, raw_best * settings.start_fraction)
+    return start, max(start, raw_best * settings.max_fraction)
+
+
+def max_sweep_runs(start: float, max_rate: float, bisect_steps: int) -> int:
+    """Most bench runs one sweep can take: every step up to max_rate, then the bisection."""
+    steps = math.floor(math.log(max_rate / start, SWEEP_FACTOR) + 1e-9) + 1
+    return steps + bisect_steps
+
+
+def serve_estimate_s(settings: Settings, runs: int, server_start_s: float) -> float:
+    per_run = settings.bench_warmup_s + settings.bench_duration_s + settings.run_overhead_s
+    return server_start_s + runs * per_run + 5.0  # + drain and exit
+
+
+def next_serve_estimate_s(settings: Settings, runs: int, last_seconds: float | None) -> float:
+    """The plan until a configuration of the model has run, then what the last one took
+    (plus 15%: more instances take longer to start)."""
+    if last_seconds is None:
+        return serve_estimate_s(settings, runs, settings.server_start_s)
+    return last_seconds * 1.15
+
+
+def raw_estimate_s(settings: Settings, batches: int) -> float:
+    return 5.0 + batches * (settings.raw_seconds + 0.5)  # session build, warm-up per batch
+
+
+def plan_s(settings: Settings, models: Sequence[str], instances: Sequence[int]) -> float:
+    """The whole run as estimated before anything was measured (the raw ceiling sets the
+    sweep's range, and only the ratio of its ends counts, so a ceiling of 1 stands in)."""
+    start, max_rate = sweep_rates(1e6, settings)
+    runs = max_sweep_runs(start, max_rate, settings.bisect_steps)
+    per_model = [
+        settings.build_s.get(name, 15.0)
+        + raw_estimate_s(settings, len(settings.batches[name]))
+        + len(instances) * serve_estimate_s(settings, runs, settings.server_start_s)
+        for name in models
+    ]
+    return sum(per_model)
+
+
+def fits(elapsed_s: float, estimate_s: float, budget_s: float) -> bool:
+    return elapsed_s + estimate_s <= budget_s
+
+
+def parse_smi_csv(text: str) -> list[tuple[float, float]]:
+    """(utilisation %, memory MiB) per sample of `nvidia-smi --query-gpu=utilization.gpu,
+    memory.used --format=csv` (header and units allowed; unreadable lines skipped)."""
+    samples = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2:
+            continue
+        try:
+            util, memory = (float(p.split()[0]) for p in parts)
+        except (ValueError, IndexError):
+            continue  # the header, "[N/A]", a line cut off when the sampler stopped
+        samples.append((util, memory))
+    return samples
+
+
+def gpu_utilisation(samples: Sequence[tuple[float, float]]) -> dict[str, float] | None:
+    if not samples:
+        return None
+    util = [s[0] for s in samples]
+    return {
+        "samples": len(samples),
+        "util_mean": float(np.mean(util)),
+        "util_max": max(util),
+        "memory_max_mib": max(s[1] for s in samples),
+    }
+
+
+def best_batch(rows_per_s: dict[int, float]) -> tuple[int, float]:
+    batch = max(rows_per_s, key=lambda b: rows_per_s[b])
+    return batch, rows_per_s[batch]
+
+
+def serve_row(entry: dict[str, Any], raw_best: float | None) -> dict[str, Any]:
+    """The figures one instance count contributes to the table, from `bench --json`."""
+    best = (entry.get("bench") or {}).get("best")
+    row: dict[str, Any] = {"instances": entry["instances"], "held": best is not None}
+    if best:
+        lat = best["latency_ms"]
+        row.update(
+            rate=best["target_rate"],
+            achieved=best["achieved_rps"],
+            p50=lat["p50"],
+            p95=lat["p95"],
+            p99=lat["p99"],
+            mean_batch=(best.get("server") or {}).get("mean_batch_rows"),
+            ratio=best["achieved_rps"] / raw_best if raw_best else None,
+        )
+    row["gpu"] = entry.get("gpu")
+    row["exit"] = entry.get("exit")
+    return row
+
+
+def _num(value: float | None, spec: str = ",.0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def model_markdown(name: str, model: dict[str, Any], slo_p99_ms: float) -> list[str]:
+    lines = [f"## {name}", ""]
+    raw = {int(b): v for b, v in (model.get("raw_rows_per_s") or {}).items()}
+    if raw:
+        batch, ceiling = best_batch(raw)
+        lines += ["| batch | raw ORT rows/s |", "|---:|---:|"]
+        lines += [f"| {b} | {v:,.0f} |" for b, v in sorted(raw.items())]
+        lines += ["", f"Ceiling: **{ceiling:,.0f} rows/s** at batch {batch}.", ""]
+    rows = [serve_row(e, model.get("raw_best")) for e in model.get("serve", [])]
+    if rows:
+        lines += [
+            f"batchserve over HTTP, binary tensors, one row per request, open loop, "
+            f"highest rate with p99 < {slo_p99_ms:g} ms:",
+            "",
+            "| instances | best rate | achieved req/s | p50 ms | p95 ms | p99 ms | ÷ raw best "
+            "| mean batch | GPU util mean / max % | GPU mem max MiB | exit |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            gpu = r["gpu"] or {}
+            util = (
+                f"{gpu['util_mean']:.0f} / {gpu['util_max']:.0f}" if gpu else "n/a"
+            )  # no nvidia-smi (dry run)
+            if not r["held"]:
+                lines.append(
+                    f"| {r['instances']} | none held | | | | | | | {util} | "
+                    f"{_num(gpu.get('memory_max_mib'))} | {r['exit']} |"
+                )
+                continue
+            lines.append(
+                f"| {r['instances']} | {r['rate']:,.0f} | {r['achieved']:,.0f} | {r['p50']:.2f} "
+                f"| {r['p95']:.2f} | {r['p99']:.2f} | {_num(r['ratio'], '.2f')}× "
+                f"| {_num(r['mean_batch'], '.1f')} | {util} | "
+                f"{_num(gpu.get('memory_max_mib'))} | {r['exit']} |"
+            )
+        lines.append("")
+    lines += [f"- {note}" for note in model.get("notes", [])]
+    return lines
+
+
+def targets(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The GPU issue's ResNet-50 targets against the best instance count measured."""
+    model = summary.get("models", {}).get("resnet50")
+    if not model or summary.get("device") != "cuda":
+        return []
+    rows = [serve_row(e, model.get("raw_best")) for e in model.get("serve", [])]
+    held = [r for r in rows if r["held"]]
+    if not held:
+        return [("ResNet-50: any rate under the SLO", "none", False)]
+    top = max(held, key=lambda r: r["achieved"])
+    ratio = top["ratio"] or 0.0
+    label = f"{top['instances']} instance(s)"
+    achieved = f"{top['achieved']:,.0f}"
+    return [
+        (
+            "ResNet-50 over HTTP ≥ 80% of raw ORT best batch",
+            f"{ratio:.2f}× ({label})",
+            ratio >= 0.8,
+        ),
+        ("ResNet-50 > 5,000 images/s at p99 < 100 ms", achieved, top["achieved"] > 5000),
+        ("≥ 1,000 req/s at p99 < 100 ms, one replica", achieved, top["achieved"] >= 1000),
+    ]
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "# GPU check",
+        "",
+        f"- GPU: {summary.get('gpu') or 'none (nvidia-smi absent)'}",
+        f"- onnxruntime {summary['onnxruntime']}, providers {', '.join(summary['providers'])}",
+        f"- device `{summary['device']}`, load generator processes {summary['processes']}, "
+        f"{summary['bench_duration_s']:g} s per rate after {summary['bench_warmup_s']:g} s "
+        f"warm-up, SLO p99 < {summary['slo_p99_ms']:g} ms",
+        f"- took {summary.get('elapsed_s', 0):.0f} s of a {summary['budget_s']:g} s budget"
+        + (" (CPU dry run)" if summary.get("dry_run") else ""),
+        "",
+    ]
+    for name, model in summary.get("models", {}).items():
+        lines += model_markdown(name, model, summary["slo_p99_ms"])
+        if lines[-1]:
+            lines.append("")
+    checks = targets(summary)
+    if checks:
+        lines += ["## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
+        lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in checks]
+        lines.append("")
+    lines += [f"- {note}" for note in summary.get("notes", [])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+class GpuSampler:
+    """`nvidia-smi -lms` in the background for the length of a `with` block (none if absent)."""
+
+    def __init__(self, path: Path, interval_ms: int = 500) -> None:
+        self.path = path
+        self.interval_ms = interval_ms
+        self._process: subprocess.Popen[bytes] | None = None
+        self._file: IO[bytes] | None = None
+
+    def __enter__(self) -> GpuSampler:
+        self._file = self.path.open("wb")
+        query = "--query-gpu=utilization.gpu,memory.used"
+        try:
+            self._process = subprocess.Popen(
+                ["nvidia-smi", query, "--format=csv", "-i", "0", f"-lms={self.interval_ms}"],
+                stdout=self._file,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            self._process = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._file is not None:
+            self._file.close()
+
+    def summary(self) -> dict[str, float] | None:
+        return gpu_utilisation(parse_smi_csv(self.path.read_text(errors="replace")))
+
+
+def child_env() -> dict[str, str]:
+    """Children import batchserve from this tree, next to whatever PYTHONPATH already holds."""
+    env = dict(os.environ)
+    paths = [str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+# ------------------------------------------------------------------------------ models
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    path: Path
+    feeds: Callable[[int, np.random.Generator], dict[str, np.ndarray]]
+    bench_input: Path | None  # None: `bench` draws random inputs from the metadata
+
+
+def build_model(name: str, settings: Settings, tmp: Path) -> Model:
+    path = tmp / f"{name}.onnx"
+    if name == "resnet50":
+        write_example(name, path)
+
+        def images(rows: int, rng: np.random.Generator) -> dict[str, Any]:
+            return {"input": rng.standard_normal((rows, 3, 224, 224), dtype=np.float32)}
+
+        return Model(name, path, images, None)
+    if name != "bert-base":
+        raise ValueError(f"unknown model {name!r}: choose resnet50 or bert-base")
+    path.write_bytes(build_bert(settings.bert, name=name))
+    bert = settings.bert
+
+    def tokens(rows: int, rng: np.random.Generator) -> dict[str, Any]:
+        ids = rng.integers(1000, bert.vocab, (rows, bert.seq), dtype=np.int64)
+        ids[:, 0] = 101  # [CLS]
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    # `bench` would send all-zero ids and masks for INT64 inputs: send a plausible sentence.
+    sample = tmp / "bert-input.npz"
+    np.savez(sample, **tokens(1, np.random.default_rng(0)))
+    return Model(name, path, tokens, sample)
+
+
+def ort_providers(device: str) -> list[Any]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"}  # as the server sets it
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
+def raw_throughput(model: Model, settings: Settings) -> dict[int, float]:
+    """Rows/s per batch size: one session, numpy inputs and outputs on the host."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model.path), providers=ort_providers(settings.device))
+    rng = np.random.default_rng(0)
+    result = {}
+    for batch in settings.batches[model.name]:
+        feeds = model.feeds(batch, rng)
+        for _ in range(3):  # first runs per shape plan memory and pick kernels
+            session.run(None, feeds)
+        runs, started = 0, time.perf_counter()
+        while runs < 2 or time.perf_counter() - started < settings.raw_seconds:
+            session.run(None, feeds)
+            runs += 1
+        result[batch] = runs * batch / (time.perf_counter() - started)
+        print(f"    raw batch {batch}: {result[batch]:,.0f} rows/s", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+class Server:
+    """A `python -m batchserve serve` process; its log is drained by a thread so the pipe
+    never fills, and the last lines are kept for the report."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+        self.url: str | None = None
+        self.log: collections.deque[str] = collections.deque(maxlen=60)
+        self._listening = threading.Event()
+        self.process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=child_env()
+        )
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line.rstrip())
+            found = re.search(r"listening on (http://\S+)", line)
+            if found and self.url is None:
+                self.url = found.group(1)
+                self._listening.set()
+        self._listening.set()  # exited: wake the waiter
+
+    def wait_listening(self, timeout_s: float) -> str:
+        self._listening.wait(timeout_s)
+        if self.url is None:
+            raise RuntimeError("the server did not start:\n" + "\n".join(list(self.log)[-15:]))
+        return self.url
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (drain, exit 0 expected); killed if it outlives `timeout_s`."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+            self.log.append(f"killed after {timeout_s:g} s without exiting")
+        self._reader.join(timeout=5)
+        return code
+
+
+@contextmanager
+def serving(command: list[str]) -> Iterator[Server]:
+    server = Server(command)
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def serve_command(model: Model, instances: int, batch: int, args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable, "-m", "batchserve", "serve", str(model.path),
+        "--name", model.name,
+        "--device", args.settings.device,
+        "--instances", str(instances),
+        "--max-batch-size", str(batch),
+        "--workers", str(args.workers),
+        "--host", "127.0.0.1", "--port", "0",
+        *shlex.split(args.serve_args),
+    ]  # fmt: skip
+
+
+def bench_command(
+    url: str, model: Model, rates: tuple[float, float], settings: Settings, json_path: Path
+) -> list[str]:
+    command = [
+        sys.executable, "-m", "batchserve", "bench", url, "-m", model.name,
+        "--binary", "--sweep",
+        "--slo-p99-ms", f"{settings.slo_p99_ms:g}",
+        "--start-rate", f"{rates[0]:.0f}", "--max-rate", f"{rates[1]:.0f}",
+        "--duration", f"{settings.bench_duration_s:g}",
+        "--warmup", f"{settings.bench_warmup_s:g}",
+        "--bisect-steps", str(settings.bisect_steps),
+        "--processes", str(settings.processes),
+        "--timeout", f"{settings.request_timeout_s:g}",
+        "--json", str(json_path),
+    ]  # fmt: skip
+    if model.bench_input is not None:
+        command += ["--input", str(model.bench_input)]
+    return command
+
+
+def serve_once(
+    model: Model,
+    instances: int,
+    batch: int,
+    rates: tuple[float, float],
+    args: argparse.Namespace,
+    deadline: float,
+    tmp: Path,
+) -> dict[str, Any]:
+    """One instance count: start, sweep under the GPU sampler, SIGTERM, exit code."""
+    entry: dict[str, Any] = {"instances": instances, "max_batch_size": batch}
+    started = time.monotonic()
+    with serving(serve_command(model, instances, batch, args)) as server:
+        url = server.wait_listening(timeout_s=max(10.0, min(240.0, deadline - time.monotonic())))
+        entry["start_s"] = time.monotonic() - started
+        json_path = tmp / f"bench-{model.name}-{instances}.json"
+        command = bench_command(url, model, rates, args.settings, json_path)
+        with GpuSampler(tmp / f"smi-{model.name}-{instances}.csv") as sampler:
+            try:
+                done = subprocess.run(
+                    command,
+                    capture_output=True,
+                    text=True,
+                    env=child_env(),
+                    timeout=max(10.0, deadline - time.monotonic()),
+                )
+                entry["bench_exit"] = done.returncode
+                if done.returncode != 0:
+                    entry["bench_error"] = (done.stderr or done.stdout)[-1500:]
+            except subprocess.TimeoutExpired:
+                entry["bench_error"] = "bench overran the hard deadline and was stopped"
+        entry["gpu"] = sampler.summary()
+        entry["bench"] = json.loads(json_path.read_text()) if json_path.exists() else None
+        entry["exit"] = server.stop()
+        entry["server_log_tail"] = list(server.log)[-8:]
+    entry["seconds"] = time.monotonic() - started
+    return entry
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+@dataclass(slots=True)
+class Run:
+    """The summary under construction, and the clock the budget is kept against."""
+
+    args: argparse.Namespace
+    summary: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def log(self, message: str) -> None:
+        print(f"[{self.elapsed:6.1f} s] {message}", flush=True)
+
+    def fits(self, estimate_s: float) -> bool:
+        return fits(self.elapsed, estimate_s, self.args.budget_s)
+
+    @property
+    def hard_deadline(self) -> float:
+        budget: float = self.args.budget_s + self.args.grace_s
+        return self.started + budget
+
+
+def check_model(run: Run, model: Model, tmp: Path) -> None:
+    settings: Settings = run.args.settings
+    entry: dict[str, Any] = {"serve": [], "notes": []}
+    run.summary["models"][model.name] = entry
+    batches = settings.batches[model.name]
+    if not run.fits(raw_estimate_s(settings, len(batches))):
+        entry["notes"].append(f"skipped: raw ORT would overrun the budget at {run.elapsed:.0f} s")
+        return
+    run.log(f"{model.name}: raw ONNX Runtime on {settings.device}")
+    raw = raw_throughput(model, settings)
+    batch, ceiling = best_batch(raw)
+    entry.update(
+        raw_rows_per_s={str(b): v for b, v in raw.items()}, raw_best=ceiling, raw_best_batch=batch
+    )
+    rates = sweep_rates(ceiling, settings)
+    runs = max_sweep_runs(rates[0], rates[1], settings.bisect_steps)
+    last_seconds: float | None = None
+    for instances in run.args.instances:
+        estimate = next_serve_estimate_s(settings, runs, last_seconds)
+        if not run.fits(estimate):
+            entry["notes"].append(
+                f"skipped {instances} instance(s): ~{estimate:.0f} s more would overrun the "
+                f"{run.args.budget_s:g} s budget at {run.elapsed:.0f} s"
+            )
+            continue
+        run.log(
+            f"{model.name}: serve --instances {instances} --max-batch-size {batch}, sweep "
+            f"{rates[0]:,.0f}..{rates[1]:,.0f} req/s"
+        )
+        try:
+            result = serve_once(model, instances, batch, rates, run.args, run.hard_deadline, tmp)
+        except RuntimeError as err:
+            result = {"instances": instances, "error": str(err), "exit": None}
+        entry["serve"].append(result)
+        last_seconds = result.get("seconds", last_seconds)
+        row = serve_row(result, ceiling)
+        rate = f"{row['achieved']:,.0f} req/s, p99 {row['p99']:.1f} ms" if row["held"] else "none"
+        run.log(f"  -> best under SLO: {rate}; server exit {result.get('exit')}")
+
+
+def describe_ort(summary: dict[str, Any], device: str) -> None:
+    import onnxruntime as ort
+
+    if device != "cpu" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, as the server does
+    summary.update(onnxruntime=ort.__version__, providers=ort.get_available_providers())
+    if device != "cpu" and "CUDAExecutionProvider" not in summary["providers"]:
+        raise SystemExit(
+            f"onnxruntime {ort.__version__} has no CUDA provider ({summary['providers']}): "
+            "install onnxruntime-gpu (benchmarks/gpu/README.md)"
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="output folder")
+    parser.add_argument("--models", default="resnet50,bert-base")
+    parser.add_argument("--instances", default=None, help="default 1,2,4 (dry run: 1,2)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=330.0,
+        help="no step starts if its estimate would end past this",
+    )
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=20.0,
+        help="a running step is stopped this long after the budget",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=None, help="load generator processes (6; dry run 2)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="server processes (--workers)")
+    parser.add_argument("--serve-args", default="", help="extra `batchserve serve` flags")
+    parser.add_argument("--cpu-dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    args.settings = dry_run_settings() if args.cpu_dry_run else gpu_settings()
+    if args.processes is not None:
+        args.settings = replace(args.settings, processes=args.processes)
+    default = "1,2" if args.cpu_dry_run else "1,2,4"
+    args.instances = [int(k) for k in (args.instances or default).split(",")]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings: Settings = args.settings
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "gpu": gpu_name(),
+        "device": settings.device,
+        "dry_run": args.cpu_dry_run,
+        "budget_s": args.budget_s,
+        "processes": settings.processes,
+        "workers": args.workers,
+        "serve_args": args.serve_args,
+        "bench_duration_s": settings.bench_duration_s,
+        "bench_warmup_s": settings.bench_warmup_s,
+        "slo_p99_ms": settings.slo_p99_ms,
+        "bert": asdict(settings.bert),
+        "models": {},
+        "notes": [],
+    }
+    run = Run(args, summary)
+    describe_ort(summary, settings.device)
+    summary["planned_s"] = plan_s(settings, args.models, args.instances)
+    run.log(f"plan: ~{summary['planned_s']:.0f} s estimated, budget {args.budget_s:g} s")
+    run.log(f"GPU {summary['gpu']}; onnxruntime {summary['onnxruntime']} {summary['providers']}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as name:
+            tmp = Path(name)
+            for model_name in args.models:
+                build_s = settings.build_s.get(model_name, 15.0)
+                raw_s = raw_estimate_s(settings, len(settings.batches[model_name]))
+                if not run.fits(build_s + raw_s):
+                    summary["notes"].append(
+                        f"skipped {model_name}: building and measuring it would overrun the "
+                        f"budget at {run.elapsed:.0f} s"
+                    )
+                    continue
+                model = build_model(model_name, settings, tmp)
+                run.log(f"built {model.name} ({model.path.stat().st_size / 1e6:.0f} MB)")
+                check_model(run, model, tmp)
+                model.path.unlink()  # BERT-base is 438 MB: don't keep it past its turn
+    finally:
+        summary["elapsed_s"] = run.elapsed
+        (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+        text = markdown(summary)
+        (out / "gpu_check.md").write_text(text)
+        print("\n" + text, flush=True)
+    exits = [e.get("exit") for m in summary["models"].values() for e in m["serve"]]
+    return 0 if all(code == 0 for code in exits) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
