@@ -244,6 +244,24 @@ def _add_serve(commands: Any) -> None:
         help="one run longer than this fails the liveness probe (wedged engine; 0 = never)",
     )  # fmt: skip
     serve.add_argument(
+        "--handler", default=_env("handler", None),
+        help="pre/post-processing: package.module:Class or image-classification "
+        "(docs/handlers.md)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--handler-option", action="append", default=[], metavar="KEY=VALUE",
+        help="an option for the handler's setup (repeatable), e.g. top_k=3",
+    )  # fmt: skip
+    serve.add_argument(
+        "--handler-executor", choices=["thread", "process"],
+        default=_env("handler-executor", "thread"),
+        help="where handler code runs: threads (work that releases the GIL) or processes",
+    )  # fmt: skip
+    serve.add_argument(
+        "--handler-workers", type=int, default=_env("handler-workers", 0, int),
+        help="handler threads or processes (0 = the CPUs this process may use)",
+    )  # fmt: skip
+    serve.add_argument(
         "--workers", type=int, default=_env("workers", 1, int),
         help="server processes sharing the port, each with its own engines and batching "
         "(docs/gpu.md: instances vs workers)",
@@ -345,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
     from batchserve.app import Server, serve_until_signalled
     from batchserve.engine import Engine
+    from batchserve.handlers.config import HandlerConfig
     from batchserve.repository import ModelRepository, engine_factory
 
     try:
@@ -403,15 +422,25 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
             return Supervisor(plan).run()
         except OSError as err:
             return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    try:
+        handler = (
+            HandlerConfig.from_flags(
+                args.handler, args.handler_option, args.handler_executor, args.handler_workers
+            )
+            if args.handler
+            else None
+        )
+    except ValueError as err:
+        return _fail(str(err))
     if args.model_repository is not None:
         repository = ModelRepository.from_directory(
             Path(args.model_repository),
-            engine_factory(batch, runtime, cache),
+            engine_factory(batch, runtime, cache, handler),
             poll_s=args.repository_poll_s,
             drain_timeout_s=args.shutdown_grace_s,
         )
     else:
-        engine = Engine(args.model, batch, runtime, name=args.name, cache=cache)
+        engine = Engine(args.model, batch, runtime, name=args.name, cache=cache, handler=handler)
         repository = ModelRepository([engine], drain_timeout_s=args.shutdown_grace_s)
     server = Server(repository, server_config)
     try:

@@ -22,6 +22,8 @@ from batchserve.cache.tiered import CacheStatistics, ResponseCache
 from batchserve.clock import Clock, MonotonicClock
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.errors import DeadlineExceeded, NotReady
+from batchserve.handlers.config import HandlerConfig
+from batchserve.handlers.pipeline import HandlerPipeline
 from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
 from batchserve.runtime import ModelMetadata, SessionPool
 from batchserve.runtime.pool import HealthPolicy, PoolStatistics
@@ -65,8 +67,12 @@ class Engine:
         version: str = "1",
         clock: Clock | None = None,
         cache: CacheConfig | None = None,
+        handler: HandlerConfig | None = None,
     ) -> None:
         self.model_path = Path(model_path)
+        self.handler_config = handler
+        # The handler around the model (pre- and post-processing off the event loop), if any.
+        self.pipeline: HandlerPipeline | None = None
         self.batch_config = batch or BatchConfig()
         self.runtime_config = runtime or RuntimeConfig()
         self.name = name or self.model_path.stem
@@ -126,6 +132,11 @@ class Engine:
             # Closed in reverse: the batcher drains before the pool stops its threads.
             self._batcher = await stack.enter_async_context(batcher)
             pool.on_capacity = batcher.wake
+            if self.handler_config is not None:
+                # Loaded and checked against the model before the engine reports ready.
+                self.pipeline = await stack.enter_async_context(
+                    HandlerPipeline(self.handler_config, metadata, clock=self._clock)
+                )
             self._stack = stack.pop_all()
         self._pool, self._metadata = pool, metadata
         self._load_seconds = time.perf_counter() - started

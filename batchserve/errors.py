@@ -35,6 +35,12 @@ class PayloadTooLarge(BatchserveError):
     status = 413
 
 
+class UnsupportedMediaType(BatchserveError):
+    """The body's Content-Type is one this model (or its handler) cannot take."""
+
+    status = 415
+
+
 class UnsupportedInput(BatchserveError):
     status = 422
 

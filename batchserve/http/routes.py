@@ -27,6 +27,15 @@ from batchserve.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from batchserve.handlers.base import RawRequest
+from batchserve.handlers.negotiate import (
+    choose_route,
+    encode_body,
+    media_type,
+    v2_outputs,
+    wants_handler,
+)
+from batchserve.handlers.pipeline import HandlerPipeline
 from batchserve.http.access import AccessLog, RequestIds, trace_id, wall_clock
 from batchserve.http.lag import LoopLag
 from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
@@ -234,26 +243,33 @@ class InferEndpoint:
             else:
                 body = await _read_slow_body(request, state.body_timeout_s)
             received = len(body)
-            decoded = decode_request(body, _header_length(request), state.limits)
-            parameters = decoded.parameters
             if engine.retired:  # unloaded or replaced while the body arrived: route again
                 engine = self._repository.get(match["name"], match.get("version"), request.headers)
-            results = await engine.infer(
-                decoded.inputs,
-                decoded.outputs,
-                cache=_cache_allowed(request, parameters),
-                info=info,
-                timeout_s=_timeout(parameters, state.timeout_s) if parameters else state.timeout_s,
-            )
-            payload, header_length = encode_response(engine.name, engine.version, decoded, results)
-            if header_length is None:
-                response = web.Response(body=payload, content_type=_JSON)
+            if engine.pipeline is not None:
+                response = await _through_handler(engine, engine.pipeline, request, body, info)
             else:
-                response = web.Response(
-                    body=payload,
-                    headers={HEADER_LENGTH: str(header_length)},
-                    content_type="application/octet-stream",
+                decoded = decode_request(body, _header_length(request), state.limits)
+                parameters = decoded.parameters
+                results = await engine.infer(
+                    decoded.inputs,
+                    decoded.outputs,
+                    cache=_cache_allowed(request, parameters),
+                    info=info,
+                    timeout_s=_timeout(parameters, state.timeout_s)
+                    if parameters
+                    else state.timeout_s,
                 )
+                payload, header_length = encode_response(
+                    engine.name, engine.version, decoded, results
+                )
+                if header_length is None:
+                    response = web.Response(body=payload, content_type=_JSON)
+                else:
+                    response = web.Response(
+                        body=payload,
+                        headers={HEADER_LENGTH: str(header_length)},
+                        content_type="application/octet-stream",
+                    )
         except Exception as err:
             response = to_response(request, err)
         finally:
@@ -270,6 +286,47 @@ class InferEndpoint:
                  response.status, elapsed, info.batch_rows, info.cache, received, sent)
             )  # fmt: skip
         return response
+
+
+async def _through_handler(
+    engine: Engine,
+    pipeline: HandlerPipeline,
+    request: web.Request,
+    body: bytes,
+    info: RequestInfo | None,
+) -> web.Response:
+    """A model with a handler: a raw body its handler takes (an image) or a V2 request with a
+    BYTES input the model does not take goes preprocess → batched run → postprocess; any other
+    V2 request goes straight to the model."""
+    state = request.app[STATE]
+    route = choose_route(request.headers.get("Content-Type"), pipeline.media_types)
+    if route == "raw":
+        raw = RawRequest.from_body(
+            body, media_type(request.headers.get("Content-Type")), request.headers, request.query
+        )
+        infer = functools.partial(engine.infer, cache=_cache_allowed(request, None), info=info)
+        result = await pipeline.run(raw, infer, timeout_s=state.timeout_s)
+        return web.Response(body=encode_body(result), content_type=_JSON)
+    decoded = decode_request(body, _header_length(request), state.limits)
+    parameters = decoded.parameters
+    timeout_s = _timeout(parameters, state.timeout_s) if parameters else state.timeout_s
+    infer = functools.partial(engine.infer, cache=_cache_allowed(request, parameters), info=info)
+    if wants_handler(decoded.inputs, engine.metadata):
+        v2 = RawRequest.from_v2(decoded.inputs, parameters, request.headers)
+        results = v2_outputs(await pipeline.run(v2, infer, timeout_s=timeout_s))
+    else:
+        results = await engine.infer(
+            decoded.inputs, decoded.outputs, cache=_cache_allowed(request, parameters),
+            info=info, timeout_s=timeout_s,
+        )  # fmt: skip
+    payload, header_length = encode_response(engine.name, engine.version, decoded, results)
+    if header_length is None:
+        return web.Response(body=payload, content_type=_JSON)
+    return web.Response(
+        body=payload,
+        headers={HEADER_LENGTH: str(header_length)},
+        content_type="application/octet-stream",
+    )
 
 
 async def _read_slow_body(request: web.Request, timeout_s: float) -> bytes:

@@ -7,7 +7,8 @@ instances = 2                # session pool
 intra_op_threads = 0
 device = "cuda:0"
 cache = false                # never cache this model's outputs
-handler = "pkg.module:Class" # optional pre/post-processing handler
+handler = "pkg.module:Class" # optional pre/post-processing handler (docs/handlers.md)
+handler_options = { top_k = "3" }  # its options, as --handler-option KEY=VALUE
 
 [version_policy]             # which versions on disk are served (default: latest 1)
 latest = 2                   # or: specific = ["1", "3"]   or: all = true
@@ -69,6 +70,7 @@ class ModelConfig:
     device: Device | None = None
     cache: bool | None = None
     handler: str | None = None
+    handler_options: tuple[tuple[str, str], ...] = ()
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     traffic: TrafficSplit | None = None
 
@@ -101,7 +103,7 @@ def version_order(version: str) -> tuple[int, int | str]:
 
 _TOP = {"max_batch_size": int, "max_latency_ms": float, "max_queue_rows": int, "instances": int,
         "intra_op_threads": int, "device": str, "cache": bool, "handler": str,
-        "version_policy": dict, "traffic": dict}  # fmt: skip
+        "handler_options": dict, "version_policy": dict, "traffic": dict}  # fmt: skip
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:
@@ -133,6 +135,10 @@ def parse_model_config(raw: dict[str, Any], where: str = "config") -> ModelConfi
     try:
         if "device" in values:
             values["device"] = Device.parse(values["device"])
+        if "handler_options" in values:
+            values["handler_options"] = tuple(
+                sorted((str(k), str(v)) for k, v in values["handler_options"].items())
+            )
         if "version_policy" in values:
             values["version_policy"] = _policy(values["version_policy"], where)
         if "traffic" in values:

@@ -22,6 +22,7 @@ from types import TracebackType
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.engine import Engine
 from batchserve.errors import BatchserveError, InvalidInput, ModelLoadError, ModelNotFound, NotReady
+from batchserve.handlers.config import HandlerConfig
 from batchserve.repository.config import ModelConfig, TrafficSplit, version_order
 from batchserve.repository.source import ModelDirectory, scan_directory, scan_model
 
@@ -34,13 +35,22 @@ READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNL
 _MODEL_LEVEL = ""  # status key for problems that concern the whole model (its config)
 
 
-def engine_factory(batch: BatchConfig, runtime: RuntimeConfig, cache: CacheConfig) -> EngineFactory:
-    """Engines with the server's settings, overridden by each model's config.toml."""
+def engine_factory(
+    batch: BatchConfig,
+    runtime: RuntimeConfig,
+    cache: CacheConfig,
+    handler: HandlerConfig | None = None,
+) -> EngineFactory:
+    """Engines with the server's settings, overridden by each model's config.toml (a model's
+    `handler` key replaces the server's `--handler`)."""
 
     def build(name: str, version: str, path: Path, config: ModelConfig) -> Engine:
         model_cache = replace(cache, cacheable=False) if config.cache is False else cache
+        model_handler = handler
+        if config.handler is not None:
+            model_handler = HandlerConfig(config.handler, config.handler_options)
         return Engine(path, config.batch(batch), config.runtime(runtime), name=name,
-                      version=version, cache=model_cache)  # fmt: skip
+                      version=version, cache=model_cache, handler=model_handler)  # fmt: skip
 
     return build
 

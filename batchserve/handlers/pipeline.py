@@ -1,0 +1,201 @@
+"""A model's handler and its executor: preprocess → batched inference → postprocess, with one
+deadline across the three steps and handler code kept off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping
+from types import TracebackType
+from typing import Any, Protocol
+
+import numpy as np
+
+from batchserve.clock import Clock, MonotonicClock
+from batchserve.errors import BatchserveError, DeadlineExceeded, InferenceFailed, InvalidInput
+from batchserve.handlers.base import Handler, RawRequest
+from batchserve.handlers.config import HandlerConfig
+from batchserve.handlers.executor import ExecutorStatistics, HandlerExecutor
+from batchserve.handlers.loader import check_handler, check_inputs, prepare_handler
+from batchserve.runtime.metadata import ModelMetadata
+
+
+class InferFn(Protocol):
+    """The batched model call, e.g. `functools.partial(engine.infer, cache=..., info=...)`."""
+
+    def __call__(
+        self, inputs: dict[str, np.ndarray], *, timeout_s: float | None
+    ) -> Awaitable[Mapping[str, np.ndarray]]: ...
+
+
+class HandlerPipeline:
+    """`async with HandlerPipeline(config, metadata) as pipeline:
+    body = await pipeline.run(request, infer, timeout_s=0.5)`.
+
+    Entering loads the handler, sets it up, checks it against the model (ModelLoadError when it
+    does not fit) and starts the executor; in process mode each worker process imports and sets
+    up its own copy by spec (handlers are never pickled, nor is any client data unpickled: a
+    request's bytes travel as `bytes`).
+    """
+
+    def __init__(
+        self, config: HandlerConfig, metadata: ModelMetadata, *, clock: Clock | None = None
+    ) -> None:
+        self.config = config
+        self.metadata = metadata
+        self._clock = clock or MonotonicClock()
+        self._handler: Handler | None = None
+        self._executor: HandlerExecutor | None = None
+        self.checked = False  # whether the handler offered a sample that was checked
+
+    async def __aenter__(self) -> HandlerPipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        config, metadata = self.config, self.metadata
+        # Imports and setup may block (reading a labels file, building a tokenizer).
+        handler = await asyncio.to_thread(prepare_handler, config.spec, metadata, config.option_map)
+        self.checked = await asyncio.to_thread(check_handler, handler, metadata)
+        workers = config.resolved_workers()
+        if config.executor == "thread":
+            executor = HandlerExecutor("thread", workers, config.resolved_max_pending())
+        else:
+            executor = HandlerExecutor(
+                "process",
+                workers,
+                config.resolved_max_pending(),
+                initializer=_init_worker,
+                initargs=(config.spec, dict(config.options), metadata),
+            )
+        await executor.start()
+        self._handler, self._executor = handler, executor
+
+    async def aclose(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await executor.aclose()
+
+    @property
+    def handler(self) -> Handler:
+        """The parent process's instance (in process mode: used only for load-time checks)."""
+        if self._handler is None:
+            raise RuntimeError("the handler pipeline is not started")
+        return self._handler
+
+    @property
+    def media_types(self) -> frozenset[str]:
+        """Raw body types the handler takes, for `negotiate.choose_route`."""
+        return frozenset(getattr(self.handler, "media_types", frozenset()))
+
+    async def preprocess(
+        self, request: RawRequest, *, timeout_s: float | None = None
+    ) -> dict[str, np.ndarray]:
+        executor = self._running()
+        if executor.kind == "process":
+            return await executor.run(_worker_preprocess, request, timeout_s=timeout_s)
+        handler = self.handler
+        return await executor.run(_preprocess, handler, self.metadata, request, timeout_s=timeout_s)
+
+    async def postprocess(
+        self,
+        outputs: Mapping[str, np.ndarray],
+        request: RawRequest,
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
+        executor = self._running()
+        outputs = dict(outputs)
+        if executor.kind == "process":
+            return await executor.run(_worker_postprocess, outputs, request, timeout_s=timeout_s)
+        return await executor.run(_postprocess, self.handler, outputs, request, timeout_s=timeout_s)
+
+    async def run(
+        self, request: RawRequest, infer: InferFn, *, timeout_s: float | None = None
+    ) -> Any:
+        """The whole path for one request; `timeout_s` bounds all three steps together."""
+        deadline = None if timeout_s is None else self._clock.now() + timeout_s
+        inputs = await self.preprocess(request, timeout_s=self._left(deadline))
+        outputs = await infer(inputs, timeout_s=self._left(deadline))
+        return await self.postprocess(outputs, request, timeout_s=self._left(deadline))
+
+    def _left(self, deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - self._clock.now()
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed during its handler")
+        return left
+
+    def _running(self) -> HandlerExecutor:
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError("the handler pipeline is not started")
+        return executor
+
+    def statistics(self) -> ExecutorStatistics:
+        return self._running().statistics()
+
+
+# What runs on a worker (thread or process). Foreign exceptions become InferenceFailed here, so
+# what crosses back is always one of ours (and picklable: a user's exception may not be).
+
+
+def _preprocess(
+    handler: Handler, metadata: ModelMetadata, request: RawRequest
+) -> dict[str, np.ndarray]:
+    try:
+        inputs = handler.preprocess(request)
+    except BatchserveError:
+        raise
+    except Exception as err:
+        raise InferenceFailed(f"handler preprocess failed: {type(err).__name__}: {err}") from None
+    try:
+        check_inputs(inputs, metadata)
+    except InvalidInput as err:
+        # The handler made these arrays, not the client: a server-side fault.
+        raise InferenceFailed(f"handler output does not fit the model: {err.message}") from None
+    return inputs
+
+
+def _postprocess(handler: Handler, outputs: Mapping[str, np.ndarray], request: RawRequest) -> Any:
+    try:
+        return handler.postprocess(outputs, request)
+    except BatchserveError:
+        raise
+    except Exception as err:
+        raise InferenceFailed(f"handler postprocess failed: {type(err).__name__}: {err}") from None
+
+
+class _Worker:
+    """The handler of this worker process; set once by the pool's initializer."""
+
+    handler: Handler | None = None
+    metadata: ModelMetadata | None = None
+
+
+def _init_worker(spec: str, options: dict[str, str], metadata: ModelMetadata) -> None:
+    # A process-pool worker has no other way to keep state between calls than its module.
+    _Worker.handler = prepare_handler(spec, metadata, options)
+    _Worker.metadata = metadata
+
+
+def _worker_preprocess(request: RawRequest) -> dict[str, np.ndarray]:
+    handler, metadata = _Worker.handler, _Worker.metadata
+    if handler is None or metadata is None:
+        raise InferenceFailed("handler worker process not initialised")
+    return _preprocess(handler, metadata, request)
+
+
+def _worker_postprocess(outputs: dict[str, np.ndarray], request: RawRequest) -> Any:
+    handler = _Worker.handler
+    if handler is None:
+        raise InferenceFailed("handler worker process not initialised")
+    return _postprocess(handler, outputs, request)
