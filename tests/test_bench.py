@@ -527,6 +527,8 @@ def test_open_loop_latency_counts_queueing_from_the_scheduled_time(
         "slow",
         "--max-queue-rows",
         "1000000",  # never 429: the whole backlog must wait, not be shed
+        "--max-loop-lag-ms",
+        "0",
     )
     try:
         common = (server.url, "-m", "slow", "--binary", "--rows", "512")
