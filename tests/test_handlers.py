@@ -646,3 +646,17 @@ def test_v2_json_base64_images_reach_the_handler() -> None:
     assert wants_handler(decoded.inputs, RESNET_METADATA)
     batch = _image_handler().preprocess(RawRequest.from_v2(decoded.inputs))["input"]
     np.testing.assert_allclose(batch[0], reference_preprocess(image), atol=2e-5)
+
+
+def test_nhwc_model_layout() -> None:
+    nhwc = ModelMetadata(
+        (TensorSpec("pixels", "FP32", (-1, 160, 160, 3)),),
+        (TensorSpec("scores", "FP32", (-1, 10)),),
+        True,
+    )
+    handler = prepare_handler("image-classification", nhwc, {"resize": "180"})
+    data = encode(photo(400, 300), "JPEG")
+    batch = handler.preprocess(raw(data))["pixels"]
+    assert batch.shape == (1, 160, 160, 3)
+    expected = reference_preprocess(data, size=160, resize=180).transpose(1, 2, 0)
+    np.testing.assert_allclose(batch[0], expected, atol=2e-5)

@@ -92,6 +92,19 @@ async def test_v2_requests_with_encoded_images_go_through_the_handler(
     assert output["name"] == "predictions"
     assert output["datatype"] == "BYTES"
     assert len(json.loads(output["data"][0])["predictions"]) == 2
+    # The binary tensor extension (as tritonclient sends BYTES): raw JPEG bytes, not base64.
+    header = json.dumps({"inputs": [{
+        "name": "images", "shape": [1], "datatype": "BYTES",
+        "parameters": {"binary_data_size": 4 + len(images[0])}}]}).encode()  # fmt: skip
+    blob = len(images[0]).to_bytes(4, "little") + images[0]
+    async with http.post(
+        f"{classifier}/infer",
+        data=header + blob,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    ) as r:
+        assert r.status == 200, await r.text()
+        (output,) = (await r.json())["outputs"]
+        assert len(json.loads(output["data"][0])["predictions"]) == 1
     # A V2 request with the model's own tensor still goes straight to the model.
     x = np.zeros((1, 3, 224, 224), np.float32)
     tensor = {"name": "input", "shape": [1, 3, 224, 224], "datatype": "FP32",

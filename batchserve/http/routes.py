@@ -307,7 +307,10 @@ async def _through_handler(
         infer = functools.partial(engine.infer, cache=_cache_allowed(request, None), info=info)
         result = await pipeline.run(raw, infer, timeout_s=state.timeout_s)
         return web.Response(body=encode_body(result), content_type=_JSON)
-    decoded = decode_request(body, _header_length(request), state.limits)
+    # Encoded images in a binary BYTES input stay bytes: they are for the handler, not text.
+    # (Unless the model itself takes text: then BYTES stay text, as for every other model.)
+    text_inputs = any(t.datatype == "BYTES" for t in engine.metadata.inputs)
+    decoded = decode_request(body, _header_length(request), state.limits, raw_bytes=not text_inputs)
     parameters = decoded.parameters
     timeout_s = _timeout(parameters, state.timeout_s) if parameters else state.timeout_s
     infer = functools.partial(engine.infer, cache=_cache_allowed(request, parameters), info=info)

@@ -48,9 +48,15 @@ DEFAULT_LIMITS: Final = DecodeLimits()
 
 
 def decode_request(
-    body: bytes, header_length: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+    body: bytes,
+    header_length: int | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    *,
+    raw_bytes: bool = False,
 ) -> InferRequest:
-    """Parse a request body; `header_length` is the binary extension's JSON header length."""
+    """Parse a request body; `header_length` is the binary extension's JSON header length.
+    `raw_bytes`: binary BYTES elements stay `bytes` (an encoded image for a handler) instead
+    of being decoded as UTF-8 text."""
     blob: bytes | memoryview = b""
     if header_length is None:
         header = _loads(body)
@@ -63,7 +69,7 @@ def decode_request(
         header, blob = _loads(view[:header_length]), view[header_length:]
     if not isinstance(header, dict):
         raise InvalidInput("the request body must be a JSON object")
-    inputs = _decode_inputs(header.get("inputs"), blob, limits)
+    inputs = _decode_inputs(header.get("inputs"), blob, limits, raw_bytes)
     outputs, binary = _decode_outputs(header)
     parameters = header.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
@@ -79,7 +85,7 @@ def _loads(data: bytes | memoryview) -> Any:
 
 
 def _decode_inputs(
-    specs: Any, blob: bytes | memoryview, limits: DecodeLimits
+    specs: Any, blob: bytes | memoryview, limits: DecodeLimits, raw_bytes: bool = False
 ) -> dict[str, np.ndarray]:
     if type(specs) is not list or not specs:
         raise InvalidInput("'inputs' must be a non-empty list")
@@ -103,7 +109,7 @@ def _decode_inputs(
                     f"input {name!r} declares binary_data_size {size} but only "
                     f"{len(blob) - offset} binary bytes remain"
                 )
-            arrays[name] = _from_binary(name, blob[offset : offset + size], shape, dtype)
+            arrays[name] = _from_binary(name, blob[offset : offset + size], shape, dtype, raw_bytes)
             offset += size
     if offset != len(blob):
         raise InvalidInput(f"{len(blob) - offset} bytes of binary data follow the last tensor")
@@ -249,11 +255,15 @@ def _flatten(data: list[Any], out: list[Any]) -> None:
 
 
 def _from_binary(
-    name: str, raw: bytes | memoryview, shape: list[int], dtype: np.dtype[Any]
+    name: str,
+    raw: bytes | memoryview,
+    shape: list[int],
+    dtype: np.dtype[Any],
+    raw_bytes: bool = False,
 ) -> np.ndarray:
     count = prod(shape)
     if dtype.kind == "O":
-        return _bytes_elements(name, raw, count).reshape(shape)
+        return _bytes_elements(name, raw, count, raw_bytes).reshape(shape)
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(
             f"input {name!r}: shape {list(shape)} of {v2_name(dtype)} needs "
@@ -262,7 +272,9 @@ def _from_binary(
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=count).reshape(shape)
 
 
-def _bytes_elements(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
+def _bytes_elements(
+    name: str, raw: bytes | memoryview, count: int, raw_bytes: bool = False
+) -> np.ndarray:
     if count * 4 > len(raw):  # every element has a 4-byte length: refuse before allocating
         raise InvalidInput(
             f"input {name!r}: {count} BYTES elements need at least {count * 4} bytes, "
@@ -278,7 +290,8 @@ def _bytes_elements(name: str, raw: bytes | memoryview, count: int) -> np.ndarra
         if offset + length > len(view):
             raise InvalidInput(f"input {name!r}: BYTES element {i} runs past the data")
         try:
-            array[i] = bytes(view[offset : offset + length]).decode("utf-8")
+            element = bytes(view[offset : offset + length])
+            array[i] = element if raw_bytes else element.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidInput(f"input {name!r}: BYTES element {i} is not UTF-8") from None
         offset += length
