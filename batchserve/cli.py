@@ -249,8 +249,13 @@ def _add_serve(commands: Any) -> None:
         "(docs/handlers.md)",
     )  # fmt: skip
     serve.add_argument(
-        "--handler-option", action="append", default=[], metavar="KEY=VALUE",
+        "--handler-option", action="append", metavar="KEY=VALUE",
+        default=[o for o in _env("handler-options", "").split(",") if o.strip()],
         help="an option for the handler's setup (repeatable), e.g. top_k=3",
+    )  # fmt: skip
+    serve.add_argument(
+        "--handler-max-pending", type=int, default=_env("handler-max-pending", 0, int),
+        help="requests waiting for or in the handler executor before 429 (0 = 16 per worker)",
     )  # fmt: skip
     serve.add_argument(
         "--handler-executor", choices=["thread", "process"],
@@ -425,7 +430,11 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
     try:
         handler = (
             HandlerConfig.from_flags(
-                args.handler, args.handler_option, args.handler_executor, args.handler_workers
+                args.handler,
+                args.handler_option,
+                args.handler_executor,
+                args.handler_workers,
+                args.handler_max_pending,
             )
             if args.handler
             else None

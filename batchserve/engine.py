@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -21,7 +22,8 @@ from batchserve.cache.redis_tier import RedisTier
 from batchserve.cache.tiered import CacheStatistics, ResponseCache
 from batchserve.clock import Clock, MonotonicClock
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
-from batchserve.errors import DeadlineExceeded, NotReady
+from batchserve.errors import DeadlineExceeded, InvalidInput, NotReady
+from batchserve.handlers.base import RawRequest
 from batchserve.handlers.config import HandlerConfig
 from batchserve.handlers.pipeline import HandlerPipeline
 from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
@@ -185,6 +187,22 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    async def infer_request(
+        self,
+        request: RawRequest,
+        *,
+        cache: bool = True,
+        info: RequestInfo | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """One request through the model's handler: preprocess, the batched run, postprocess
+        (one deadline for all three); the handler's response body."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            raise InvalidInput(f"model {self.name!r} has no handler")
+        infer = functools.partial(self.infer, cache=cache, info=info)
+        return await pipeline.run(request, infer, timeout_s=timeout_s)
 
     def retire(self) -> None:
         """Mark the engine as no longer routed to (a new version replaced it or it is being

@@ -208,6 +208,50 @@ def _gpu() -> list[str]:
     return lines
 
 
+def _handlers() -> list[str]:
+    """Figures of benchmarks/jpeg_e2e.py and benchmarks/handlers.py, when they have been run."""
+    lines: list[str] = []
+    e2e_path, parts_path = DOCS / "results" / "jpeg-e2e.json", DOCS / "results" / "handlers.json"
+    if e2e_path.exists():
+        e2e = json.loads(e2e_path.read_text())
+        lat = e2e["latency_ms"]
+        total = e2e["preprocess_ms"] + e2e["inference_ms_per_image"] + e2e["postprocess_ms"]
+        lines += [
+            f"`python benchmarks/jpeg_e2e.py` ({e2e['when']}, {e2e['machine']}): ResNet-50 with "
+            f"`--handler image-classification`, {e2e['clients']} clients posting "
+            f"{e2e['image']} bodies over HTTP for {e2e['duration_s']:g} s, ORT spin "
+            f"{e2e['spin']}.",
+            "",
+            "| images/s | p50 | p95 | p99 | errors | mean batch |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {e2e['images_per_s']:.1f} | {lat['p50']:.0f} ms | {lat['p95']:.0f} ms "
+            f"| {lat['p99']:.0f} ms | {e2e['errors']} | {e2e['mean_batch_rows']:.1f} |",
+            "",
+            "Where an image's compute goes (not counting the wait for a batch): decode + resize + "
+            f"crop + normalise {e2e['preprocess_ms']:.1f} ms "
+            f"({e2e['preprocess_ms'] / total:.0%}), ONNX Runtime "
+            f"{e2e['inference_ms_per_image']:.1f} ms "
+            f"({e2e['inference_ms_per_image'] / total:.0%}), "
+            f"top-k {e2e['postprocess_ms']:.2f} ms. The rest of the latency is queueing behind "
+            "the model, which is the bottleneck on two cores.",
+            "",
+        ]
+    if parts_path.exists():
+        parts = json.loads(parts_path.read_text())
+        decode, pre, ex = (parts["decode_per_core"], parts["preprocess_per_core"],
+                           parts["executor_preprocess"])  # fmt: skip
+        lines += [
+            f"`python benchmarks/handlers.py` ({parts['image']}): JPEG decode per core, Pillow "
+            f"{decode['pillow']:.0f} vs simplejpeg {decode['simplejpeg']:.0f} images/s (the "
+            f"handler uses simplejpeg when installed); full preprocessing per core "
+            f"{pre['pillow']:.0f} vs {pre['simplejpeg']:.0f} images/s; with 2 workers, threads "
+            f"{ex['thread']:.0f} vs processes {ex['process']:.0f} images/s (threads are the "
+            "default: decoding and resizing release the GIL). Details: "
+            "[handlers.md](handlers.md).",
+        ]
+    return lines or ["Not measured yet (`python benchmarks/jpeg_e2e.py`)."]
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     env = results["compare"]
     out = [
@@ -259,6 +303,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "## Cache",
         "",
         *_cache(results),
+        "",
+        "## Handlers: ResNet-50 with JPEG bodies",
+        "",
+        *_handlers(),
         "",
         "## GPU",
         "",

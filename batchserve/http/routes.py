@@ -29,6 +29,7 @@ from batchserve.errors import (
 )
 from batchserve.handlers.base import RawRequest
 from batchserve.handlers.negotiate import (
+    PREDICTIONS,
     choose_route,
     encode_body,
     media_type,
@@ -304,8 +305,9 @@ async def _through_handler(
         raw = RawRequest.from_body(
             body, media_type(request.headers.get("Content-Type")), request.headers, request.query
         )
-        infer = functools.partial(engine.infer, cache=_cache_allowed(request, None), info=info)
-        result = await pipeline.run(raw, infer, timeout_s=state.timeout_s)
+        result = await engine.infer_request(
+            raw, cache=_cache_allowed(request, None), info=info, timeout_s=state.timeout_s
+        )
         return web.Response(body=encode_body(result), content_type=_JSON)
     # Encoded images in a binary BYTES input stay bytes: they are for the handler, not text.
     # (Unless the model itself takes text: then BYTES stay text, as for every other model.)
@@ -313,10 +315,17 @@ async def _through_handler(
     decoded = decode_request(body, _header_length(request), state.limits, raw_bytes=not text_inputs)
     parameters = decoded.parameters
     timeout_s = _timeout(parameters, state.timeout_s) if parameters else state.timeout_s
-    infer = functools.partial(engine.infer, cache=_cache_allowed(request, parameters), info=info)
     if wants_handler(decoded.inputs, engine.metadata):
+        if decoded.outputs and set(decoded.outputs) != {PREDICTIONS}:
+            raise InvalidInput(
+                f"a request through the handler has one output, {PREDICTIONS!r}; "
+                f"asked for {decoded.outputs}"
+            )
         v2 = RawRequest.from_v2(decoded.inputs, parameters, request.headers)
-        results = v2_outputs(await pipeline.run(v2, infer, timeout_s=timeout_s))
+        value = await engine.infer_request(
+            v2, cache=_cache_allowed(request, parameters), info=info, timeout_s=timeout_s
+        )
+        results = v2_outputs(value)
     else:
         results = await engine.infer(
             decoded.inputs, decoded.outputs, cache=_cache_allowed(request, parameters),
