@@ -314,3 +314,35 @@ async def test_the_command_serves_a_repository_directory(tmp_path: Path) -> None
     result = run_cli("serve", "--model-repository", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert "is not a directory" in result.stderr
+
+
+async def test_a_model_config_can_name_a_handler_with_options(
+    tmp_path: Path,
+    start_repository: StartRepository,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "csv_handler.py").write_text(
+        "import numpy as np\n"
+        "class Csv:\n"
+        "    media_types = frozenset({'text/csv'})\n"
+        "    def setup(self, metadata, options):\n"
+        "        self.scale = float(options['scale'])\n"
+        "    def preprocess(self, request):\n"
+        "        row = [float(v) for v in request.body.decode().split(',')]\n"
+        "        return {'x': np.array([row], dtype=np.float32)}\n"
+        "    def postprocess(self, outputs, request):\n"
+        "        return {'y': (outputs['y'][0] * self.scale).tolist()}\n"
+    )
+    monkeypatch.syspath_prepend(str(code))
+    root = tmp_path / "models"
+    write_config(root, "alpha", 'handler = "csv_handler:Csv"\n[handler_options]\nscale = "10"\n')
+    add_version(root, "alpha", "1", 2.0)
+    url = await start_repository(root)
+    async with http.post(
+        f"{url}/v2/models/alpha/infer", data=b"1,2,3,4", headers={"Content-Type": "text/csv"}
+    ) as r:
+        assert r.status == 200, await r.text()
+        assert await r.json() == {"y": [20.0, 40.0, 60.0, 80.0]}
