@@ -7,6 +7,7 @@ a JSON-serialisable body). Handlers see one request at a time; batching is the e
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -106,8 +107,9 @@ class Handler(Protocol):
         ...
 
 
-class BaseHandler:
-    """Convenience base class with the optional parts filled in; subclass and override."""
+class BaseHandler(ABC):
+    """Convenience base class with the optional parts filled in; subclasses implement
+    `preprocess` and `postprocess`."""
 
     media_types: frozenset[str] = frozenset()
 
@@ -118,8 +120,10 @@ class BaseHandler:
     def sample_request(self, metadata: ModelMetadata) -> RawRequest | None:
         return None
 
+    @abstractmethod
     def preprocess(self, request: RawRequest) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """See `Handler.preprocess`."""
 
+    @abstractmethod
     def postprocess(self, outputs: Mapping[str, np.ndarray], request: RawRequest) -> Any:
-        raise NotImplementedError
+        """See `Handler.postprocess`."""

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu/device_run.sh [gpu_check.py flags]     # writes to $OUT
 #
-# onnxruntime-gpu: its parts arrive one device call at a time (README.md); each call that
+# onnxruntime-gpu: its parts arrive one transfer at a time (README.md); each call that
 # runs this script copies whatever .ortgpu/part-* it carried to /tmp/ortgpu, and once
 # .ortgpu/NAME is there too the parts are joined and installed. With no gpu_check.py flags
 # and ONLY_INSTALL=1 it stops after installing (for the part-carrying calls).

@@ -7,7 +7,7 @@
 #
 # numpy is left out on purpose: the GPU machine has one that its torch and CuPy were built
 # against, and a second copy on PYTHONPATH would shadow it. onnxruntime-gpu travels on its
-# own (../shared/tools/ortgpu-split.sh). The total stays under 20 MB (a device call carries at
+# own (benchmarks/gpu/split_wheel.sh). The total stays under 20 MB (a transfer carries at
 # most 64 MiB).
 set -euo pipefail
 top=$(git rev-parse --show-toplevel)
