@@ -7,9 +7,11 @@ import functools
 import hmac
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -44,6 +46,7 @@ from batchserve.protocol import (
     DEFAULT_LIMITS,
     HEADER_LENGTH,
     DecodeLimits,
+    InferRequest,
     decode_request,
     encode_response,
 )
@@ -260,17 +263,7 @@ class InferEndpoint:
                     if parameters
                     else state.timeout_s,
                 )
-                payload, header_length = encode_response(
-                    engine.name, engine.version, decoded, results
-                )
-                if header_length is None:
-                    response = web.Response(body=payload, content_type=_JSON)
-                else:
-                    response = web.Response(
-                        body=payload,
-                        headers={HEADER_LENGTH: str(header_length)},
-                        content_type="application/octet-stream",
-                    )
+                response = _v2_response(engine, decoded, results)
         except Exception as err:
             response = to_response(request, err)
         finally:
@@ -331,6 +324,13 @@ async def _through_handler(
             decoded.inputs, decoded.outputs, cache=_cache_allowed(request, parameters),
             info=info, timeout_s=timeout_s,
         )  # fmt: skip
+    return _v2_response(engine, decoded, results)
+
+
+def _v2_response(
+    engine: Engine, decoded: InferRequest, results: Mapping[str, np.ndarray]
+) -> web.Response:
+    """A V2 inference response: JSON, or JSON header + binary outputs when asked for."""
     payload, header_length = encode_response(engine.name, engine.version, decoded, results)
     if header_length is None:
         return web.Response(body=payload, content_type=_JSON)
