@@ -34,6 +34,7 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
         body_timeout_s=config.body_timeout_s,
         limits=DecodeLimits(config.max_inputs, config.max_tensor_elements),
         max_loop_lag_s=config.max_loop_lag_ms / 1000.0,
+        max_json_bytes=config.max_json_bytes,
     )
     collector = BatchserveCollector(
         repository,

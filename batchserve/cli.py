@@ -25,15 +25,15 @@ GC_GEN0_THRESHOLD = 20_000
 
 
 def _env(flag: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
-    value = os.environ.get("BATCHSERVE_" + flag.upper().replace("-", "_"))
+    name = "BATCHSERVE_" + flag.upper().replace("-", "_")
+    value = os.environ.get(name)
     if value is None:
         return default
     try:
         return kind(value)
     except ValueError:
-        raise SystemExit(
-            f"batchserve: error: BATCHSERVE_{flag.upper()}={value!r} is invalid"
-        ) from None
+        print(f"batchserve: error: {name}={value!r} is invalid", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 def _flag(text: str) -> bool:
@@ -111,7 +111,7 @@ def _add_serve(commands: Any) -> None:
         "(auto: on for model files over 8 MB)",
     )
     serve.add_argument(
-        "--device", type=_device, default=_device(_env("device", "cpu")), help="cpu or cuda[:N]"
+        "--device", type=_device, default=_env("device", "cpu"), help="cpu or cuda[:N]"
     )
     serve.add_argument(
         "--io-binding",
@@ -156,6 +156,12 @@ def _add_serve(commands: Any) -> None:
         type=float,
         default=_env("max-body-mb", 64.0, float),
         help="largest accepted request body (413 above it)",
+    )
+    serve.add_argument(
+        "--max-json-body-mb",
+        type=float,
+        default=_env("max-json-body-mb", 16.0, float),
+        help="largest JSON part of a request (413 above it; big tensors go faster as binary)",
     )
     serve.add_argument(
         "--shutdown-grace-s",
@@ -401,6 +407,7 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
             args.port,
             int(args.max_body_mb * 1024 * 1024),
             args.shutdown_grace_s,
+            max_json_bytes=int(args.max_json_body_mb * 1024 * 1024),
             access_log=args.access_log,
             api_key=args.api_key,
             metrics_public=not args.protect_metrics,

@@ -204,6 +204,7 @@ class ServerConfig:
     port: int = 8000
     max_body_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    max_json_bytes: int = 16 * 1024 * 1024  # the JSON part of a request (binary tensors aside)
     access_log: bool = False  # one JSON line per request on the batchserve.access logger
     api_key: str | None = None  # bearer token required on every endpoint but health (and metrics)
     metrics_public: bool = True  # /metrics without the API key
@@ -223,6 +224,7 @@ class ServerConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         _positive("max_body_bytes", self.max_body_bytes)
+        _positive("max_json_bytes", self.max_json_bytes)
         _non_negative("shutdown_grace_s", self.shutdown_grace_s)
         _non_negative("request_timeout_ms", self.request_timeout_ms)
         _positive("body_timeout_s", self.body_timeout_s)

@@ -109,8 +109,10 @@ class Engine:
         started = time.perf_counter()
         builder = SessionBuilder(self.model_path, self.runtime_config)
         sessions, metadata = await asyncio.to_thread(builder.load)
-        # Keys carry the file's digest: a new file never gets the old file's answers.
-        self._cache_version = f"{self.version}:{builder.digest}"
+        # Keys carry the file's digest: a new file never gets the old file's answers; and the
+        # precision: replicas with and without --fp16 may share one Redis.
+        precision = ":fp16" if self.runtime_config.fp16 else ""
+        self._cache_version = f"{self.version}:{builder.digest}{precision}"
         runtime = self.runtime_config
         health = HealthPolicy(
             replace_after_failures=runtime.replace_after_failures,
@@ -318,7 +320,12 @@ class Engine:
         info: RequestInfo | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
-        item = batcher.submit(arrays, rows, tuple([a.shape[1:] for a in arrays]), timeout_s)
+        signature = tuple([a.shape[1:] for a in arrays])
+        if not rows:
+            # Zero rows: merged into a batch, it would shift every other request's rows; alone
+            # (a signature no other queued request has: no shape holds -1), counted as one row.
+            signature, rows = (*signature, (-1, id(arrays))), 1
+        item = batcher.submit(arrays, rows, signature, timeout_s)
         try:
             results = await item.future
         except asyncio.CancelledError:

@@ -9,10 +9,12 @@ import aiohttp
 import numpy as np
 import pytest
 
-from batchserve import BatchConfig, CacheConfig, Engine
+from batchserve import BatchConfig, CacheConfig, Engine, RuntimeConfig
 from batchserve.cache import cache_key, codec
 from batchserve.cache.breaker import CircuitBreaker, CircuitState
 from batchserve.cache.lru import ByteLRU
+from batchserve.cache.tiered import ResponseCache
+from batchserve.errors import Overloaded
 from batchserve.testing import FakeClock
 
 from conftest import RedisProcess, StartServer
@@ -319,3 +321,44 @@ async def test_http_requests_can_opt_out(start_server: StartServer, mlp_path: Pa
             stats = (await r.json())["model_stats"][0]
     assert stats["request_count"] == 3
     assert stats["cache"]["local"]["hits"] == 1
+
+
+async def test_a_leader_refused_for_its_own_deadline_does_not_refuse_its_duplicates() -> None:
+    cache = ResponseCache(ByteLRU(1 << 20))
+    answer = {"y": np.ones(2, np.float32)}
+    started = asyncio.Event()
+
+    async def refused() -> dict[str, np.ndarray]:  # what the queue does to a short deadline
+        started.set()
+        await asyncio.sleep(0.01)
+        raise Overloaded("the queue's expected wait exceeds the request's deadline (1 ms)")
+
+    async def computed() -> dict[str, np.ndarray]:
+        return answer
+
+    leader = asyncio.create_task(cache.get_or_compute(b"k", refused))
+    await started.wait()
+    follower = asyncio.create_task(cache.get_or_compute(b"k", computed))
+    with pytest.raises(Overloaded):
+        await leader
+    result = await follower  # computed with its own (absent) deadline instead
+    np.testing.assert_array_equal(result["y"], answer["y"])
+
+
+async def test_fp16_and_fp32_replicas_never_share_answers_through_redis(
+    mlp_path: Path, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxconverter_common", reason="--fp16 needs the gpu extra")
+    x = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
+    config = CacheConfig(size_mb=8, redis_url=redis_server.url, ttl_s=60)
+    async with Engine(mlp_path, cache=config, name="mlp") as full:
+        await full.infer({"input": x})
+        await asyncio.sleep(0.2)  # the write to Redis happens off the request's path
+    half_precision = RuntimeConfig(fp16=True, build_cache_dir=str(tmp_path))
+    async with Engine(mlp_path, runtime=half_precision, cache=config, name="mlp") as half:
+        await half.infer({"input": x})
+        stats = half.statistics()
+    assert stats.cache is not None
+    assert stats.cache.redis is not None
+    assert stats.cache.redis.hits == 0
+    assert stats.batcher.requests == 1  # computed by the FP16 model itself

@@ -195,3 +195,19 @@ def test_example_model_command_writes_a_servable_model(tmp_path: Path) -> None:
     result = run_cli("example-model", "nope", "-o", str(tmp_path / "x.onnx"))
     assert result.returncode == 2
     assert "unknown example model 'nope'" in result.stderr
+
+
+def test_invalid_environment_values_are_one_line_naming_the_variable(mlp_path: Path) -> None:
+    env = {**os.environ, "BATCHSERVE_DEVICE": "gpu"}
+    result = subprocess.run(
+        [*CLI, "serve", str(mlp_path)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "device must be 'cpu' or 'cuda[:N]', got 'gpu'" in result.stderr
+    env = {**os.environ, "BATCHSERVE_MAX_BATCH_SIZE": "abc"}
+    result = subprocess.run(
+        [*CLI, "serve", str(mlp_path)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "batchserve: error: BATCHSERVE_MAX_BATCH_SIZE='abc' is invalid"

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from batchserve import BatchConfig, Engine
+from batchserve import BatchConfig, CacheConfig, Engine
 from batchserve.http import STATE
 
 from conftest import StartServer
@@ -438,3 +438,78 @@ async def _status(
     async with http.post(url, data=body, headers=headers) as r:
         await r.read()
         return r.status
+
+
+async def test_a_zero_row_request_never_spoils_the_batch_it_arrives_with(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    engine = Engine(mlp_path, BatchConfig(max_batch_size=64, max_latency_ms=20), name="mlp")
+    server = await start_server(engine)
+    rng = np.random.default_rng(5)
+    rows = [0 if i % 5 == 0 else 1 + i % 3 for i in range(40)]
+    inputs = [rng.standard_normal((n, 64)).astype(np.float32) for n in rows]
+    answers = await asyncio.gather(
+        *(post(http, f"{server.url}/v2/models/mlp/infer", infer_body(x)) for x in inputs)
+    )
+    session = ort.InferenceSession(str(mlp_path), providers=["CPUExecutionProvider"])
+    for x, (status, answer) in zip(inputs, answers, strict=True):
+        assert status == 200, answer
+        output = answer["outputs"][0]
+        assert output["shape"] == [x.shape[0], 10]
+        if x.shape[0]:
+            expected = session.run(None, {"input": x})[0]
+            got = np.asarray(output["data"], np.float32).reshape(output["shape"])
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    batcher = engine.statistics().batcher
+    assert batcher.batches < batcher.requests  # the others did share runs
+
+
+async def test_a_cache_hit_lists_outputs_in_the_order_asked(
+    start_server: StartServer, two_inputs_path: Path, http: aiohttp.ClientSession
+) -> None:
+    engine = Engine(two_inputs_path, name="two", cache=CacheConfig(size_mb=8))
+    server = await start_server(engine)
+    inputs = [
+        {"name": "a", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]},
+        {"name": "b", "shape": [1, 2], "datatype": "INT64", "data": [5, 6]},
+    ]
+    url = f"{server.url}/v2/models/two/infer"
+    for order in (["b_twice", "sum"], ["sum", "b_twice"]):
+        body = {"inputs": inputs, "outputs": [{"name": n} for n in order]}
+        status, answer = await post(http, url, body)
+        assert status == 200
+        assert [o["name"] for o in answer["outputs"]] == order
+    cache = engine.statistics().cache
+    assert cache is not None
+    assert cache.local.hits == 1  # the second was answered from the cache
+
+
+async def test_json_over_its_own_limit_gets_413_and_binary_still_works(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), max_json_bytes=64 * 1024)
+    x = np.random.default_rng(1).standard_normal((200, 64)).astype(np.float32)  # ~250 KB JSON
+    url = f"{server.url}/v2/models/mlp/infer"
+    status, answer = await post(http, url, infer_body(x))
+    assert status == 413
+    assert "binary tensor extension" in answer["error"]
+    body, header_length = binary_body({"input": ("FP32", x)})  # 51 KB of tensor, small JSON
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+    async with http.post(url, data=body, headers=headers) as r:
+        assert r.status == 200
+        assert json.loads(await r.read())["outputs"][0]["shape"] == [200, 10]
+
+
+async def test_refusals_of_a_known_model_are_counted_under_its_name(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), api_key="k")
+    body = infer_body(np.ones((1, 64), np.float32))
+    status, _ = await post(http, f"{server.url}/v2/models/mlp/infer", body)
+    assert status == 401
+    status, _ = await post(http, f"{server.url}/v2/models/nope/infer", body)
+    assert status == 401
+    async with http.get(f"{server.url}/metrics") as r:
+        text = await r.text()
+    assert 'batchserve_requests_total{model="mlp",status_class="4xx"} 1.0' in text
+    assert 'batchserve_requests_total{model="_unknown",status_class="4xx"} 1.0' in text

@@ -761,7 +761,7 @@ def _binary_spec(name: str, datatype: str, shape: list[int], size: Any) -> dict[
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"inputs": [', b"{inputs: []}", b"", b"\xff\xfe", b'{"inputs": []} trailing', b"NaN"],
+    [b'{"inputs": [', b"{inputs: []}", b"", b"\xff\xfe", b'{"inputs": []} trailing', b"nan"],
 )
 def test_malformed_json(body: bytes) -> None:
     with pytest.raises(InvalidInput, match="malformed JSON"):
@@ -1113,3 +1113,82 @@ def test_errors_are_http_400() -> None:
         decode_request(b"{")
     assert info.value.status == 400
     assert "malformed JSON" in info.value.message
+
+
+# ---------------------------------------------------------- edge cases found in review
+
+
+def test_data_nested_deeper_than_the_recursion_limit_is_not_a_500() -> None:
+    deep = "[" * 1000 + '"a"' + "]" * 1000
+    body = '{"inputs":[{"name":"s","shape":[1],"datatype":"BYTES","data":' + deep + "}]}"
+    assert decode_request(body.encode()).inputs["s"].tolist() == ["a"]  # flattened, no recursion
+    numbers = body.replace('"a"', "1").replace("BYTES", "UINT64")
+    with pytest.raises(InvalidInput, match="input 's'"):
+        decode_request(numbers.encode())
+
+
+def test_nested_bytes_data_flattens_in_row_major_order() -> None:
+    array = _one(_tensor("s", "BYTES", [2, 2, 1], [[["a"], ["b"]], [["c"], ["d"]]]))
+    assert array.reshape(-1).tolist() == ["a", "b", "c", "d"]
+
+
+def test_non_finite_floats_round_trip_as_triton_writes_them() -> None:
+    # tritonclient and Triton write NaN, Infinity and -Infinity (not valid strict JSON).
+    body = (
+        b'{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[NaN,Infinity,-Infinity]}]}'
+    )
+    x = decode_request(body).inputs["x"]
+    assert x.dtype == np.float32
+    assert np.isnan(x[0]) and x[1] == np.inf and x[2] == -np.inf
+    values = np.array([np.inf, -np.inf, np.nan, 0.1], dtype=np.float32)
+    encoded, _ = encode_response("m", "1", decode_request(body), {"y": values})
+    assert b"null" not in encoded
+    data = json.loads(encoded)["outputs"][0]["data"]  # the standard library reads the tokens
+    back = np.asarray(data, dtype=np.float32)
+    assert back[0] == np.inf and back[1] == -np.inf and np.isnan(back[2]) and back[3] == values[3]
+
+
+def test_finite_outputs_keep_the_fast_encoding() -> None:
+    request = decode_request(_request(_tensor("x", "FP32", [1], [1.0]), id=None))
+    encoded, _ = encode_response("m", "1", request, {"y": np.array([0.1], np.float32)})
+    assert json.loads(encoded)["outputs"][0]["data"] == [0.1]  # float32-aware: not 0.10000000149
+
+
+def test_malformed_json_with_a_nan_token_is_still_400() -> None:
+    with pytest.raises(InvalidInput, match="malformed JSON"):
+        decode_request(b'{"inputs":[{"name":"x","data":[NaN,]}]}')
+    with pytest.raises(InvalidInput, match="must be a JSON object"):
+        decode_request(b"NaN")
+
+
+def test_integers_too_large_for_fp16_are_refused_not_wrapped() -> None:
+    for value in (70000, 1 << 32, (1 << 63) - 1):
+        with pytest.raises(InvalidInput, match="outside its range"):
+            _one(_tensor("x", "FP16", [1], [value]))
+    assert _one(_tensor("x", "FP16", [1], [65504])).tolist() == [65504.0]
+
+
+def test_classification_extension_is_refused_with_a_reason() -> None:
+    outputs = [{"name": "y", "parameters": {"classification": 3}}]
+    with pytest.raises(InvalidInput, match="classification extension is not supported"):
+        decode_request(_request(_tensor("x", "INT32", [1], [1]), outputs=outputs))
+
+
+def test_empty_outputs_list_means_all_outputs_and_keeps_binary_data_output() -> None:
+    request = decode_request(
+        _request(
+            _tensor("x", "INT32", [1], [1]),
+            outputs=[],
+            parameters={"binary_data_output": True},
+        )
+    )
+    assert request.outputs is None
+    assert request.binary_outputs == frozenset()
+
+
+def test_response_lists_outputs_in_the_requested_order() -> None:
+    outputs = [{"name": "b"}, {"name": "a"}]
+    request = decode_request(_request(_tensor("x", "INT32", [1], [1]), outputs=outputs))
+    results = {"a": np.array([1], np.int32), "b": np.array([2], np.int32)}  # another order
+    encoded, _ = encode_response("m", "1", request, results)
+    assert [o["name"] for o in json.loads(encoded)["outputs"]] == ["b", "a"]

@@ -10,10 +10,12 @@ from types import TracebackType
 
 from batchserve.cache.lru import ByteLRU, LRUStatistics, Outputs
 from batchserve.cache.redis_tier import RedisStatistics, RedisTier
+from batchserve.errors import DeadlineExceeded, Overloaded
 
 
 class _LeaderGone(Exception):
-    """The request computing a key was cancelled; a waiting duplicate takes over."""
+    """The request computing a key was cancelled, or refused for its own deadline; a waiting
+    duplicate takes over (with its own deadline)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,8 @@ class ResponseCache:
                     self._redis.put_later(key, outputs)
             if self._local.enabled:
                 self._local.put(key, outputs)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Overloaded, DeadlineExceeded):
+            # The leader's own deadline or cancellation: not an answer for the others.
             future.set_exception(_LeaderGone())
             raise
         except BaseException as err:

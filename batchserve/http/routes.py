@@ -68,6 +68,7 @@ class ServerState:
         "lag_shed",
         "limits",
         "max_body_bytes",
+        "max_json_bytes",
         "metrics_public",
         "request_ids",
         "requests",
@@ -84,8 +85,12 @@ class ServerState:
         body_timeout_s: float = 30.0,
         limits: DecodeLimits = DEFAULT_LIMITS,
         max_loop_lag_s: float = 0.0,
+        max_json_bytes: int | None = None,
     ) -> None:
         self.accepting = False
+        # JSON costs ~14x its size in memory and holds the loop while it is parsed: big
+        # tensors belong in the binary extension, whose decode is zero-copy.
+        self.max_json_bytes = max_body_bytes if max_json_bytes is None else max_json_bytes
         self.lag = LoopLag(max_loop_lag_s)
         self.lag_shed = 0  # requests refused because the event loop ran late
         self.limits = limits
@@ -221,11 +226,11 @@ class InferEndpoint:
         stats.in_flight += 1
         model, received = UNKNOWN_MODEL, 0
         info = RequestInfo() if state.access_log.enabled else None
+        match = request.match_info
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
         try:
             if state.api_key is not None:  # before the lookup: no probing names without a key
                 state.authorize(request)
-            match = request.match_info
             engine = self._repository.get(match["name"], match.get("version"), request.headers)
             model = engine.name
             if not state.accepting:
@@ -252,7 +257,7 @@ class InferEndpoint:
             if engine.pipeline is not None:
                 response = await _through_handler(engine, engine.pipeline, request, body, info)
             else:
-                decoded = decode_request(body, _header_length(request), state.limits)
+                decoded = _decode(request, body, state)
                 parameters = decoded.parameters
                 results = await engine.infer(
                     decoded.inputs,
@@ -266,6 +271,9 @@ class InferEndpoint:
                 response = _v2_response(engine, decoded, results)
         except Exception as err:
             response = to_response(request, err)
+            name = match.get("name")
+            if model is UNKNOWN_MODEL and name and self._repository.knows(name):
+                model = name  # a known model that refused (not ready, no key): count it there
         finally:
             stats.in_flight -= 1
         elapsed = time.perf_counter() - started
@@ -305,7 +313,7 @@ async def _through_handler(
     # Encoded images in a binary BYTES input stay bytes: they are for the handler, not text.
     # (Unless the model itself takes text: then BYTES stay text, as for every other model.)
     text_inputs = any(t.datatype == "BYTES" for t in engine.metadata.inputs)
-    decoded = decode_request(body, _header_length(request), state.limits, raw_bytes=not text_inputs)
+    decoded = _decode(request, body, state, raw_bytes=not text_inputs)
     parameters = decoded.parameters
     timeout_s = _timeout(parameters, state.timeout_s) if parameters else state.timeout_s
     if wants_handler(decoded.inputs, engine.metadata):
@@ -366,6 +374,19 @@ def _cache_allowed(request: web.Request, parameters: dict[str, Any] | None) -> b
         return False
     control = request.headers.get("Cache-Control")
     return not (control and ("no-cache" in control or "no-store" in control))
+
+
+def _decode(
+    request: web.Request, body: bytes, state: ServerState, *, raw_bytes: bool = False
+) -> InferRequest:
+    header_length = _header_length(request)
+    json_length = len(body) if header_length is None else header_length
+    if state.max_json_bytes < json_length <= len(body):  # a length past the body: 400 below
+        raise PayloadTooLarge(
+            f"the request's JSON is {json_length} bytes, over the limit of {state.max_json_bytes}; "
+            "send large tensors with the binary tensor extension"
+        )
+    return decode_request(body, header_length, state.limits, raw_bytes=raw_bytes)
 
 
 def _header_length(request: web.Request) -> int | None:

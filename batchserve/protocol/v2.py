@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,7 +82,15 @@ def _loads(data: bytes | memoryview) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as err:
-        raise InvalidInput(f"malformed JSON: {err}") from None
+        raw = bytes(data)
+        if b"NaN" not in raw and b"Infinity" not in raw:
+            raise InvalidInput(f"malformed JSON: {err}") from None
+        # Triton and tritonclient write non-finite floats as NaN/Infinity/-Infinity, which
+        # orjson refuses; the standard library reads them (only on this rare path).
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as fallback:
+            raise InvalidInput(f"malformed JSON: {fallback}") from None
 
 
 def _decode_inputs(
@@ -168,6 +177,8 @@ def _from_json(name: str, data: Any, shape: list[int], dtype: np.dtype[Any]) -> 
         array = _numbers(data, dtype) if dtype.kind != "O" else _strings(data)
     except (ValueError, TypeError, OverflowError) as err:
         raise InvalidInput(f"input {name!r}: data does not fit {v2_name(dtype)}: {err}") from None
+    except RecursionError:
+        raise InvalidInput(f"input {name!r}: data is nested too deeply") from None
     count = prod(shape)
     if array.size != count:
         raise InvalidInput(
@@ -211,14 +222,15 @@ def _numbers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
         return inferred
     if target == "f":
         limit = _FLOAT_LIMITS.get(dtype)
-        # x·x bounds every x_i², so one BLAS call clears the common case; only a sum past the
-        # limit needs the exact (slower) per-element check.
-        if (
-            limit is not None
-            and np.vdot(inferred, inferred) >= limit * limit
-            and np.abs(inferred).max() >= limit
-        ):
-            raise OverflowError("a value is outside its range")
+        if limit is not None:
+            if kind != "f":  # integers: in float64, so the squares below cannot wrap around
+                inferred = inferred.astype(np.float64)
+            # x·x bounds every x_i², so one BLAS call clears the common case; only a sum past
+            # the limit needs the exact (slower) check. NaN and ±inf are values, not overflow.
+            if np.vdot(inferred, inferred) >= limit * limit:
+                magnitude = np.abs(inferred)
+                if (magnitude[np.isfinite(magnitude)] >= limit).any():
+                    raise OverflowError("a value is outside its range")
     elif target in "iu" and inferred.size:
         info = np.iinfo(dtype)
         if int(inferred.min()) < info.min or int(inferred.max()) > info.max:
@@ -247,11 +259,16 @@ def _strings(data: list[Any]) -> np.ndarray:
 
 
 def _flatten(data: list[Any], out: list[Any]) -> None:
-    for value in data:
-        if isinstance(value, list):
-            _flatten(value, out)
-        else:
+    # Iterative: JSON may nest deeper than Python's recursion limit.
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if type(value) is list:
+                stack.append(iter(value))
+                break
             out.append(value)
+        else:
+            stack.pop()
 
 
 def _from_binary(
@@ -304,7 +321,7 @@ def _decode_outputs(header: Mapping[str, Any]) -> tuple[list[str] | None, frozen
     parameters = header.get("parameters")
     all_binary = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
     specs = header.get("outputs")
-    if specs is None:
+    if specs is None or specs == []:
         return None, frozenset() if all_binary else None
     if not isinstance(specs, list):
         raise InvalidInput("'outputs' must be a list")
@@ -317,6 +334,11 @@ def _decode_outputs(header: Mapping[str, Any]) -> tuple[list[str] | None, frozen
         names.append(name)
         params = spec.get("parameters")
         if isinstance(params, dict):
+            if "classification" in params:
+                raise InvalidInput(
+                    f"output {name!r}: the classification extension is not supported; "
+                    "ask for the tensor and take its top classes on the client"
+                )
             flag = params.get("binary_data")
             if flag is True or (flag is None and all_binary):
                 binary.add(name)
@@ -335,7 +357,9 @@ def encode_response(
     binary = request.binary_outputs
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for name, array in results.items():
+    # In the order the client asked for (a cached answer may hold them in another order).
+    for name in request.outputs or results:
+        array = results[name]
         entry: dict[str, Any] = {
             "name": name,
             "datatype": v2_name(array.dtype),
@@ -355,9 +379,26 @@ def encode_response(
         body["parameters"] = request.parameters
     body["outputs"] = outputs
     header = orjson.dumps(body, option=_NUMPY)
+    # orjson writes NaN and ±inf as null; only then (rare) write them as Triton does.
+    if b"null" in header and _non_finite(outputs):
+        header = json.dumps(body, default=_array_list, separators=(",", ":")).encode()
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def _non_finite(outputs: list[dict[str, Any]]) -> bool:
+    for entry in outputs:
+        data = entry.get("data")
+        if isinstance(data, np.ndarray) and data.dtype.kind in "fc" and not np.isfinite(data).all():
+            return True
+    return False
+
+
+def _array_list(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _to_json(array: np.ndarray) -> Any:

@@ -235,6 +235,10 @@ class ModelRepository:
         """Every published engine (metrics, liveness)."""
         return iter([e for m in list(self._models.values()) for e in list(m.engines.values())])
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is a model of this repository (loaded or not)."""
+        return name in self._models
+
     def versions(self, name: str) -> list[str]:
         model = self._models.get(name)
         if model is None:

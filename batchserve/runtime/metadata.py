@@ -82,7 +82,7 @@ class ModelMetadata:
                         f"{array.shape[0]} rows, expected {rows}"
                     )
             arrays.append(array)
-        return arrays, max(rows, 1)
+        return arrays, rows if rows >= 0 else 1  # unbatched: one request is one run
 
     def _names_error(self, feeds: Mapping[str, np.ndarray]) -> NoReturn:
         expected = sorted(self.input_names)
