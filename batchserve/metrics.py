@@ -110,7 +110,8 @@ class BatchserveCollector(Collector):
             "inferred": CounterMetricFamily(
                 "batchserve_inference_rows", "Rows computed by ONNX Runtime.", labels=labels),
             "rejected": CounterMetricFamily(
-                "batchserve_rejected_requests", "Requests rejected because the queue was full.",
+                "batchserve_rejected_requests",
+                "Requests refused (429): the queue was full, or a deadline it could not meet.",
                 labels=labels),
             "cancelled": CounterMetricFamily(
                 "batchserve_cancelled_requests",

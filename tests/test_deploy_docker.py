@@ -232,6 +232,8 @@ def test_the_environment_writes_nothing_outside_tmp(kind: str) -> None:
     # The install script's self-test checks the server writes nothing under exactly this
     # environment; the image must set it too.
     assert selftest.IMAGE_ENV.items() <= env.items()
+    # The user's home does not exist: --trt and --fp16 must cache under the writable /tmp.
+    assert env.get("BATCHSERVE_BUILD_CACHE_DIR", "").startswith("/tmp/")
 
 
 def test_the_cuda_image_runs_onnxruntime_gpu_on_cuda_13_and_cudnn_9() -> None:

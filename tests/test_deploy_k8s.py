@@ -420,7 +420,8 @@ def test_cpu_threads_fit_the_cpu_limit(name: str) -> None:
     threads = int(env["BATCHSERVE_INTRA_OP_THREADS"] or 0)
     instances = int(env.get("BATCHSERVE_INSTANCES") or 1)
     limit = int(server_container(objects)["resources"]["limits"]["cpu"])
-    # 0 would size ONNX Runtime's pool from the node's cores, not the container's quota.
+    # 0 sizes ONNX Runtime's pool from a cgroup v2 CPU limit, but from the node's cores under
+    # cgroup v1: the explicit value holds on both.
     assert 0 < threads * instances <= limit
 
 
@@ -601,6 +602,11 @@ def test_gpu_overlays_land_on_gpu_nodes_one_gpu_per_pod(name: str) -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["image"].endswith("-cuda")
     assert str(server_env(objects)["BATCHSERVE_DEVICE"]).startswith("cuda")
+    # TensorRT engines and FP16 conversions need a writable cache off the read-only root.
+    cache = str(server_env(objects)["BATCHSERVE_BUILD_CACHE_DIR"])
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert cache in mounts, cache
+    assert not mounts[cache].get("readOnly"), cache
     taints = {
         (t["key"], t.get("value")) for t in spec["tolerations"] if t["effect"] == "NoSchedule"
     }

@@ -39,6 +39,21 @@ def family(name: str) -> str:
     return name
 
 
+def test_each_dashboard_panel_names_its_queries_apart() -> None:
+    # Grafana keeps one query per refId: a repeated one silently hides a series.
+    dashboard = json.loads((DEPLOY / "grafana" / "batchserve-dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), f"{panel['title']}: refIds {refs}"
+
+
+def test_the_model_variable_lists_models_that_never_loaded() -> None:
+    # A version that fails to load has no batchserve_model_ready series, only a state.
+    dashboard = json.loads((DEPLOY / "grafana" / "batchserve-dashboard.json").read_text())
+    (model,) = [v for v in dashboard["templating"]["list"] if v["name"] == "model"]
+    assert model["query"] == "label_values(batchserve_model_version_state, model)"
+
+
 def test_the_rules_and_dashboard_use_metrics_at_all() -> None:
     used = {family(m) for expr in expressions() for m in METRIC.findall(expr)}
     assert len(used) >= 10  # the extraction itself works
