@@ -28,6 +28,7 @@ from batchserve.handlers.config import HandlerConfig
 from batchserve.handlers.pipeline import HandlerPipeline
 from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
 from batchserve.runtime import ModelMetadata, SessionPool
+from batchserve.runtime.binding import capture_rows
 from batchserve.runtime.pool import HealthPolicy, PoolStatistics
 from batchserve.runtime.session import SessionBuilder, sample_inputs
 
@@ -123,8 +124,7 @@ class Engine:
             if self.cache_config.enabled:
                 self._cache = await stack.enter_async_context(self._build_cache())
             await stack.enter_async_context(pool)
-            if self.runtime_config.warmup:
-                await self._warm_up(pool, metadata)
+            await self._warm_up(pool, metadata)
             policy = BatchPolicy(self.batch_config.max_batch_size, self.batch_config.max_latency_s)
             batcher = Batcher(
                 pool,
@@ -169,6 +169,11 @@ class Engine:
         return ResponseCache(ByteLRU(int(config.size_mb * 1024 * 1024)), redis)
 
     async def _warm_up(self, pool: SessionPool, metadata: ModelMetadata) -> None:
+        if self.runtime_config.cuda_graphs:
+            await self._capture_graphs(pool, metadata)  # needed, --no-warmup or not
+            return
+        if not self.runtime_config.warmup:
+            return
         # The first run of each shape allocates and plans; pay it before taking traffic.
         sizes = {1, self.batch_config.max_batch_size} if metadata.batched else {1}
         for rows in sorted(sizes):
@@ -178,6 +183,27 @@ class Engine:
             except Exception as err:  # generated inputs may be meaningless to some models
                 log.warning("warm-up of %s at %d rows failed, skipped: %s", self.name, rows, err)
                 return
+
+    async def _capture_graphs(self, pool: SessionPool, metadata: ModelMetadata) -> None:
+        # A capture breaks when another thread makes CUDA calls meanwhile: capture every
+        # bucket now, one session at a time, and never while serving.
+        max_rows = self.batch_config.max_batch_size
+        try:
+            for rows in capture_rows(max_rows) if metadata.batched else [1]:
+                inputs = sample_inputs(metadata, rows)
+                try:
+                    await pool.run_in_turn([inputs[name] for name in metadata.input_names])
+                except Exception as err:  # generated inputs may be meaningless to some models
+                    log.warning(
+                        "capturing CUDA graphs of %s at %d rows failed; batches without a "
+                        "graph run without one: %s",
+                        self.name,
+                        rows,
+                        err,
+                    )
+                    return
+        finally:
+            pool.stop_capturing()
 
     async def aclose(self) -> None:
         """Stop taking requests, finish the queued ones, stop the sessions."""

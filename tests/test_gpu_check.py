@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -250,3 +252,71 @@ def test_smallest_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
     text = (tmp_path / "gpu_check.md").read_text()
     assert "## bert-base" in text
     assert text in done.stdout
+
+
+def _processes(field: int, value: int) -> list[int]:
+    """Live processes whose /proc stat field (1: parent, 2: process group) is `value`: the
+    servers run in sessions of their own, so they are not in the test's process group."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[field]) == value and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_mid_run_keeps_partial_results_and_leaves_no_server(tmp_path: Path) -> None:
+    command = [sys.executable, str(SCRIPT), "--cpu-dry-run", "--out", str(tmp_path)]
+    command += ["--models", "bert-base", "--instances", "1", "--processes", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the raw step is done (and saved) once serving begins
+            if "serve --instances 1" in line:
+                break
+        server = None
+        for _ in range(500):  # up to 10 s for the server process to appear
+            servers = _processes(1, process.pid)
+            if servers:
+                server = servers[0]
+                break
+            time.sleep(0.02)
+        assert server is not None, "no server was started"
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(summary["models"]["bert-base"]["raw_rows_per_s"]) == {"1", "8"}
+    assert any("stopped by a signal" in note for note in summary["notes"]), summary["notes"]
+    assert "## bert-base" in (tmp_path / "gpu_check.md").read_text()
+    for _ in range(250):  # the server and its whole process group were killed
+        if not _processes(2, server):
+            break
+        time.sleep(0.02)
+    assert not _alive(server)
+    assert _processes(2, server) == []
+
+
+def test_a_cuda_run_not_on_cuda_stops_the_check(gc: ModuleType, tmp_path: Path) -> None:
+    gc.require_device(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", "raw")
+    gc.require_device(["CPUExecutionProvider"], "cpu", "raw")  # the dry run
+    with pytest.raises(gc.CheckStopped, match=r"smoke test: .*\['CPUExecutionProvider'\]"):
+        gc.require_device(["CPUExecutionProvider"], "cuda", "smoke test")
+    smoke = gc.smoke_test("cpu", tmp_path)
+    assert smoke["providers"] == ["CPUExecutionProvider"]
+    assert smoke["seconds"] < 10

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from batchserve import BatchConfig, Engine
 from batchserve.cli import build_parser, main
 from batchserve.config import Device, RuntimeConfig
 from batchserve.errors import DeviceUnavailable, ModelLoadError
-from batchserve.runtime.binding import CpuBinding, OutputBuffers, bucket_rows
+from batchserve.runtime.binding import CpuBinding, CudaBinding, OutputBuffers, bucket_rows
 from batchserve.runtime.cuda import CudaRuntime, CudaStream
 from batchserve.runtime.metadata import ModelMetadata
 from batchserve.runtime.pool import SessionPool
@@ -31,7 +32,27 @@ from batchserve.runtime.providers import (
 )
 from batchserve.runtime.session import ManagedSession, SessionBuilder
 
-HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+def cuda_runs() -> bool:
+    """A tiny real session that ORT really put on CUDA: PyPI's onnxruntime-gpu lists the CUDA
+    provider on machines without a GPU or driver too (and then gives a CPU session)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CUDAExecutionProvider"], enable_fallback=0
+        )
+    except Exception:  # no driver, no GPU, CUDA or cuDNN libraries missing
+        return False
+    return bool(session.get_providers()[0] == "CUDAExecutionProvider")
+
+
+HAS_CUDA = cuda_runs()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and an NVIDIA GPU")
 CUDA = Device("cuda", 1)
 
@@ -83,7 +104,7 @@ def test_tensorrt_chain_puts_tensorrt_then_cuda_then_cpu(tmp_path: Path) -> None
                 "trt_timing_cache_enable": "True",
                 "trt_timing_cache_path": str(tmp_path),
                 "trt_max_workspace_size": str(4 << 30),
-                "has_user_compute_stream": "1",
+                # The Python API rejects has_user_compute_stream for TensorRT.
                 "user_compute_stream": "7",
             },
         ),
@@ -106,7 +127,9 @@ def test_tensorrt_fallback_says_so_once(caplog: pytest.LogCaptureFixture) -> Non
     config = RuntimeConfig(device=CUDA, trt=True)
     with caplog.at_level(logging.WARNING, logger="batchserve.runtime"):
         assert not use_tensorrt(config, ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert [r.getMessage() for r in caplog.records] == [TRT_MISSING]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{TRT_MISSING}: not in this onnxruntime build"
+    ]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="batchserve.runtime"):
         assert use_tensorrt(config, ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
@@ -374,22 +397,44 @@ def test_each_session_gets_its_own_stream_and_releases_it() -> None:
 @pytest.mark.parametrize("graphs", [False, True], ids=["binding", "cuda-graphs"])
 async def test_cuda_engine_answers_like_the_cpu(mlp_path: Path, graphs: bool) -> None:
     session = plain_session(mlp_path)
-    requests = [rows_of(1 + i % 5, i) for i in range(64)]
+    # 40 rows: over the largest batch, so it runs alone, in a bucket without a graph.
+    requests = [rows_of(1 + i % 5, i) for i in range(64)] + [rows_of(40, 99)]
     expected = [session.run(None, {"input": x})[0] for x in requests]
     runtime = RuntimeConfig(instances=2, device=Device("cuda", 0), cuda_graphs=graphs)
     async with Engine(mlp_path, BatchConfig(max_batch_size=16), runtime) as engine:
         answers = await asyncio.gather(*(engine.infer({"input": x}) for x in requests))
+        assert engine.statistics().pool.failures == 0
     for answer, want in zip(answers, expected, strict=True):
         np.testing.assert_allclose(answer["probabilities"], want, rtol=1e-3, atol=1e-5)
+
+
+@needs_cuda
+async def test_cuda_graphs_are_captured_at_load_for_every_bucket_and_never_later(
+    mlp_path: Path,
+) -> None:
+    runtime = RuntimeConfig(instances=2, device=Device("cuda", 0), cuda_graphs=True)
+    async with Engine(mlp_path, BatchConfig(max_batch_size=12), runtime) as engine:
+        sessions = [w.session for w in engine._pool._workers]  # type: ignore[union-attr]
+        runners = [s.runner for s in sessions]
+        assert all(isinstance(r, CudaBinding) for r in runners)
+        assert [r.graphs() for r in runners] == [[1, 2, 4, 8, 16]] * 2
+        await asyncio.gather(*(engine.infer({"input": rows_of(n, n)}) for n in (3, 30, 1)))
+        assert [r.graphs() for r in runners] == [[1, 2, 4, 8, 16]] * 2  # 30 rows: no capture
 
 
 @needs_cuda
 def test_tensorrt_fallback_is_logged_once_per_load(
     mlp_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if "TensorrtExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime build has TensorRT: there is no fallback to see")
-    config = RuntimeConfig(instances=3, device=Device("cuda", 0), trt=True)
+    config = RuntimeConfig(
+        instances=3, device=Device("cuda", 0), trt=True, build_cache_dir=str(tmp_path)
+    )
     with caplog.at_level(logging.WARNING, logger="batchserve.runtime"):
-        SessionBuilder(mlp_path, config).load()
-    assert [r.getMessage() for r in caplog.records].count(TRT_MISSING) == 1
+        sessions, _ = SessionBuilder(mlp_path, config).load()
+    firsts = {s.get_providers()[0] for s in sessions}
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith(TRT_MISSING)]
+    if firsts == {"TensorrtExecutionProvider"}:
+        assert warned == []  # TensorRT's libraries are installed: it really runs
+    else:
+        assert firsts == {"CUDAExecutionProvider"}
+        assert len(warned) == 1, warned

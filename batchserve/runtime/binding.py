@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from batchserve.errors import ModelLoadError, UnsupportedInput
+from batchserve.errors import ModelLoadError
 from batchserve.runtime.cuda import PinnedAllocator
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
 
@@ -31,6 +31,17 @@ MAX_SLOTS = 16
 def bucket_rows(rows: int) -> int:
     """The power of two at or above `rows`: buffers are sized, and graphs captured, per bucket."""
     return 1 << max(rows - 1, 0).bit_length()
+
+
+def capture_rows(max_rows: int) -> list[int]:
+    """Row counts whose runs reach every bucket a batch of up to `max_rows` rows falls in:
+    the powers of two below it, then `max_rows` itself (its bucket may be above it)."""
+    rows = []
+    bucket = 1
+    while bucket < max_rows:
+        rows.append(bucket)
+        bucket *= 2
+    return [*rows, max_rows]
 
 
 def bindable(metadata: ModelMetadata) -> bool:
@@ -197,7 +208,13 @@ def _pinned(pinned: PinnedAllocator, dtype: np.dtype[Any], shape: tuple[int, ...
 class CudaBinding:
     """Inputs staged through pinned host buffers, outputs in preallocated device buffers per
     bucket and copied to fresh host arrays; with CUDA graphs, inputs padded to their bucket and
-    one graph captured and replayed per bucket."""
+    one graph captured and replayed per bucket.
+
+    ORT captures a graph on the run's thread in a capture mode that CUDA calls from other
+    threads (allocations, synchronous copies) can break. So graphs are captured only until
+    `stop_capturing`: the engine captures every bucket at load, one session at a time, then
+    calls it. After that a batch without a graph (a new input shape, a bucket above the
+    largest batch) runs without one."""
 
     def __init__(
         self,
@@ -219,11 +236,20 @@ class CudaBinding:
         self._metadata = metadata
         self._device = device
         self._pinned = pinned
-        self._graphs = graphs
         self._slots: dict[tuple[int, tuple[tuple[int, ...], ...]], _CudaSlot] = {}
         self._fallback = session.io_binding()
         self._runs = 0
         self._unpooled = 0
+        self._capturing = graphs
+        self._no_graph: ort.RunOptions | None = None
+        if graphs:
+            # With enable_cuda_graph, a run without a graph id captures as graph 0; -1 skips.
+            self._no_graph = ort.RunOptions()
+            self._no_graph.add_run_config_entry("gpu_graph_id", "-1")
+
+    def stop_capturing(self) -> None:
+        """Capture no more graphs; batches without one run as plain bound runs."""
+        self._capturing = False
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         batched = self._metadata.batched
@@ -248,7 +274,7 @@ class CudaBinding:
                 binding.bind_output(
                     spec.name, "cuda", self._device, spec.dtype, shape, output.data_ptr()
                 )
-        return self._finish(binding, None)
+        return self._finish(binding, self._no_graph)
 
     def _run_graph(
         self, slot: _CudaSlot, arrays: Sequence[np.ndarray], rows: int
@@ -270,7 +296,7 @@ class CudaBinding:
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in self._metadata.output_names:
             binding.bind_output(name, "cuda", self._device)
-        return self._finish(binding, None)
+        return self._finish(binding, self._no_graph)
 
     def _finish(self, binding: ort.IOBinding, options: ort.RunOptions | None) -> list[np.ndarray]:
         self._session.run_with_iobinding(binding, options)
@@ -283,7 +309,7 @@ class CudaBinding:
         key = (bucket, row_shapes)
         slot = self._slots.get(key)
         if slot is None and len(self._slots) < MAX_SLOTS:
-            graph_id = len(self._slots) + 1 if self._graphs else 0
+            graph_id = len(self._slots) + 1 if self._capturing else 0
             slot = _CudaSlot(
                 self._session,
                 self._metadata,
@@ -294,15 +320,14 @@ class CudaBinding:
                 graph_id,
             )
             self._slots[key] = slot
-        if slot is None and self._graphs:
-            raise UnsupportedInput(
-                f"--cuda-graphs captured {MAX_SLOTS} input shapes already; this model's "
-                "inputs vary beyond the batch dimension"
-            )
         return slot
 
     def statistics(self) -> BindingStatistics:
         return BindingStatistics(self._runs, len(self._slots), self._unpooled)
+
+    def graphs(self) -> list[int]:
+        """The buckets that have a CUDA graph (captured, or captured on their next run)."""
+        return sorted(slot.bucket for slot in self._slots.values() if slot.graph_id)
 
     def close(self) -> None:
         self._slots.clear()

@@ -7,11 +7,11 @@ here is a valid `user_compute_stream` for its CUDA execution provider.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import glob
 import importlib.util
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchserve.errors import DeviceUnavailable
@@ -20,39 +20,58 @@ log = logging.getLogger("batchserve.runtime")
 
 CUDA_STREAM_NON_BLOCKING = 0x01  # cudaStreamNonBlocking: no implicit sync with stream 0
 CUDA_HOST_ALLOC_PORTABLE = 0x01  # pinned for every CUDA context, not only the current one
-# Sonames tried when no pip-installed CUDA runtime is found (newest first).
-SONAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
+# Majors tried when the onnxruntime build does not say which CUDA it was built for.
+FALLBACK_MAJORS = ("13", "12", "11.0")
+# Candidates are (path or soname, dlopen mode); RTLD_NOLOAD only finds a copy already loaded.
+Candidate = tuple[str, int]
 
 
-def cudart_candidates() -> list[str]:
-    """Where libcudart may be, in the order onnxruntime-gpu's preload looks: pip's nvidia-*
-    packages first, then the system loader's search path."""
-    found: list[str] = []
+def ort_cuda_major() -> str | None:
+    """The CUDA major version onnxruntime-gpu was built for ("13"), or None (a CPU build)."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return None
+    major = str(getattr(info, "cuda_version", "") or "").split(".")[0]
+    return major if major.isdigit() else None
+
+
+def nvidia_roots() -> list[str]:
+    """The directories of pip's `nvidia` namespace package (nvidia-* wheels), if any."""
     spec = importlib.util.find_spec("nvidia")
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    return list(spec.submodule_search_locations or []) if spec is not None else []
+
+
+def cudart_candidates(major: str | None, roots: Sequence[str]) -> list[Candidate]:
+    """Where to get libcudart, best first: the copy onnxruntime (or its preload_dlls) already
+    loaded, then the soname as ORT's own NEEDED entry resolves it, then pip's nvidia-* wheels.
+    Only ORT's CUDA major: streams and pinned memory from another runtime version would be
+    handed to a provider that does not share it, and a second copy of the same one is a risk."""
+    majors = (major,) if major else FALLBACK_MAJORS
+    sonames = [f"libcudart.so.{m}" for m in majors]
+    found: list[Candidate] = [(name, os.RTLD_NOLOAD | os.RTLD_LAZY) for name in sonames]
+    found += [(name, ctypes.DEFAULT_MODE) for name in sonames]
     for root in roots:
-        # nvidia-cuda-runtime-cu12 puts it in nvidia/cuda_runtime/lib, the cu13 wheels in
-        # nvidia/cu13/lib.
-        found += sorted(glob.glob(os.path.join(root, "*", "lib", "libcudart.so*")), reverse=True)
-    system = ctypes.util.find_library("cudart")
-    if system:
-        found.append(system)
-    found += SONAMES
+        for name in sonames:
+            # nvidia-cuda-runtime-cu12 puts it in nvidia/cuda_runtime/lib, the cu13 wheels in
+            # nvidia/cu13/lib.
+            paths = sorted(glob.glob(os.path.join(root, "*", "lib", name)))
+            found += [(path, ctypes.DEFAULT_MODE) for path in paths]
     return found
 
 
 def load_cudart() -> ctypes.CDLL:
     """libcudart, or DeviceUnavailable naming what was tried."""
     tried = []
-    for candidate in cudart_candidates():
+    for candidate, mode in cudart_candidates(ort_cuda_major(), nvidia_roots()):
         try:
-            return ctypes.CDLL(candidate)
+            return ctypes.CDLL(candidate, mode=mode)
         except OSError:
             tried.append(Path(candidate).name)
     raise DeviceUnavailable(
         "per-session CUDA streams need the CUDA runtime library (libcudart), which was not "
-        f"found (tried {', '.join(tried)}): install onnxruntime-gpu with its CUDA dependencies "
-        "(pip install 'onnxruntime-gpu[cuda,cudnn]') or the CUDA toolkit"
+        f"found (tried {', '.join(dict.fromkeys(tried))}): install onnxruntime-gpu with its "
+        "CUDA dependencies (pip install 'onnxruntime-gpu[cuda,cudnn]') or the CUDA toolkit"
     )
 
 

@@ -30,8 +30,12 @@ def fp16_model(model: bytes, digest: str, cache_dir: Path, source: str) -> bytes
         log.info("using the FP16 conversion of %s cached at %s", source, cached)
         return data
     data = convert_fp16(model, source)
-    _write_atomically(cached, data)
-    log.info("converted %s to FP16 (inputs and outputs stay FP32), cached at %s", source, cached)
+    if _write_atomically(cached, data):
+        log.info(
+            "converted %s to FP16 (inputs and outputs stay FP32), cached at %s", source, cached
+        )
+    else:
+        log.info("converted %s to FP16 (inputs and outputs stay FP32), not cached", source)
     return data
 
 
@@ -54,7 +58,8 @@ def convert_fp16(model: bytes, source: str) -> bytes:
     return data
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes) -> bool:
+    """Whether `data` is now at `path`; a failure is logged, not raised (the cache is optional)."""
     # Another replica may convert the same model into a shared cache at the same time: a
     # rename never leaves a half-written file behind.
     temp = None
@@ -68,3 +73,5 @@ def _write_atomically(path: Path, data: bytes) -> None:
         log.warning("cannot cache the FP16 model at %s (it will be converted again): %s", path, err)
         if temp is not None:
             Path(temp).unlink(missing_ok=True)
+        return False
+    return True

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from batchserve.runtime.session import close_session, run_session
+from batchserve.runtime.session import close_session, run_session, stop_capturing
 
 log = logging.getLogger("batchserve.runtime")
 
@@ -228,6 +228,18 @@ class SessionPool:
                 for w in self._workers
             )
         )
+
+    async def run_in_turn(self, arrays: list[np.ndarray]) -> None:
+        """Run every session once on the same inputs, one after another, each on its own
+        thread (where ORT keeps a session's CUDA graphs): captures must not overlap."""
+        loop = asyncio.get_running_loop()
+        for w in self._workers:
+            await loop.run_in_executor(w.executor, run_session, w.session, arrays, self._names)
+
+    def stop_capturing(self) -> None:
+        """No session captures CUDA graphs from now on (call it before serving)."""
+        for worker in self._workers:
+            stop_capturing(worker.session)
 
     async def aclose(self) -> None:
         """Wait for runs in progress, then stop the threads."""

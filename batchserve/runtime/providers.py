@@ -16,9 +16,8 @@ ProviderChain = list[str | tuple[str, dict[str, str]]]
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
-TRT_MISSING = (
-    "TensorRT execution provider not available in this onnxruntime build; serving with CUDA"
-)
+# Logged with the reason: "not in this onnxruntime build", or why ORT could not start it.
+TRT_MISSING = "TensorRT execution provider unavailable, serving with CUDA"
 # TensorRT's scratch space while it picks tactics; larger lets it consider more of them.
 TRT_WORKSPACE_BYTES = 4 << 30
 
@@ -33,12 +32,14 @@ def check_device(device: Device, available: Sequence[str]) -> None:
 
 
 def use_tensorrt(config: RuntimeConfig, available: Sequence[str]) -> bool:
-    """Whether TensorRT goes first; logs the fallback once, so call it once per model load."""
+    """Whether to try TensorRT first; logs the fallback when this build lacks it (call it once
+    per model load). True is only a try: PyPI's onnxruntime-gpu always lists TensorRT, which
+    then fails to start without the TensorRT libraries; the first session built decides."""
     if not config.trt:
         return False
     if TENSORRT in available:
         return True
-    log.warning(TRT_MISSING)
+    log.warning("%s: %s", TRT_MISSING, "not in this onnxruntime build")
     return False
 
 
@@ -76,7 +77,8 @@ def tensorrt_options(
         "trt_max_workspace_size": str(TRT_WORKSPACE_BYTES),
     }
     if stream is not None:
-        options["has_user_compute_stream"] = "1"
+        # Only this key: the Python API rejects has_user_compute_stream for TensorRT (it sets
+        # it itself from user_compute_stream).
         options["user_compute_stream"] = str(stream)
     if config.cuda_graphs:
         options["trt_cuda_graph_enable"] = "True"

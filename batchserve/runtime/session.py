@@ -5,20 +5,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
 import onnxruntime as ort
 
-from batchserve.config import RuntimeConfig
-from batchserve.errors import DeviceUnavailable, ModelLoadError
+from batchserve.config import Device, RuntimeConfig
+from batchserve.errors import BatchserveError, DeviceUnavailable, ModelLoadError
 from batchserve.runtime.binding import CpuBinding, CudaBinding, bindable
-from batchserve.runtime.cuda import CudaRuntime, CudaStream, PinnedAllocator
+from batchserve.runtime.cuda import CudaRuntime, CudaStream, PinnedAllocator, ort_cuda_major
 from batchserve.runtime.fp16 import default_build_cache_dir, fp16_model
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
 from batchserve.runtime.providers import (
     CUDA,
+    TENSORRT,
+    TRT_MISSING,
     ProviderChain,
     check_device,
     provider_chain,
@@ -28,6 +31,10 @@ from batchserve.runtime.providers import (
 log = logging.getLogger("batchserve.runtime")
 
 Runner = CpuBinding | CudaBinding
+# Builds an InferenceSession from the model's bytes (tests inject one that fails on purpose).
+SessionFactory = Callable[[bytes, ort.SessionOptions, ProviderChain], ort.InferenceSession]
+# ORT error codes (and a message) that mean the file itself is not a usable ONNX model.
+MODEL_ERRORS = ("INVALID_PROTOBUF", "INVALID_GRAPH", "NO_MODEL", "No graph was found")
 
 
 class ManagedSession:
@@ -69,6 +76,11 @@ class ManagedSession:
     def get_providers(self) -> list[str]:
         providers: list[str] = self._live().get_providers()
         return providers
+
+    def stop_capturing(self) -> None:
+        """No CUDA graph captures from now on (see CudaBinding.stop_capturing)."""
+        if isinstance(self.runner, CudaBinding):
+            self.runner.stop_capturing()
 
     def _live(self) -> ort.InferenceSession:
         if self.session is None:
@@ -123,10 +135,17 @@ class SessionBuilder:
     A replacement re-reads the file and refuses it if its bytes changed since the load, so a
     rebuilt session always computes what the metadata and the cache keys say it does."""
 
-    def __init__(self, path: str | os.PathLike[str], config: RuntimeConfig) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: RuntimeConfig,
+        *,
+        factory: SessionFactory | None = None,
+    ) -> None:
         self.path = path
         self.config = config
         self.digest = ""
+        self._factory = factory or ort_session
         self._cuda: CudaRuntime | None = None
         self._tensorrt = False
         self._trt_cache: Path | None = None
@@ -144,11 +163,14 @@ class SessionBuilder:
             self._tensorrt = use_tensorrt(config, available)
             if self._tensorrt:
                 self._trt_cache = self._cache_dir("trt", config.trt_cache_dir)
-        model = self._prepare(model)
         sessions: list[Session] = []
         try:
-            for _ in range(config.instances):
-                sessions.append(self._session(model))
+            first, model, self._tensorrt = first_session(
+                model, self._tensorrt, self._session, self._prepare
+            )
+            sessions.append(first)
+            for _ in range(config.instances - 1):
+                sessions.append(self._session(model, self._tensorrt))
         except BaseException:
             for session in sessions:
                 close_session(session)
@@ -159,11 +181,16 @@ class SessionBuilder:
         return sessions, metadata
 
     def rebuild(self) -> Session:
-        """One more session of the loaded model (blocking)."""
+        """One more session of the loaded model (blocking). It captures no CUDA graphs: other
+        sessions are serving meanwhile, and a capture must not overlap their CUDA calls."""
         model = read_model(self.path)
         if model_digest(model) != self.digest:
             raise ModelLoadError(f"{self.path} changed since it was loaded; restart to serve it")
-        return self._session(self._prepare(model))
+        if not self._tensorrt:
+            model = self._prepare(model)
+        session = self._session(model, self._tensorrt)
+        stop_capturing(session)
+        return session
 
     def _cache_dir(self, kind: str, configured: str | None) -> Path:
         root = Path(self.config.build_cache_dir or default_build_cache_dir())
@@ -176,13 +203,15 @@ class SessionBuilder:
         return path
 
     def _prepare(self, model: bytes) -> bytes:
+        """The model as sessions without TensorRT run it (with TensorRT, its own FP16 mode,
+        trt_fp16_enable, does the conversion)."""
         config = self.config
-        if not config.fp16 or self._tensorrt:
-            return model  # with TensorRT, its own FP16 mode does it (trt_fp16_enable)
+        if not config.fp16:
+            return model
         root = Path(config.build_cache_dir or default_build_cache_dir())
         return fp16_model(model, self.digest, root, str(self.path))
 
-    def _session(self, model: bytes) -> Session:
+    def _session(self, model: bytes, tensorrt: bool) -> Session:
         config = self.config
         stream = CudaStream(self._cuda, config.device.index) if self._cuda is not None else None
         session = None
@@ -190,12 +219,11 @@ class SessionBuilder:
             providers = provider_chain(
                 config,
                 stream=stream.handle if stream is not None else None,
-                tensorrt=self._tensorrt,
+                tensorrt=tensorrt,
                 trt_cache_dir=self._trt_cache,
             )
-            session = _build(model, self.path, config, providers)
-            if config.device.kind == "cuda" and CUDA not in session.get_providers():
-                raise DeviceUnavailable(f"ONNX Runtime could not start CUDA on {config.device}")
+            session = build_session(model, self.path, config, providers, self._factory)
+            check_providers(session.get_providers(), config.device, tensorrt=tensorrt)
             return self._manage(session, stream)
         except BaseException:
             session = None  # drop the session before the stream it was given
@@ -234,6 +262,98 @@ def model_digest(model: bytes) -> str:
     return hashlib.blake2b(model).hexdigest()[:32]
 
 
+def first_session(
+    model: bytes,
+    tensorrt: bool,
+    build: Callable[[bytes, bool], Session],
+    prepare: Callable[[bytes], bytes],
+) -> tuple[Session, bytes, bool]:
+    """A load's first session, and what it decided: the model bytes the other sessions use and
+    whether TensorRT runs. PyPI's onnxruntime-gpu always lists TensorRT, so only a build tells
+    whether its libraries load: when the TensorRT chain fails, say why once and build with CUDA
+    (after `prepare`, the FP16 conversion, which TensorRT's own FP16 mode would have done)."""
+    if tensorrt:
+        try:
+            return build(model, True), model, True
+        except BatchserveError as err:
+            cause = err.__cause__
+            log.warning("%s: %s", TRT_MISSING, ort_reason(cause) if cause else err.message)
+    prepared = prepare(model)
+    return build(prepared, False), prepared, False
+
+
+def check_providers(providers: list[str], device: Device, *, tensorrt: bool = False) -> None:
+    """DeviceUnavailable unless the built session really runs on the requested providers:
+    ORT only warns, and gives a CPU session, when the CUDA provider's libraries do not load."""
+    if tensorrt and providers[:1] != [TENSORRT]:
+        raise DeviceUnavailable(f"ONNX Runtime did not start TensorRT on {device}: {providers}")
+    if device.kind == "cuda" and CUDA not in providers:
+        raise DeviceUnavailable(
+            f"ONNX Runtime could not start CUDA on {device} (the session got {providers}; "
+            f"ONNX Runtime's warning on stderr says which library failed). {cuda_hint()}"
+        )
+
+
+def cuda_hint() -> str:
+    major = ort_cuda_major() or "13"
+    return (
+        f"onnxruntime-gpu {ort.__version__} needs CUDA {major} and cuDNN 9 where its loader "
+        "finds them: pip install 'onnxruntime-gpu[cuda,cudnn]' (onnxruntime.preload_dlls() "
+        "loads pip's nvidia-* packages next to the onnxruntime package), or put their lib "
+        "directories on LD_LIBRARY_PATH"
+    )
+
+
+def ort_reason(err: BaseException, lines: int = 3, limit: int = 600) -> str:
+    """The first lines of an ORT error on one line (ORT's messages can run to pages)."""
+    text = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not text:
+        return type(err).__name__
+    reason = " | ".join(text[:lines])
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def ort_session(
+    model: bytes, options: ort.SessionOptions, providers: ProviderChain
+) -> ort.InferenceSession:
+    """An InferenceSession that fails rather than falls back: by default ORT retries a failed
+    build on fewer providers without their options (and, at run time, switches to CPU for
+    good), telling only stdout."""
+    session = ort.InferenceSession(model, options, providers=providers, enable_fallback=0)
+    disable = getattr(session, "disable_fallback", None)
+    if disable is not None:
+        disable()
+    return session
+
+
+def build_session(
+    model: bytes,
+    path: str | os.PathLike[str],
+    config: RuntimeConfig,
+    providers: ProviderChain,
+    factory: SessionFactory = ort_session,
+) -> ort.InferenceSession:
+    """A session, or one clear error: ModelLoadError for a file that is no valid model, else
+    the device's failure with ORT's reason (DeviceUnavailable, with the fix, for CUDA)."""
+    try:
+        options = session_options(config, len(model))
+        return factory(model, options, providers)
+    except Exception as err:  # ORT raises its own untyped errors; translate at the boundary
+        raise build_error(err, path, config.device) from err
+
+
+def build_error(
+    err: BaseException, path: str | os.PathLike[str], device: Device
+) -> ModelLoadError | DeviceUnavailable:
+    reason = ort_reason(err)
+    if any(code in str(err) for code in MODEL_ERRORS):
+        return ModelLoadError(f"{path} is not a valid ONNX model: {reason}")
+    message = f"cannot build an ONNX Runtime session for {path} on {device}: {reason}"
+    if device.kind == "cuda":
+        return DeviceUnavailable(f"{message}. {cuda_hint()}")
+    return ModelLoadError(message)
+
+
 def _preload_cuda() -> None:
     # onnxruntime-gpu >= 1.21 finds CUDA and cuDNN from pip's nvidia-* packages only when asked.
     preload = getattr(ort, "preload_dlls", None)
@@ -242,17 +362,6 @@ def _preload_cuda() -> None:
             preload()
         except Exception as err:  # the system's libraries may still be found by the loader
             log.debug("onnxruntime.preload_dlls failed: %s", err)
-
-
-def _build(
-    model: bytes, path: str | os.PathLike[str], config: RuntimeConfig, providers: ProviderChain
-) -> ort.InferenceSession:
-    try:
-        options = session_options(config, len(model))
-        return ort.InferenceSession(model, options, providers=providers)
-    except Exception as err:  # ORT raises its own untyped errors; translate at the boundary
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{path} is not a valid ONNX model: {first_line}") from err
 
 
 def sample_inputs(metadata: ModelMetadata, rows: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -273,6 +382,12 @@ def _sample(spec: TensorSpec, rows: int, rng: np.random.Generator, batched: bool
         return np.zeros(shape, dtype=dtype)
     result: np.ndarray = rng.standard_normal(size=shape).astype(dtype)
     return result
+
+
+def stop_capturing(session: Session) -> None:
+    """No CUDA graph captures by this session from now on (plain sessions capture none)."""
+    if isinstance(session, ManagedSession):
+        session.stop_capturing()
 
 
 def close_session(session: Session) -> None:

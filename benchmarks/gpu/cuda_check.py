@@ -49,8 +49,13 @@ def gpu_name() -> str:
 
 def raw_throughput(path: Path, shape: tuple[int, ...], batches: list[int]) -> dict[str, float]:
     session = ort.InferenceSession(
-        str(path), providers=[("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
+        str(path),
+        providers=[("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"],
+        enable_fallback=0,
     )
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        # ORT only warns (on stderr) and gives CPU when CUDA's libraries do not load.
+        raise SystemExit(f"ONNX Runtime is not on CUDA: {session.get_providers()}")
     name = session.get_inputs()[0].name
     result = {}
     for batch in batches:

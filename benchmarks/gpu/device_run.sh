@@ -23,6 +23,15 @@ fi
 if [ -d .gpudeps ] && [ ! -d "$site/aiohttp" ]; then
   "$py" -m pip install -q --no-index --no-deps --target "$site" .gpudeps/*.whl
 fi
+# onnxruntime.preload_dlls() looks for CUDA and cuDNN next to the onnxruntime package, which
+# is $site here, where none are installed: give the loader the lib dirs of the machine's own
+# nvidia-* packages (torch's CUDA 13 and cuDNN 9) instead.
+nvlibs=$("$py" -c "import glob, os, nvidia; print(':'.join(d for p in nvidia.__path__ \
+for d in sorted(glob.glob(os.path.join(p, '*', 'lib')))))" 2>/dev/null || true)
+if [ -n "$nvlibs" ]; then
+  export LD_LIBRARY_PATH="$nvlibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "LD_LIBRARY_PATH += $nvlibs"
+fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import onnxruntime as o; getattr(o, 'preload_dlls', lambda: None)(); \
 print('onnxruntime', o.__version__, o.get_available_providers())"

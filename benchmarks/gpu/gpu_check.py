@@ -14,7 +14,10 @@ sequence length 128):
    `nvidia-smi` samples GPU utilisation; then SIGTERM, and the server must exit 0.
 
 Every step is skipped (with a note) when its estimated cost would overrun `--budget-s`.
-Writes `DIR/gpu_check.json` and `DIR/gpu_check.md` and prints the markdown.
+First a one-second smoke test: on `--device cuda`, a session that does not really run on CUDA
+stops the check at once, with the reason in the report. Writes `DIR/gpu_check.json` and
+`DIR/gpu_check.md` after every step (atomically), and prints the markdown at the end. SIGTERM
+(a timeout) stops it: servers and load generators are killed, partial results stay written.
 
 `--cpu-dry-run` runs the same code on `--device cpu` with tiny durations, small batch lists,
 a small BERT and a looser SLO, so the whole path can be proven on a machine without a GPU.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -50,6 +54,8 @@ if str(REPO) not in sys.path:  # run as a file from anywhere: batchserve comes f
 
 from batchserve.examples import BertConfig, build_bert, write_example  # noqa: E402
 
+# Server output lines worth keeping whatever follows them (ORT's own prints included).
+WARNING_LINE = re.compile(r"warn|error|fail|fall(ing)? back", re.IGNORECASE)
 SWEEP_FACTOR = 2.0  # `batchserve bench --sweep` steps the rate by this factor
 BERT_SMALL = BertConfig(layers=2, hidden=128, heads=2, ffn=512, vocab=30522, seq=128)
 
@@ -336,7 +342,8 @@ def gpu_name() -> str | None:
 
 
 class GpuSampler:
-    """`nvidia-smi -lms` in the background for the length of a `with` block (none if absent)."""
+    """`nvidia-smi --loop-ms` in the background for the length of a `with` block (none if
+    absent)."""
 
     def __init__(self, path: Path, interval_ms: int = 500) -> None:
         self.path = path
@@ -349,7 +356,7 @@ class GpuSampler:
         query = "--query-gpu=utilization.gpu,memory.used"
         try:
             self._process = subprocess.Popen(
-                ["nvidia-smi", query, "--format=csv", "-i", "0", f"-lms={self.interval_ms}"],
+                ["nvidia-smi", query, "--format=csv", "-i", "0", f"--loop-ms={self.interval_ms}"],
                 stdout=self._file,
                 stderr=subprocess.DEVNULL,
             )
@@ -416,6 +423,10 @@ def build_model(name: str, settings: Settings, tmp: Path) -> Model:
     return Model(name, path, tokens, sample)
 
 
+class CheckStopped(RuntimeError):
+    """A failure that makes every later step pointless (e.g. ONNX Runtime is not on CUDA)."""
+
+
 def ort_providers(device: str) -> list[Any]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -423,11 +434,46 @@ def ort_providers(device: str) -> list[Any]:
     return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
-def raw_throughput(model: Model, settings: Settings) -> dict[int, float]:
-    """Rows/s per batch size: one session, numpy inputs and outputs on the host."""
+def require_device(providers: Sequence[str], device: str, what: str) -> None:
+    """CheckStopped unless a CUDA session really runs on CUDA: ORT only warns and gives CPU
+    when the CUDA provider's libraries do not load, and CPU figures are no CUDA ceiling."""
+    if device == "cuda" and list(providers[:1]) != ["CUDAExecutionProvider"]:
+        raise CheckStopped(
+            f"{what}: ONNX Runtime runs on {list(providers)}, not CUDA (its warning on stderr "
+            "says which library failed to load): stopped, nothing later can measure CUDA"
+        )
+
+
+def ort_session(path: Path, device: str, what: str) -> Any:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model.path), providers=ort_providers(settings.device))
+    try:
+        # No silent retry on fewer providers: a failure must show, with its reason.
+        session = ort.InferenceSession(
+            str(path), providers=ort_providers(device), enable_fallback=0
+        )
+    except Exception as err:  # ORT's own untyped errors
+        lines = [line for line in str(err).splitlines() if line.strip()][:3]
+        reason = " | ".join(lines)
+        raise CheckStopped(f"{what}: no ONNX Runtime session on {device}: {reason}") from err
+    require_device(session.get_providers(), device, what)
+    return session
+
+
+def smoke_test(device: str, tmp: Path) -> dict[str, Any]:
+    """A small model on the device, one run: seconds, and the providers it really got."""
+    started = time.monotonic()
+    path = write_example("mlp", tmp / "smoke-mlp.onnx")
+    session = ort_session(path, device, "smoke test")
+    (spec,) = session.get_inputs()
+    rows = np.zeros((1, *spec.shape[1:]), dtype=np.float32)
+    session.run(None, {spec.name: rows})
+    return {"providers": session.get_providers(), "seconds": time.monotonic() - started}
+
+
+def raw_throughput(model: Model, settings: Settings) -> dict[int, float]:
+    """Rows/s per batch size: one session, numpy inputs and outputs on the host."""
+    session = ort_session(model.path, settings.device, f"{model.name} raw ONNX Runtime")
     rng = np.random.default_rng(0)
     result = {}
     for batch in settings.batches[model.name]:
@@ -454,17 +500,28 @@ class Server:
         self.command = command
         self.url: str | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=60)
+        # Kept apart: start-up warnings (TensorRT missing, CUDA libraries) scroll out of `log`.
+        self.warnings: list[str] = []
         self._listening = threading.Event()
+        # stdout too: ORT prints some of its errors there. A session of its own, so its
+        # process group (workers included) can be killed as one.
         self.process = subprocess.Popen(
-            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=child_env()
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env(),
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
 
     def _drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             self.log.append(line.rstrip())
+            if WARNING_LINE.search(line) and len(self.warnings) < 20:
+                self.warnings.append(line.rstrip()[:1000])
             found = re.search(r"listening on (http://\S+)", line)
             if found and self.url is None:
                 self.url = found.group(1)
@@ -484,11 +541,18 @@ class Server:
         try:
             code = self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            kill_group(self.process)
             code = self.process.wait()
             self.log.append(f"killed after {timeout_s:g} s without exiting")
         self._reader.join(timeout=5)
         return code
+
+
+def kill_group(process: subprocess.Popen[Any]) -> None:
+    """SIGKILL a child started with start_new_session, and whatever it started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @contextmanager
@@ -497,9 +561,30 @@ def serving(command: list[str]) -> Iterator[Server]:
     try:
         yield server
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+        kill_group(server.process)  # also after a clean exit: no worker may outlive it
+
+
+def run_group(command: list[str], timeout_s: float) -> tuple[int | None, str, str]:
+    """(exit code, stdout, stderr) of a child in its own process group, which is killed on a
+    timeout (exit code None) or when this process is being stopped."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        out, err = process.communicate()
+        return None, out, err
+    except BaseException:
+        kill_group(process)
+        raise
+    return process.returncode, out, err
 
 
 def serve_command(model: Model, instances: int, batch: int, args: argparse.Namespace) -> list[str]:
@@ -553,23 +638,17 @@ def serve_once(
         json_path = tmp / f"bench-{model.name}-{instances}.json"
         command = bench_command(url, model, rates, args.settings, json_path)
         with GpuSampler(tmp / f"smi-{model.name}-{instances}.csv") as sampler:
-            try:
-                done = subprocess.run(
-                    command,
-                    capture_output=True,
-                    text=True,
-                    env=child_env(),
-                    timeout=max(10.0, deadline - time.monotonic()),
-                )
-                entry["bench_exit"] = done.returncode
-                if done.returncode != 0:
-                    entry["bench_error"] = (done.stderr or done.stdout)[-1500:]
-            except subprocess.TimeoutExpired:
+            code, out, err = run_group(command, max(10.0, deadline - time.monotonic()))
+            entry["bench_exit"] = code
+            if code is None:
                 entry["bench_error"] = "bench overran the hard deadline and was stopped"
+            elif code != 0:
+                entry["bench_error"] = (err or out)[-1500:]
         entry["gpu"] = sampler.summary()
         entry["bench"] = json.loads(json_path.read_text()) if json_path.exists() else None
         entry["exit"] = server.stop()
         entry["server_log_tail"] = list(server.log)[-8:]
+        entry["server_warnings"] = server.warnings
     entry["seconds"] = time.monotonic() - started
     return entry
 
@@ -600,6 +679,21 @@ class Run:
         budget: float = self.args.budget_s + self.args.grace_s
         return self.started + budget
 
+    def save(self) -> str:
+        """Write the report as it stands; a run stopped at any point leaves its results."""
+        self.summary["elapsed_s"] = self.elapsed
+        out = Path(self.args.out)
+        text = markdown(self.summary)
+        write_atomically(out / "gpu_check.json", json.dumps(self.summary, indent=1))
+        write_atomically(out / "gpu_check.md", text)
+        return text
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)  # a reader (or a kill) never sees half a file
+
 
 def check_model(run: Run, model: Model, tmp: Path) -> None:
     settings: Settings = run.args.settings
@@ -610,11 +704,16 @@ def check_model(run: Run, model: Model, tmp: Path) -> None:
         entry["notes"].append(f"skipped: raw ORT would overrun the budget at {run.elapsed:.0f} s")
         return
     run.log(f"{model.name}: raw ONNX Runtime on {settings.device}")
-    raw = raw_throughput(model, settings)
+    try:
+        raw = raw_throughput(model, settings)
+    except CheckStopped as err:
+        entry["notes"].append(str(err))
+        raise
     batch, ceiling = best_batch(raw)
     entry.update(
         raw_rows_per_s={str(b): v for b, v in raw.items()}, raw_best=ceiling, raw_best_batch=batch
     )
+    run.save()
     rates = sweep_rates(ceiling, settings)
     runs = max_sweep_runs(rates[0], rates[1], settings.bisect_steps)
     last_seconds: float | None = None
@@ -635,6 +734,7 @@ def check_model(run: Run, model: Model, tmp: Path) -> None:
         except RuntimeError as err:
             result = {"instances": instances, "error": str(err), "exit": None}
         entry["serve"].append(result)
+        run.save()
         last_seconds = result.get("seconds", last_seconds)
         row = serve_row(result, ceiling)
         rate = f"{row['achieved']:,.0f} req/s, p99 {row['p99']:.1f} ms" if row["held"] else "none"
@@ -648,10 +748,16 @@ def describe_ort(summary: dict[str, Any], device: str) -> None:
         ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* packages, as the server does
     summary.update(onnxruntime=ort.__version__, providers=ort.get_available_providers())
     if device != "cpu" and "CUDAExecutionProvider" not in summary["providers"]:
-        raise SystemExit(
+        raise CheckStopped(
             f"onnxruntime {ort.__version__} has no CUDA provider ({summary['providers']}): "
             "install onnxruntime-gpu (benchmarks/gpu/README.md)"
         )
+
+
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    # A second SIGTERM must not cut the cleanup short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -690,8 +796,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings: Settings = args.settings
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "gpu": gpu_name(),
         "device": settings.device,
@@ -704,38 +809,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench_warmup_s": settings.bench_warmup_s,
         "slo_p99_ms": settings.slo_p99_ms,
         "bert": asdict(settings.bert),
+        "onnxruntime": None,
+        "providers": [],
         "models": {},
         "notes": [],
     }
     run = Run(args, summary)
-    describe_ort(summary, settings.device)
-    summary["planned_s"] = plan_s(settings, args.models, args.instances)
-    run.log(f"plan: ~{summary['planned_s']:.0f} s estimated, budget {args.budget_s:g} s")
-    run.log(f"GPU {summary['gpu']}; onnxruntime {summary['onnxruntime']} {summary['providers']}")
+    # A timeout's SIGTERM becomes SystemExit: the `finally` blocks kill the children and
+    # write what was measured.
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
+        return check(run)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check(run: Run) -> int:
+    args, summary = run.args, run.summary
+    settings: Settings = args.settings
+    stopped = False
+    try:
+        describe_ort(summary, settings.device)
+        summary["planned_s"] = plan_s(settings, args.models, args.instances)
+        run.log(f"plan: ~{summary['planned_s']:.0f} s estimated, budget {args.budget_s:g} s")
+        ort_line = f"onnxruntime {summary['onnxruntime']} {summary['providers']}"
+        run.log(f"GPU {summary['gpu']}; {ort_line}")
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as name:
             tmp = Path(name)
-            for model_name in args.models:
-                build_s = settings.build_s.get(model_name, 15.0)
-                raw_s = raw_estimate_s(settings, len(settings.batches[model_name]))
-                if not run.fits(build_s + raw_s):
-                    summary["notes"].append(
-                        f"skipped {model_name}: building and measuring it would overrun the "
-                        f"budget at {run.elapsed:.0f} s"
-                    )
-                    continue
-                model = build_model(model_name, settings, tmp)
-                run.log(f"built {model.name} ({model.path.stat().st_size / 1e6:.0f} MB)")
-                check_model(run, model, tmp)
-                model.path.unlink()  # BERT-base is 438 MB: don't keep it past its turn
+            summary["smoke"] = smoke_test(settings.device, tmp)
+            run.log(f"smoke test: {summary['smoke']}")
+            run.save()
+            check_models(run, tmp)
+    except CheckStopped as err:
+        stopped = True
+        summary["notes"].append(f"stopped at {run.elapsed:.0f} s: {err}")
+    except SystemExit as err:
+        summary["notes"].append(f"stopped by a signal at {run.elapsed:.0f} s: partial results")
+        raise SystemExit(err.code) from None
     finally:
-        summary["elapsed_s"] = run.elapsed
-        (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-        text = markdown(summary)
-        (out / "gpu_check.md").write_text(text)
+        text = run.save()
         print("\n" + text, flush=True)
     exits = [e.get("exit") for m in summary["models"].values() for e in m["serve"]]
-    return 0 if all(code == 0 for code in exits) else 1
+    return 0 if not stopped and all(code == 0 for code in exits) else 1
+
+
+def check_models(run: Run, tmp: Path) -> None:
+    summary, settings = run.summary, run.args.settings
+    for model_name in run.args.models:
+        build_s = settings.build_s.get(model_name, 15.0)
+        raw_s = raw_estimate_s(settings, len(settings.batches[model_name]))
+        if not run.fits(build_s + raw_s):
+            summary["notes"].append(
+                f"skipped {model_name}: building and measuring it would overrun the "
+                f"budget at {run.elapsed:.0f} s"
+            )
+            continue
+        model = build_model(model_name, settings, tmp)
+        run.log(f"built {model.name} ({model.path.stat().st_size / 1e6:.0f} MB)")
+        try:
+            check_model(run, model, tmp)
+        finally:
+            model.path.unlink()  # BERT-base is 438 MB: don't keep it past its turn
 
 
 if __name__ == "__main__":
