@@ -324,7 +324,18 @@ def _add_bench(commands: Any) -> None:
         "--unique-fraction", type=float, default=0.0,
         help="share of requests with never-repeated inputs; the rest repeat one of --distinct",
     )  # fmt: skip
-    bench.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, s")
+    bench.add_argument(
+        "--timeout", type=float, default=30.0,
+        help="per-request timeout, s (open loop: from the scheduled send time)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--header", action="append", metavar="'NAME: VALUE'",
+        help="extra header on every request, metadata and statistics GETs included (repeatable)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--api-key", default=_env("api-key", None),
+        help="send Authorization: Bearer KEY (default: $BATCHSERVE_API_KEY)",
+    )  # fmt: skip
     bench.add_argument("--json", dest="json_out", help="write the report(s) to this file")
     bench.add_argument(
         "--sweep",
@@ -375,7 +386,7 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
     from batchserve.app import Server, serve_until_signalled
     from batchserve.engine import Engine
     from batchserve.handlers.config import HandlerConfig
-    from batchserve.repository import ModelRepository, engine_factory
+    from batchserve.repository import HandlerLimits, ModelRepository, engine_factory
 
     try:
         batch = BatchConfig(args.max_batch_size, args.max_latency_ms, args.max_queue_rows)
@@ -446,18 +457,24 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
             if args.handler
             else None
         )
+        handler_limits = HandlerLimits(
+            args.handler_executor, args.handler_workers, args.handler_max_pending
+        )
     except ValueError as err:
         return _fail(str(err))
+    # A worker's repository is one of several: its load/unload API cannot reach the others.
+    shared = args.ready_fd is not None
     if args.model_repository is not None:
         repository = ModelRepository.from_directory(
             Path(args.model_repository),
-            engine_factory(batch, runtime, cache, handler),
+            engine_factory(batch, runtime, cache, handler, handler_limits=handler_limits),
             poll_s=args.repository_poll_s,
             drain_timeout_s=args.shutdown_grace_s,
+            shared=shared,
         )
     else:
         engine = Engine(args.model, batch, runtime, name=args.name, cache=cache, handler=handler)
-        repository = ModelRepository([engine], drain_timeout_s=args.shutdown_grace_s)
+        repository = ModelRepository([engine], drain_timeout_s=args.shutdown_grace_s, shared=shared)
     server = Server(repository, server_config)
     try:
         ready = serve_until_signalled(

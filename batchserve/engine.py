@@ -210,7 +210,12 @@ class Engine:
         self._ready = False
         stack, self._stack = self._stack, None
         if stack is not None:
-            await stack.aclose()
+            try:
+                await stack.aclose()
+            finally:
+                # Let go of the sessions (weights, arenas, threads, GPU memory) now rather
+                # than when the cyclic collector next runs, which a tuned GC makes rare.
+                self._pool = self._batcher = self._cache = self.pipeline = None
 
     @property
     def ready(self) -> bool:
@@ -228,9 +233,17 @@ class Engine:
         (one deadline for all three); the handler's response body."""
         pipeline = self.pipeline
         if pipeline is None:
+            if self.handler_config is not None:  # closed: its handler is gone with it
+                raise NotReady(f"model {self.name!r} is not ready")
             raise InvalidInput(f"model {self.name!r} has no handler")
         infer = functools.partial(self.infer, cache=cache, info=info)
-        return await pipeline.run(request, infer, timeout_s=timeout_s)
+        # The whole pipeline counts as one call: a retired engine waits for preprocessing
+        # too before it closes, so the request is answered by the engine that took it.
+        self._calls += 1
+        try:
+            return await pipeline.run(request, infer, timeout_s=timeout_s)
+        finally:
+            self._calls -= 1
 
     def retire(self) -> None:
         """Mark the engine as no longer routed to (a new version replaced it or it is being
@@ -238,7 +251,7 @@ class Engine:
         self.retired = True
 
     async def quiesce(self, timeout_s: float) -> None:
-        """Wait (up to `timeout_s`) until no `infer` call is in progress."""
+        """Wait (up to `timeout_s`) until no `infer` or `infer_request` call is in progress."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         # Polled rather than signalled: an event set per request would cost the hot path.

@@ -211,3 +211,25 @@ def test_invalid_environment_values_are_one_line_naming_the_variable(mlp_path: P
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "batchserve: error: BATCHSERVE_MAX_BATCH_SIZE='abc' is invalid"
+
+
+def _one_model_repository(root: Path, model: Path) -> str:
+    version = root / "repo" / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(model.read_bytes())
+    return str(root / "repo")
+
+
+async def test_workers_refuse_the_repository_api_they_cannot_apply_to_each_other(
+    serve: type[Running], mlp_path: Path, tmp_path: Path
+) -> None:
+    server = serve(
+        "--model-repository", _one_model_repository(tmp_path, mlp_path), "--workers", "2"
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}/v2/repository/models/m/unload") as r:
+            assert r.status == 409
+            assert "--repository-poll-s" in (await r.json())["error"]
+        async with http.get(f"{server.url}/v2/models/m/ready") as r:
+            assert r.status == 200  # still served by every worker
+    assert server.stop() == 0

@@ -269,6 +269,12 @@ class InferEndpoint:
                     else state.timeout_s,
                 )
                 response = _v2_response(engine, decoded, results)
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise  # the client went away or the server stops: nobody to answer
+            # Cancelled from inside (the handler executor of an engine being retired shut
+            # down under it): the client still gets an answer it can retry on.
+            response = to_response(request, NotReady("the model version is being unloaded"))
         except Exception as err:
             response = to_response(request, err)
             name = match.get("name")
@@ -288,6 +294,11 @@ class InferEndpoint:
                  response.status, elapsed, info.batch_rows, info.cache, received, sent)
             )  # fmt: skip
         return response
+
+
+def _cancelled_by_caller() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _through_handler(

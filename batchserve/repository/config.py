@@ -35,7 +35,8 @@ DEFAULT_STICKY_HEADER = "X-User-Id"
 @dataclass(frozen=True, slots=True)
 class VersionPolicy:
     """Which of the versions on disk to serve: the `latest` N (by number), `specific` ones, or
-    all of them."""
+    all of them. As in Triton, `latest` and `all` consider numbered versions only: a directory
+    such as `1.bak` or `canary` is served only when `specific` names it."""
 
     latest: int | None = 1
     specific: tuple[str, ...] = ()
@@ -43,11 +44,12 @@ class VersionPolicy:
 
     def select(self, versions: list[str]) -> list[str]:
         ordered = sorted(versions, key=version_order)
-        if self.all:
-            return ordered
         if self.specific:
             return [v for v in ordered if v in self.specific]
-        return ordered[-(self.latest or 1) :]
+        numbered = [v for v in ordered if is_numbered(v)]
+        if self.all:
+            return numbered
+        return numbered[-(self.latest or 1) :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +98,15 @@ def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def is_numbered(version: str) -> bool:
+    # ASCII only: str.isdigit() also accepts "²" or "①", which int() refuses.
+    return version.isascii() and version.isdigit()
+
+
 def version_order(version: str) -> tuple[int, int | str]:
-    """Numbers in numeric order, then anything else by name."""
-    return (0, int(version)) if version.isdigit() else (1, version)
+    """Named versions by name, then numbers in numeric order: the last is the highest number,
+    so a named version (`canary`) is never the default while a numbered one is served."""
+    return (1, int(version)) if is_numbered(version) else (0, version)
 
 
 _TOP = {"max_batch_size": int, "max_latency_ms": float, "max_queue_rows": int, "instances": int,

@@ -3,7 +3,8 @@
 Routing (`get`) is on the hot path: a dict lookup and, for models with a traffic split, one
 weighted draw. Everything that changes the set of engines runs under one lock, off the hot
 path: a new version is started and warmed up before it is published; a version that goes away
-is unpublished first, then drained (its in-flight requests finish), then closed.
+is unpublished under the lock, then drained (its in-flight requests finish) and closed outside
+it, so one model's slow drain never holds up another model's load.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from types import TracebackType
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.engine import Engine
 from batchserve.errors import BatchserveError, InvalidInput, ModelLoadError, ModelNotFound, NotReady
-from batchserve.handlers.config import HandlerConfig
+from batchserve.handlers.config import ExecutorKind, HandlerConfig
 from batchserve.repository.config import ModelConfig, TrafficSplit, version_order
 from batchserve.repository.source import ModelDirectory, scan_directory, scan_model
 
@@ -33,6 +34,30 @@ EngineFactory = Callable[[str, str, Path, ModelConfig], Engine]
 
 READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
 _MODEL_LEVEL = ""  # status key for problems that concern the whole model (its config)
+_KEPT = "kept serving: "  # reason of a version kept because its replacement did not load
+
+
+class RepositoryConflict(BatchserveError):
+    """The repository cannot make this change here (409)."""
+
+    status = 409
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerLimits:
+    """How the handler a model's config.toml names is run: the server's --handler-executor,
+    --handler-workers and --handler-max-pending (config.toml picks the handler and its
+    options; these flags say how every handler runs)."""
+
+    executor: ExecutorKind = "thread"
+    workers: int = 0
+    max_pending: int = 0
+
+    def __post_init__(self) -> None:
+        HandlerConfig("-", (), self.executor, self.workers, self.max_pending)  # validates
+
+    def apply(self, spec: str, options: tuple[tuple[str, str], ...]) -> HandlerConfig:
+        return HandlerConfig(spec, options, self.executor, self.workers, self.max_pending)
 
 
 def engine_factory(
@@ -40,15 +65,25 @@ def engine_factory(
     runtime: RuntimeConfig,
     cache: CacheConfig,
     handler: HandlerConfig | None = None,
+    *,
+    handler_limits: HandlerLimits | None = None,
 ) -> EngineFactory:
     """Engines with the server's settings, overridden by each model's config.toml (a model's
-    `handler` key replaces the server's `--handler`)."""
+    `handler` key replaces the server's `--handler`, and runs with `handler_limits`: by default
+    those of `handler`)."""
+    if handler_limits is None:
+        handler_limits = (
+            HandlerLimits(handler.executor, handler.workers, handler.max_pending)
+            if handler is not None
+            else HandlerLimits()
+        )
+    limits = handler_limits
 
     def build(name: str, version: str, path: Path, config: ModelConfig) -> Engine:
         model_cache = replace(cache, cacheable=False) if config.cache is False else cache
         model_handler = handler
         if config.handler is not None:
-            model_handler = HandlerConfig(config.handler, config.handler_options)
+            model_handler = limits.apply(config.handler, config.handler_options)
         return Engine(path, config.batch(batch), config.runtime(runtime), name=name,
                       version=version, cache=model_cache, handler=model_handler)  # fmt: skip
 
@@ -59,6 +94,17 @@ def engine_factory(
 class VersionStatus:
     state: str
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Retired:
+    """An engine taken out of routing under the lock, to drain and close outside it."""
+
+    model: _Model
+    version: str
+    engine: Engine
+    marker: VersionStatus | None  # its status while it drains; None: it was replaced in place
+    after: VersionStatus | None = None  # its status once closed; None: forgotten
 
 
 class _Model:
@@ -117,6 +163,10 @@ class ModelRepository:
     Two forms: a fixed list of engines (`ModelRepository([engine, ...])`, the single-file
     `batchserve serve model.onnx`), or a directory (`ModelRepository.from_directory`) with
     versions, per-model config, hot reload and the load/unload API.
+
+    `shared`: this process is one of several serving the same models (`--workers N`). Each
+    has its own repository, so a load or unload would reach only the worker the connection
+    landed on: the API refuses them (409) and changes go through the directory and polling.
     """
 
     def __init__(
@@ -127,6 +177,7 @@ class ModelRepository:
         factory: EngineFactory | None = None,
         poll_s: float = 0.0,
         drain_timeout_s: float = 30.0,
+        shared: bool = False,
     ) -> None:
         self._models: dict[str, _Model] = {}
         self._static: list[Engine] = list(engines or [])
@@ -139,9 +190,16 @@ class ModelRepository:
         self._factory = factory
         self._poll_s = poll_s
         self._drain_timeout_s = drain_timeout_s
+        self.shared = shared
         self._lock = asyncio.Lock()
         self._unloaded: set[str] = set()  # explicitly unloaded: polling leaves them alone
         self._seen: dict[str, object] = {}  # last applied directory state per model
+        # Bumped by each load/unload: a poll whose scan began before a model's last explicit
+        # change must not apply its older view of that model.
+        self._generation = 0
+        self._changed: dict[str, int] = {}
+        self._retiring: set[Engine] = set()  # unpublished, not yet closed
+        self._closing: set[asyncio.Task[None]] = set()  # closes that ran past their deadline
         self._poller: asyncio.Task[None] | None = None
         self._started = False
         self.load_failures: dict[str, int] = {}
@@ -154,8 +212,15 @@ class ModelRepository:
         *,
         poll_s: float = 0.0,
         drain_timeout_s: float = 30.0,
+        shared: bool = False,
     ) -> ModelRepository:
-        return cls(root=root, factory=factory, poll_s=poll_s, drain_timeout_s=drain_timeout_s)
+        return cls(
+            root=root,
+            factory=factory,
+            poll_s=poll_s,
+            drain_timeout_s=drain_timeout_s,
+            shared=shared,
+        )
 
     async def __aenter__(self) -> ModelRepository:
         async with contextlib.AsyncExitStack() as stack:
@@ -191,12 +256,16 @@ class ModelRepository:
             await self._close_all()
 
     async def _close_all(self) -> None:
+        retired: list[_Retired] = []
         for model in self._models.values():
-            engines = list(model.engines.values())
-            model.engines.clear()
-            model.reroute()
-            for engine in reversed(engines):
-                await engine.aclose()
+            for version in sorted(model.engines, key=version_order, reverse=True):
+                self._retire(model, version, retired)
+        # Also those a cancelled poll had unpublished but not closed yet.
+        leftovers = [e for e in self._retiring if all(r.engine is not e for r in retired)]
+        retired += [_Retired(_Model(e.name), e.version, e, None) for e in leftovers]
+        await self._finish(retired)
+        if self._closing:  # closes that overran: give them one more deadline, no more
+            await asyncio.wait(set(self._closing), timeout=self._drain_timeout_s)
 
     # -- routing (hot path) ----------------------------------------------------------------------
 
@@ -266,23 +335,42 @@ class ModelRepository:
     # -- changes (off the hot path) --------------------------------------------------------------
 
     async def poll(self) -> None:
-        """Scan the directory once and apply what changed (new, changed or removed versions)."""
+        """Scan the directory once and apply what changed (new, changed or removed versions),
+        model by model: one model's failure never keeps the others from being applied."""
         if self._root is None:
             return
+        generation = self._generation
         try:
             scanned = await asyncio.to_thread(scan_directory, self._root)
         except (OSError, ModelLoadError) as err:
             log.error("cannot scan the model repository: %s", err)
             return
-        async with self._lock:
-            for name in sorted(set(scanned) | set(self._seen)):
-                if name in self._unloaded:
-                    continue
-                entry = scanned.get(name)
-                state = entry.state if entry is not None else None
-                if self._seen.get(name) != state:
-                    await self._apply(name, entry)
-                    self._seen[name] = state
+        retired: list[_Retired] = []
+        try:
+            async with self._lock:
+                for name in sorted(set(scanned) | set(self._seen)):
+                    if name in self._unloaded or self._changed.get(name, 0) > generation:
+                        continue  # left alone, or changed by a load newer than this scan
+                    entry = scanned.get(name)
+                    state = entry.state if entry is not None else None
+                    if self._seen.get(name) != state:
+                        await self._apply_one(name, entry, retired)
+                        self._seen[name] = state  # even on failure: retried when it changes
+        finally:
+            await self._finish(retired)
+
+    async def _apply_one(
+        self, name: str, entry: ModelDirectory | None, retired: list[_Retired]
+    ) -> None:
+        try:
+            await self._apply(name, entry, retired)
+        except Exception as err:  # a bug in one model's code must not stop the others
+            reason = f"cannot apply its changes: {type(err).__name__}: {err}"
+            log.exception("model %s: %s", name, reason)
+            self.load_failures[name] = self.load_failures.get(name, 0) + 1
+            model = self._models.get(name)
+            if model is not None:
+                model.status[_MODEL_LEVEL] = VersionStatus(UNAVAILABLE, reason)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -292,23 +380,43 @@ class ModelRepository:
             except Exception:  # one bad pass must not end polling
                 log.exception("model repository poll failed")
 
+    def _refuse_if_shared(self, action: str) -> None:
+        if self.shared:
+            raise RepositoryConflict(
+                f"cannot {action} through the API: this server runs several worker processes "
+                "(--workers), each with its own models, and the call would reach only one of "
+                "them; change the model repository directory instead and let "
+                "--repository-poll-s apply it in every worker"
+            )
+
     async def load(self, name: str) -> None:
         """(Re)load a model from the directory (the repository API's load). Raises when the
         model is not in the repository or none of its versions could be loaded."""
+        self._refuse_if_shared("load a model")
         if self._root is None:
             await self._load_static(name)
             return
         model_dir = self._root / name
         if not name or "/" in name or name.startswith(".") or not model_dir.is_dir():
             raise ModelNotFound(f"no model {name!r} in the repository")
-        entry = await asyncio.to_thread(scan_model, model_dir)
-        async with self._lock:
-            self._unloaded.discard(name)
-            await self._apply(name, entry, force=True)
-            self._seen[name] = entry.state
+        retired: list[_Retired] = []
+        try:
+            async with self._lock:
+                # Scanned under the lock: a concurrent load or poll cannot slip in between.
+                entry = await asyncio.to_thread(scan_model, model_dir)
+                self._unloaded.discard(name)
+                self._mark_changed(name)
+                await self._apply(name, entry, retired, force=True)
+                self._seen[name] = entry.state
+        finally:
+            await self._finish(retired)
         model = self._models[name]
         if not model.engines:
             raise InvalidInput(f"failed to load model {name!r}{self._reasons(model)}")
+
+    def _mark_changed(self, name: str) -> None:
+        self._generation += 1
+        self._changed[name] = self._generation
 
     async def _load_static(self, name: str) -> None:
         """Without a directory, a load brings an unloaded model's engines back."""
@@ -326,22 +434,35 @@ class ModelRepository:
             model.reroute()
 
     async def unload(self, name: str) -> None:
-        """Unload every version of a model (the repository API's unload); in-flight requests
-        finish first. Polling leaves it unloaded until it is loaded again."""
-        async with self._lock:
-            model = self._models.get(name)
-            if model is None:
-                raise ModelNotFound(f"unknown model {name!r}")
-            self._unloaded.add(name)
-            for version in list(model.engines):
-                await self._retire(model, version)
-                model.status[version] = VersionStatus(UNAVAILABLE, "unloaded")
+        """Unload every version of a model (the repository API's unload); returns once its
+        in-flight requests are done (or the drain timeout passed). Polling leaves it unloaded
+        until it is loaded again."""
+        self._refuse_if_shared("unload a model")
+        retired: list[_Retired] = []
+        try:
+            async with self._lock:
+                model = self._models.get(name)
+                if model is None:
+                    raise ModelNotFound(f"unknown model {name!r}")
+                self._unloaded.add(name)
+                self._mark_changed(name)
+                unloaded = VersionStatus(UNAVAILABLE, "unloaded")
+                for version in list(model.engines):
+                    self._retire(model, version, retired, after=unloaded)
+        finally:
+            await self._finish(retired)
 
-    async def _apply(self, name: str, entry: ModelDirectory | None, force: bool = False) -> None:
+    async def _apply(
+        self,
+        name: str,
+        entry: ModelDirectory | None,
+        retired: list[_Retired],
+        force: bool = False,
+    ) -> None:
         model = self._models.setdefault(name, _Model(name))
         if entry is None:  # the model's directory is gone
             for version in list(model.engines):
-                await self._retire(model, version)
+                self._retire(model, version, retired)
             del self._models[name]
             log.info("model %s removed", name)
             return
@@ -357,34 +478,78 @@ class ModelRepository:
             fingerprint = (entry.fingerprints[version], entry.config_fingerprint)
             if not force and model.fingerprints.get(version) == fingerprint:
                 continue
-            if await self._start(model, version, entry.versions[version], entry.config):
+            path = entry.versions[version]
+            if await self._start(model, version, path, entry.config, retired):
                 model.fingerprints[version] = fingerprint
-        for version in [v for v in list(model.engines) if v not in wanted]:
-            await self._retire(model, version)
-        for version in [v for v in list(model.status) if v not in wanted and v != _MODEL_LEVEL]:
+        kept = self._keep_in_place_of_failed(model, wanted)
+        for version in [v for v in list(model.engines) if v not in wanted and v not in kept]:
+            self._retire(model, version, retired)
+        for version, status in list(model.status.items()):
+            if version in (_MODEL_LEVEL, *wanted) or status.state == UNLOADING:
+                continue
             if version not in model.engines:
                 del model.status[version]
                 model.fingerprints.pop(version, None)
         model.reroute()
 
-    async def _start(self, model: _Model, version: str, path: Path, config: ModelConfig) -> bool:
+    def _keep_in_place_of_failed(self, model: _Model, wanted: list[str]) -> list[str]:
+        """The serving versions the policy would drop but that stay, one for each wanted
+        version that did not come up: a broken rollout must fail, not take the model down."""
+        failed = [v for v in wanted if v not in model.engines]
+        outgoing = sorted((v for v in model.engines if v not in wanted), key=version_order)
+        kept = outgoing[max(0, len(outgoing) - len(failed)) :] if failed else []
+        for version in wanted:  # back in the policy: no longer a stand-in
+            status = model.status.get(version)
+            if version in model.engines and status and status.reason.startswith(_KEPT):
+                model.status[version] = VersionStatus(READY)
+        if kept:
+            reason = f"{_KEPT}version {', '.join(failed)} did not load"
+            for version in kept:
+                model.status[version] = VersionStatus(READY, reason)
+            log.error(
+                "model %s: version %s did not load; version %s keeps serving",
+                model.name,
+                ", ".join(failed),
+                ", ".join(kept),
+            )
+        return kept
+
+    async def _start(
+        self,
+        model: _Model,
+        version: str,
+        path: Path,
+        config: ModelConfig,
+        retired: list[_Retired],
+    ) -> bool:
         assert self._factory is not None
-        model.status[version] = VersionStatus(LOADING)
+        old = model.engines.get(version)
+        if old is None:
+            model.status[version] = VersionStatus(LOADING)
         try:
             engine = self._factory(model.name, version, path, config)
             await engine.start()
-        except (BatchserveError, OSError, ValueError) as err:
-            reason = err.message if isinstance(err, BatchserveError) else str(err)
-            model.status[version] = VersionStatus(UNAVAILABLE, reason)
+        except Exception as err:  # whatever a model (or its handler) raises fails this version
+            if isinstance(err, BatchserveError):
+                reason = err.message
+            else:
+                reason = f"{type(err).__name__}: {err}"
+                if not isinstance(err, OSError | ValueError):  # a bug: keep its traceback
+                    log.error("loading %s version %s failed", model.name, version, exc_info=err)
+            if old is not None:  # the previous file's engine still answers for this version
+                reason = f"reload failed, still serving the previous file: {reason}"
+                model.status[version] = VersionStatus(READY, reason)
+            else:
+                model.status[version] = VersionStatus(UNAVAILABLE, reason)
             self._failed(f"{model.name} version {version}", reason)
             return False
-        old = model.engines.get(version)
         model.engines[version] = engine
         model.status[version] = VersionStatus(READY)
         model.reroute()
         log.info("model %s version %s is serving", model.name, version)
         if old is not None:  # the same version from a new file: the old engine drains
-            await self._drain_and_close(old)
+            self._retiring.add(old)
+            retired.append(_Retired(model, version, old, None))
         return True
 
     def _failed(self, what: str, reason: str) -> None:
@@ -392,18 +557,61 @@ class ModelRepository:
         self.load_failures[name] = self.load_failures.get(name, 0) + 1
         log.error("cannot serve %s: %s", what, reason)
 
-    async def _retire(self, model: _Model, version: str) -> None:
+    def _retire(
+        self,
+        model: _Model,
+        version: str,
+        retired: list[_Retired],
+        after: VersionStatus | None = None,
+    ) -> None:
+        """Unpublish a version now (no new request reaches it); `_finish` drains and closes
+        it once the lock is released."""
         engine = model.engines.pop(version, None)
         model.fingerprints.pop(version, None)
         if engine is None:
             return
-        model.status[version] = VersionStatus(UNLOADING)
-        model.reroute()  # no new request reaches it from here on
-        await self._drain_and_close(engine)
-        model.status.pop(version, None)
-        log.info("model %s version %s unloaded", model.name, version)
+        marker = model.status[version] = VersionStatus(UNLOADING)
+        model.reroute()
+        engine.retire()
+        self._retiring.add(engine)
+        retired.append(_Retired(model, version, engine, marker, after))
+
+    async def _finish(self, retired: list[_Retired]) -> None:
+        """Drain and close what was unpublished, all at once, outside the lock."""
+        if not retired:
+            return
+        await asyncio.gather(*(self._drain_and_close(r.engine) for r in retired))
+        for item in retired:
+            if item.marker is None:
+                continue
+            model = item.model
+            # Unless a newer load has taken the version over meanwhile.
+            if model.status.get(item.version) is item.marker:
+                if item.after is None:
+                    del model.status[item.version]
+                else:
+                    model.status[item.version] = item.after
+            log.info("model %s version %s unloaded", model.name, item.version)
 
     async def _drain_and_close(self, engine: Engine) -> None:
+        """In-flight requests finish (up to the drain timeout), then the engine closes; a
+        close that overruns the same timeout goes on in the background."""
         engine.retire()
         await engine.quiesce(self._drain_timeout_s)
-        await engine.aclose()
+        task = asyncio.ensure_future(engine.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closed)
+        self._retiring.discard(engine)  # from here on `_closing` tracks it
+        done, _ = await asyncio.wait({task}, timeout=self._drain_timeout_s)
+        if not done:
+            log.warning(
+                "model %s version %s did not close within %g s; left to finish",
+                engine.name,
+                engine.version,
+                self._drain_timeout_s,
+            )
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("closing an engine failed", exc_info=task.exception())

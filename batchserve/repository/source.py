@@ -4,6 +4,7 @@ layout) plus an optional `DIR/<model>/config.toml`."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def scan_model(model_dir: Path) -> ModelDirectory:
     return ModelDirectory(name, config, versions, fingerprints, config_fp)
 
 
+# Versions appear in URLs and metric labels: plain ASCII names, never a hidden directory.
+_VERSION = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
 def _valid_version(name: str) -> bool:
-    # Versions appear in URLs: keep them to plain names.
-    return bool(name) and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+    return _VERSION.fullmatch(name) is not None

@@ -256,6 +256,10 @@ class SessionPool:
             worker.executor.shutdown(wait=False)
             if not worker.started_at:  # a wedged run may still use its session: leave it be
                 close_session(worker.session)
+            # A run still going holds its own reference; the pool lets go of the session now,
+            # so it is freed without waiting for the cyclic collector.
+            worker.session = None
+        self.on_capacity = None  # the batcher's wake: breaks the pool <-> batcher cycle
 
     def _busy(self) -> int:
         return sum(1 for worker in self._workers if worker.started_at)
