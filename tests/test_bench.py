@@ -4,23 +4,35 @@ against real `batchserve serve` subprocesses (127.0.0.1, ephemeral ports, stoppe
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
+import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from batchserve.bench.command import sweep
-from batchserve.bench.loadgen import LoadConfig, RawResult
+from batchserve.bench.command import BenchError, request_headers, sweep
+from batchserve.bench.loadgen import LoadConfig, RawResult, callers_of, run_load, send_times
 from batchserve.bench.report import Report, summarize
-from batchserve.bench.transport import ConnectionPool, RequestTimeout, encode_post
+from batchserve.bench.transport import (
+    Aborted,
+    ConnectionPool,
+    Disconnected,
+    RequestTimeout,
+    encode_post,
+)
+from batchserve.bench.workload import Body, Workload
 
 CLI = [sys.executable, "-m", "batchserve"]
 
@@ -85,13 +97,23 @@ def refusing_port() -> Iterator[int]:
     sock.close()
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment without an API key of its own, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "BATCHSERVE_API_KEY"}
+    return {**env, **extra}
 
 
-def bench_json(tmp_path: Path, *args: str) -> dict[str, Any]:
+def run_cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env or cli_env()
+    )
+
+
+def bench_json(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = tmp_path / "out.json"
-    done = run_cli("bench", *args, "--json", str(out))
+    done = run_cli("bench", *args, "--json", str(out), env=env)
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(out.read_text())
     return result
@@ -206,6 +228,7 @@ def test_sweep_with_start_above_max_runs_nothing() -> None:
 def test_summarize_percentiles_errors_and_achieved_rate() -> None:
     config = LoadConfig(rate=50, duration_s=2.0, warmup_s=0)
     first = RawResult(
+        requests=54,
         latencies=[i / 1000 for i in range(1, 51)],  # 1..50 ms
         statuses=Counter({503: 2, 429: 1}),
         exceptions=Counter({"Disconnected": 1}),
@@ -214,8 +237,9 @@ def test_summarize_percentiles_errors_and_achieved_rate() -> None:
         delayed_by_cap=3,
     )
     second = RawResult(
+        requests=53,
         latencies=[i / 1000 for i in range(51, 101)],  # 51..100 ms
-        exceptions=Counter({"RequestTimeout": 2, "Disconnected": 1}),
+        exceptions=Counter({"ConnectionResetError": 2, "Disconnected": 1}),
         window_start=100.0,
         last_completion=101.9,
         delayed_by_cap=1,
@@ -227,7 +251,7 @@ def test_summarize_percentiles_errors_and_achieved_rate() -> None:
     assert r.requests == 107
     assert r.errors == 7
     assert r.errors_by_status == {"429": 1, "503": 2}
-    assert r.errors_by_exception == {"Disconnected": 2, "RequestTimeout": 2}
+    assert r.errors_by_exception == {"ConnectionResetError": 2, "Disconnected": 2}
     assert r.delayed_by_cap == 4
     lat = r.latency_ms
     # numpy's linear interpolation over 1..100 ms
@@ -245,7 +269,7 @@ def test_summarize_percentiles_errors_and_achieved_rate() -> None:
 
 def test_summarize_late_completions_stretch_the_window() -> None:
     config = LoadConfig(concurrency=4, duration_s=2.0, warmup_s=0)
-    result = RawResult(latencies=[0.01] * 60, window_start=10.0, last_completion=13.0)
+    result = RawResult(requests=60, latencies=[0.01] * 60, window_start=10.0, last_completion=13.0)
     r = summarize([result], config)
     assert r.mode == "closed"
     assert r.concurrency == 4
@@ -255,7 +279,9 @@ def test_summarize_late_completions_stretch_the_window() -> None:
 
 def test_summarize_without_successes() -> None:
     config = LoadConfig(rate=10, duration_s=1.0, warmup_s=0)
-    result = RawResult(exceptions=Counter({"ConnectionRefusedError": 10}), window_start=5.0)
+    result = RawResult(
+        requests=10, exceptions=Counter({"ConnectionRefusedError": 10}), window_start=5.0
+    )
     r = summarize([result], config)
     assert r.ok == 0
     assert r.requests == 10
@@ -263,6 +289,25 @@ def test_summarize_without_successes() -> None:
     assert r.latency_ms == {}
     assert r.p99_ms == float("inf")
     assert "ConnectionRefusedError" in r.text()
+
+
+def test_summarize_puts_timeouts_in_the_percentiles_and_counts_them() -> None:
+    config = LoadConfig(rate=10, duration_s=1.0, warmup_s=0)
+    result = RawResult(
+        requests=100,
+        latencies=[0.01] * 98,
+        timeout_latencies=[2.0, 2.1],
+        exceptions=Counter({"RequestTimeout": 1, "NotCompleted": 1}),
+        window_start=0.0,
+        last_completion=0.9,
+    )
+    r = summarize([result], config)
+    assert (r.requests, r.ok, r.errors, r.timed_out) == (100, 98, 2, 2)
+    assert r.latency_ms["p50"] == pytest.approx(10.0)
+    assert r.latency_ms["p99"] > 2000.0  # the two given up on are the top of the distribution
+    assert r.latency_ms["max"] == pytest.approx(2100.0)
+    assert r.achieved_rps == pytest.approx(98.0)
+    assert "2 timed-out request(s)" in r.text()
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +326,7 @@ def test_summarize_without_successes() -> None:
         ({"concurrency": 1, "warmup_s": -0.1}, "warm-up"),
         ({"concurrency": 1, "processes": 0}, "processes"),
         ({"rate": 10, "max_outstanding": 0}, "max_outstanding"),
+        ({"rate": 10, "max_outstanding": 1, "processes": 2}, "max_outstanding"),
     ],
 )
 def test_load_config_rejects(kwargs: dict[str, Any], message: str) -> None:
@@ -550,3 +596,351 @@ def test_open_loop_latency_counts_queueing_from_the_scheduled_time(
         assert capped["latency_ms"]["p99"] > 4 * service_ms, (service_ms, capped)
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# every scheduled request is accounted for (open loop)
+
+
+def plain_workload(url: str, count: int = 1) -> Workload:
+    """`count` distinct JSON bodies (each names its index) for `url`."""
+    bodies = []
+    for index in range(count):
+        data = b'{"index":%d}' % index
+        headers = {"Content-Type": "application/json"}
+        bodies.append(Body(data, headers, encode_post(url, data, headers)))
+    return Workload(url, tuple(bodies), 1)
+
+
+class Recording:
+    """A real aiohttp server on 127.0.0.1:0 (optionally TLS) that records every request's
+    method, path, headers and body; POSTs are answered after `delay_s`, one at a time when
+    `serial` (a server with a fixed capacity that builds a backlog)."""
+
+    def __init__(self, delay_s: float = 0.0, serial: bool = False, ssl: Any = None) -> None:
+        self.delay_s = delay_s
+        self.lock = asyncio.Lock() if serial else None
+        self.ssl = ssl
+        self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    async def _infer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.seen.append((request.method, request.path, dict(request.headers), body))
+        if self.lock is None:
+            await asyncio.sleep(self.delay_s)
+        else:
+            async with self.lock:
+                await asyncio.sleep(self.delay_s)
+        return web.json_response({"model_name": "m", "outputs": []})
+
+    async def _get(self, request: web.Request) -> web.Response:
+        self.seen.append((request.method, request.path, dict(request.headers), b""))
+        if request.path.endswith("/stats"):
+            entry = {"inference_count": 0, "execution_count": 0}
+            return web.json_response({"model_stats": [entry]})
+        spec = {"name": "input", "datatype": "FP32", "shape": [-1, 4]}
+        return web.json_response(
+            {"name": "m", "versions": ["1"], "platform": "x", "inputs": [spec], "outputs": []}
+        )
+
+    async def __aenter__(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v2/models/{name}/infer", self._infer)
+        app.router.add_get("/v2/models/{name}", self._get)
+        app.router.add_get("/v2/models/{name}/stats", self._get)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        return f"{'https' if self.ssl else 'http'}://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+    def posts(self) -> list[bytes]:
+        return [body for method, _, _, body in self.seen if method == "POST"]
+
+
+def load(workload: Workload, **config: Any) -> Awaitable[list[RawResult]]:
+    return asyncio.to_thread(run_load, workload, LoadConfig(**config), False)
+
+
+def accounted(result: Report) -> int:
+    return (
+        result.ok + sum(result.errors_by_status.values()) + sum(result.errors_by_exception.values())
+    )
+
+
+@pytest.mark.parametrize("max_outstanding", [2, 1024])
+async def test_open_loop_accounts_for_every_scheduled_request(max_outstanding: int) -> None:
+    """A server that answers 20 req/s, one at a time, offered 60 req/s for 1 s with a 1 s
+    timeout: about half the schedule cannot be answered in time. With a cap of 2 the backlog
+    waits in the client for a slot; without one it waits in the server. Either way every one
+    of the 60 scheduled requests is in the report, the late ones as timeouts, and the
+    percentiles include them at their timeout instead of dropping them."""
+    config = {"rate": 60.0, "duration_s": 1.0, "warmup_s": 0.0, "timeout_s": 1.0}
+    async with asyncio.timeout(30), Recording(delay_s=0.05, serial=True) as url:
+        workload = plain_workload(url + "/v2/models/m/infer")
+        started = time.perf_counter()
+        results = await load(workload, **config, max_outstanding=max_outstanding)
+        elapsed = time.perf_counter() - started
+    result = summarize(results, LoadConfig(**config))
+    assert 60 <= result.requests <= 61  # the constant schedule, counted, not the answers
+    assert accounted(result) == result.requests
+    assert 15 <= result.ok <= 45, result  # about 20 req/s for the 2 s until the last deadline
+    assert result.timed_out >= 10, result
+    assert result.errors_by_status == {}
+    # late requests time out at their deadline (a slot's wait included), never "the server
+    # closed the connection", nor left for the end of the run to cancel
+    assert result.errors_by_exception == {"RequestTimeout": result.requests - result.ok}
+    assert result.timed_out == result.requests - result.ok
+    assert result.latency_ms["p99"] >= 1000.0  # the backlog shows, at least at the timeout
+    assert result.latency_ms["max"] < 1000.0 + 2 * 250 + 200  # given up near the deadline
+    # last send at ~1 s, its deadline 1 s later: the run waits for it, not much longer
+    assert elapsed < 2.0 + 0.2 + 0.6 + 1.0
+    if max_outstanding == 2:
+        assert result.delayed_by_cap > 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [({"rate": 20.0}, (10, 11)), ({"concurrency": 2}, (2, 2))],
+    ids=["open", "closed"],
+)
+async def test_a_request_stuck_connecting_is_counted_as_not_completed(
+    mode: dict[str, Any], expected: tuple[int, int]
+) -> None:
+    """A TLS handshake that never completes holds each request before it is on the wire,
+    where no timeout applies; the run still ends on time and counts every one (open loop:
+    each scheduled send; closed loop: each caller's first and only request)."""
+
+    async def silent(reader: asyncio.StreamReader) -> None:
+        await reader.read()  # never answers the handshake
+
+    config = {**mode, "duration_s": 0.5, "warmup_s": 0.0, "timeout_s": 0.5}
+    async with asyncio.timeout(20), RawServer(silent) as url:
+        https = url.replace("http://", "https://") + "/v2/models/m/infer"
+        started = time.perf_counter()
+        results = await load(plain_workload(https), **config)
+        elapsed = time.perf_counter() - started
+    result = summarize(results, LoadConfig(**config))
+    assert expected[0] <= result.requests <= expected[1]
+    assert result.errors_by_exception == {"NotCompleted": result.requests}
+    assert result.timed_out == result.requests
+    assert result.latency_ms["p50"] >= 500.0
+    assert elapsed < 0.2 + 0.5 + 0.5 + 0.35 + 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# several processes
+
+
+def test_constant_arrivals_of_several_processes_interleave_evenly() -> None:
+    config = LoadConfig(rate=1000, processes=4, duration_s=1, warmup_s=0)
+    merged = sorted(
+        (when, process)
+        for process in range(4)
+        for when in send_times(config, process, 100.0, 100.02)
+    )
+    assert [when for when, _ in merged] == pytest.approx(
+        [100.0 + m / 1000 for m in range(20)], abs=1e-9
+    )
+    assert [process for _, process in merged] == [0, 1, 2, 3] * 5
+
+
+def test_poisson_arrivals_of_several_processes_are_independent() -> None:
+    config = LoadConfig(rate=1000, processes=2, duration_s=1, warmup_s=0, arrivals="poisson")
+    first, second = (list(send_times(config, p, 0.0, 10.0)) for p in range(2))
+    assert set(first).isdisjoint(second)
+    # each at half the rate: 5,000 expected in 10 s (sd ~71)
+    assert all(4700 < len(times) < 5300 for times in (first, second))
+
+
+def test_closed_loop_callers_are_split_with_global_ids() -> None:
+    config = LoadConfig(concurrency=7, processes=3, warmup_s=0)
+    assert [list(callers_of(config, p)) for p in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize("mode", [{"rate": 200.0}, {"concurrency": 4}], ids=["open", "closed"])
+async def test_several_processes_never_send_the_same_body_position(mode: dict[str, Any]) -> None:
+    """4,096 distinct bodies and fewer requests than that: each body goes out at most once,
+    whichever of the 2 processes sends it (a body sent twice is a cache hit that
+    --unique-fraction promised would not happen)."""
+    config = {**mode, "duration_s": 2.0, "warmup_s": 0.0, "processes": 2, "timeout_s": 5.0}
+    server = Recording(delay_s=0.01)
+    async with asyncio.timeout(60), server as url:
+        workload = plain_workload(url + "/v2/models/m/infer", count=4096)
+        results = await load(workload, **config)
+    result = summarize(results, LoadConfig(**config))
+    assert all(r.requests >= 10 for r in results), results  # both processes took part
+    posts = server.posts()
+    assert result.ok == result.requests == len(posts), result
+    assert Counter(posts).most_common(1)[0][1] == 1
+
+
+def test_a_failing_load_process_is_a_bench_error() -> None:
+    config = LoadConfig(rate=10, processes=2, duration_s=0.1, warmup_s=0)
+    with pytest.raises(BenchError, match="process failed: ValueError: expected an http"):
+        run_load(plain_workload("ftp://127.0.0.1/v2/models/m/infer"), config, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the pool's own deadlines and shutdown
+
+
+async def test_pool_times_out_a_request_waiting_for_a_slot() -> None:
+    """One slot, held by a request the server never answers: the next request's deadline
+    passes while it waits for the slot, and it times out then, not after the first."""
+    async with (
+        asyncio.timeout(10),
+        RawServer(until_client_hangs_up) as url,
+        ConnectionPool(url, 1, timeout_s=5) as pool,
+    ):
+        raw = encode_post(url + "/x", b"{}", {})
+        started = time.perf_counter()
+        holder = asyncio.create_task(pool.post(raw, started + 5))
+        await asyncio.sleep(0)
+        assert pool.saturated
+        with pytest.raises(RequestTimeout, match="slot"):
+            await pool.post(raw, started + 0.3)
+        assert time.perf_counter() - started < 0.3 + pool.sweep_interval + 0.5
+        assert not holder.done()
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        assert not pool.saturated  # the slot came back
+
+
+async def test_pool_shutdown_aborts_in_flight_requests_as_its_own() -> None:
+    received = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader) -> None:
+        received.set()
+        await reader.read()
+
+    async with asyncio.timeout(10), RawServer(hold) as url:
+        async with ConnectionPool(url, 1, timeout_s=5) as pool:
+            request = asyncio.create_task(pool.post(encode_post(url + "/x", b"{}", {})))
+            await received.wait()
+        with pytest.raises(Aborted) as caught:
+            await request
+        assert not isinstance(caught.value, Disconnected)  # not "closed by the server"
+
+
+# --------------------------------------------------------------------------------------------
+# headers, API keys, TLS
+
+
+def test_request_headers() -> None:
+    assert request_headers(["X-A: 1", "x-b:two words "], "k") == {
+        "Authorization": "Bearer k",
+        "X-A": "1",
+        "x-b": "two words",
+    }
+    # an explicit Authorization header wins over the key, whatever its case
+    assert request_headers(["authorization: Basic abc"], "k") == {"authorization": "Basic abc"}
+    assert request_headers() == {}
+
+
+@pytest.mark.parametrize(
+    "pair",
+    ["no colon", "Bad Name: x", ": x", "X-A: a\r\nX-Evil: 1", "Host: h", "content-length: 3"],
+)
+def test_request_headers_rejects(pair: str) -> None:
+    with pytest.raises(BenchError, match="--header"):
+        request_headers([pair])
+
+
+def test_cli_against_a_server_with_an_api_key(tmp_path: Path, mlp_path: Path) -> None:
+    server = ServeProcess(tmp_path / "key.log", mlp_path, "--api-key", "s3cret")
+    try:
+        line = one_error_line(run_cli("bench", server.url, "-m", "mlp", *SHORT))
+        assert "401" in line
+        load = (server.url, "-m", "mlp", "--concurrency", "2", *SHORT)
+        # the key from the environment: POSTs get in, and so do the statistics GETs
+        report = bench_json(tmp_path, *load, env=cli_env(BATCHSERVE_API_KEY="s3cret"))["report"]
+        assert_clean(report)
+        assert report["server"]["runs"] > 0
+        # the same as an explicit header
+        header = ("--header", "Authorization: Bearer s3cret")
+        assert_clean(bench_json(tmp_path, *load, *header)["report"])
+    finally:
+        server.stop()
+
+
+def test_cli_rejects_other_schemes_and_bad_headers() -> None:
+    line = one_error_line(run_cli("bench", "ftp://127.0.0.1:1", "-m", "m", *SHORT))
+    assert "http:// or https://" in line
+    line = one_error_line(run_cli("bench", "http://127.0.0.1:1", "-m", "m", "--header", "x"))
+    assert "--header" in line
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key: (certificate, key) PEM files."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_cli_over_tls_sends_the_headers_on_every_request(tmp_path: Path) -> None:
+    """An https:// server with a self-signed certificate the client is told to trust: the
+    metadata and statistics GETs and every POST go over TLS with the extra headers; the key
+    stays out of the JSON report."""
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = Recording(ssl=context)
+    out = tmp_path / "tls.json"
+    async with asyncio.timeout(60), server as url:
+        assert url.startswith("https://")
+        process = await asyncio.create_subprocess_exec(
+            *CLI, "bench", url, "-m", "m", "--concurrency", "2", "--duration", "0.5",
+            "--warmup", "0", "--header", "X-Tenant: blue", "--api-key", "sekrit-key",
+            "--json", str(out),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(SSL_CERT_FILE=str(cert)),
+        )  # fmt: skip
+        _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    report = json.loads(out.read_text())["report"]
+    assert_clean(report)
+    assert "sekrit-key" not in out.read_text()
+    kinds = Counter(method for method, _, _, _ in server.seen)
+    assert kinds["GET"] == 3  # metadata, statistics before and after
+    assert kinds["POST"] == report["requests"] > 0
+    for _, _, headers, _ in server.seen:
+        assert headers["X-Tenant"] == "blue"
+        assert headers["Authorization"] == "Bearer sekrit-key"

@@ -10,22 +10,61 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from batchserve.bench.errors import BenchError as BenchError  # re-exported for the CLI
 from batchserve.bench.loadgen import LoadConfig, run_load
 from batchserve.bench.report import Report, summarize
+from batchserve.bench.transport import split_url
 from batchserve.bench.workload import Workload
+from batchserve.protocol import HEADER_LENGTH
+
+# Set by the client from the body and the URL; a --header for them would corrupt the request.
+_RESERVED_HEADERS = {
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    HEADER_LENGTH.lower(),
+}
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-class BenchError(Exception):
-    """A problem worth one line to the user (server unreachable, unknown model, ...)."""
-
-
-def get_json(url: str, timeout: float = 10.0) -> Any:
+def check_url(url: str) -> None:
+    """A one-line error for a URL the load generator cannot drive."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        split_url(url)
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+
+
+def request_headers(pairs: Sequence[str] = (), api_key: str | None = None) -> dict[str, str]:
+    """Extra headers for every request from "Name: value" strings, plus the API key as
+    `Authorization: Bearer KEY` (an explicit Authorization header wins)."""
+    headers: dict[str, str] = {}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    for pair in pairs:
+        name, colon, value = pair.partition(":")
+        name, value = name.strip(), value.strip()
+        printable = value.isascii() and value.isprintable()  # no CR/LF smuggled in
+        if not colon or not _TOKEN.fullmatch(name) or not printable:
+            raise BenchError(f'--header wants "Name: value", got {pair!r}')
+        if name.lower() in _RESERVED_HEADERS:
+            raise BenchError(f"--header cannot set {name}: the client sets it")
+        for existing in [k for k in headers if k.lower() == name.lower()]:
+            del headers[existing]
+        headers[name] = value
+    return headers
+
+
+def get_json(url: str, timeout: float = 10.0, headers: Mapping[str, str] | None = None) -> Any:
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as err:
         raise BenchError(f"GET {url} answered {err.code}: {err.read()[:200]!r}") from None
@@ -33,16 +72,25 @@ def get_json(url: str, timeout: float = 10.0) -> Any:
         raise BenchError(f"cannot reach {url}: {err}") from None
 
 
-def model_metadata(base_url: str, model: str, version: str | None = None) -> dict[str, Any]:
+def model_metadata(
+    base_url: str,
+    model: str,
+    version: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
-    metadata: dict[str, Any] = get_json(base_url.rstrip("/") + path)
+    metadata: dict[str, Any] = get_json(base_url.rstrip("/") + path, headers=headers)
     return metadata
 
 
-def server_counts(base_url: str, model: str) -> tuple[int, int] | None:
+def server_counts(
+    base_url: str, model: str, headers: Mapping[str, str] | None = None
+) -> tuple[int, int] | None:
     """(rows, runs) from the V2 statistics extension, when the server has it."""
     try:
-        stats = get_json(f"{base_url.rstrip('/')}/v2/models/{model}/stats", timeout=5.0)
+        stats = get_json(
+            f"{base_url.rstrip('/')}/v2/models/{model}/stats", timeout=5.0, headers=headers
+        )
         entry = stats["model_stats"][0]
         return int(entry["inference_count"]), int(entry["execution_count"])
     except (BenchError, KeyError, IndexError, TypeError, ValueError):
@@ -53,12 +101,15 @@ def server_counts(base_url: str, model: str) -> tuple[int, int] | None:
 class Target:
     base_url: str
     model: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def measure(target: Target, workload: Workload, config: LoadConfig) -> Report:
-    before = server_counts(target.base_url, target.model)
+    """One run. The server's runs and mean batch rows come from its statistics before and
+    after the run, so they include the warm-up (and any other client's traffic)."""
+    before = server_counts(target.base_url, target.model, target.headers)
     report = summarize(run_load(workload, config), config)
-    after = server_counts(target.base_url, target.model)
+    after = server_counts(target.base_url, target.model, target.headers)
     if before and after and after[1] > before[1]:
         rows, runs = after[0] - before[0], after[1] - before[1]
         report.server = {"runs": runs, "mean_batch_rows": rows / runs}

@@ -12,18 +12,23 @@ import multiprocessing as mp
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from queue import Empty
 from typing import Any, Literal
 
 import numpy as np
 
+from batchserve.bench.errors import BenchError
 from batchserve.bench.transport import ConnectionPool
 from batchserve.bench.workload import Workload
 
 
 @dataclass(frozen=True, slots=True)
 class LoadConfig:
-    """rate: requests/s for open loop; concurrency: callers for closed loop (exactly one set)."""
+    """rate: requests/s for open loop; concurrency: callers for closed loop (exactly one set).
+    max_outstanding (open loop) and concurrency are totals over all processes; timeout_s counts
+    from each request's scheduled (open loop) or actual (closed loop) send time."""
 
     rate: float | None = None
     concurrency: int | None = None
@@ -46,6 +51,8 @@ class LoadConfig:
             raise ValueError("duration must be > 0, warm-up >= 0, processes >= 1")
         if self.max_outstanding < 1:
             raise ValueError("max_outstanding must be >= 1")
+        if self.rate is not None and self.max_outstanding < self.processes:
+            raise ValueError("max_outstanding must be >= processes (each holds a share)")
         if self.timeout_s <= 0:
             raise ValueError("timeout must be > 0")
 
@@ -56,11 +63,19 @@ class LoadConfig:
 
 @dataclass(slots=True)
 class RawResult:
-    """One process's measurements (latencies in seconds: `latencies` of successful requests,
-    `refused_latencies` of those answered with an error status, such as shed 429s)."""
+    """One process's measurements. `requests` counts the sends scheduled (open loop) or started
+    (closed loop) inside the window; each of them ends in exactly one of `latencies` (answered
+    200), `statuses` (answered with an error status) or `exceptions` (no answer).
 
+    Latencies are in seconds from the scheduled (open loop) or actual (closed loop) send time:
+    `refused_latencies` of error statuses such as shed 429s, `timeout_latencies` of requests
+    given up on (timed out, or still pending when the run ended), each the time it had waited
+    by then: a lower bound of the latency it would have had."""
+
+    requests: int = 0
     latencies: list[float] = field(default_factory=list)
     refused_latencies: list[float] = field(default_factory=list)
+    timeout_latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     exceptions: Counter[str] = field(default_factory=Counter)
     window_start: float = 0.0
@@ -68,38 +83,58 @@ class RawResult:
     delayed_by_cap: int = 0
 
 
-class _Recorder:
-    __slots__ = ("counter", "result", "window_end", "window_start")
+# A request the run ended on before its deadline was enforced (for example one still connecting).
+NOT_COMPLETED = "NotCompleted"
+# Room for a busy event loop to run the sweep that enforces the last deadline; waited out only
+# while a request is still out.
+_FINISH_SLACK_S = 0.1
 
-    def __init__(self, window_start: float, window_end: float, counter: Any) -> None:
+
+class _Recorder:
+    __slots__ = ("counter", "result", "timeout_s", "window_end", "window_start")
+
+    def __init__(
+        self, window_start: float, window_end: float, timeout_s: float, counter: Any
+    ) -> None:
         self.result = RawResult(window_start=window_start)
         self.window_start = window_start
         self.window_end = window_end
+        self.timeout_s = timeout_s
         self.counter = counter
 
     def measured(self, started: float) -> bool:
         return self.window_start <= started < self.window_end
 
+    def count(self, started: float) -> None:
+        if self.measured(started):
+            self.result.requests += 1
+
     def ok(self, started: float, ended: float) -> None:
         self.result.latencies.append(ended - started)
         self.result.last_completion = max(self.result.last_completion, ended)
 
-    def failed(self, status: int | None, error: BaseException | None) -> None:
-        if status is not None:
-            self.result.statuses[status] += 1
-        if error is not None:
-            self.result.exceptions[type(error).__name__] += 1
+    def refused(self, status: int, started: float, ended: float) -> None:
+        self.result.statuses[status] += 1
+        self.result.refused_latencies.append(ended - started)
+
+    def error(self, name: str, started: float, timed_out: bool) -> None:
+        self.result.exceptions[name] += 1
+        if timed_out:
+            self.result.timeout_latencies.append(time.perf_counter() - started)
 
 
-async def _one(
-    http: ConnectionPool, workload: Workload, index: int, started: float, rec: _Recorder
-) -> None:
+async def _one(http: ConnectionPool, raw: bytes, started: float, rec: _Recorder) -> None:
     try:
-        status = await http.post(workload.body(index).raw)
+        status = await http.post(raw, started + rec.timeout_s)
     except OSError as err:  # refused, reset, closed, timed out (all OSError subclasses)
         if rec.measured(started):
-            rec.failed(None, err)
+            rec.error(type(err).__name__, started, isinstance(err, TimeoutError))
         return
+    except asyncio.CancelledError:
+        # The run ended with this request still out: it counts, as a request given up on.
+        if rec.measured(started):
+            rec.error(NOT_COMPLETED, started, timed_out=True)
+        raise
     ended = time.perf_counter()
     if rec.counter is not None and status == 200:
         rec.counter.value += 1  # progress display, warm-up included
@@ -108,22 +143,25 @@ async def _one(
     if status == 200:
         rec.ok(started, ended)
     else:
-        rec.failed(status, None)
-        rec.result.refused_latencies.append(ended - started)
+        rec.refused(status, started, ended)
 
 
-def _schedule(config: LoadConfig, share: float, start: float, end: float, seed: int) -> Any:
-    """Send times (perf_counter seconds) from `start` until `end` at `share` of the rate."""
+def send_times(config: LoadConfig, process: int, start: float, end: float) -> Iterator[float]:
+    """Process `process`'s send times (perf_counter seconds) from `start` until `end`.
+
+    Constant arrivals: the processes take turns, process i sending at start + (n·P + i) / rate,
+    so the merged schedule is evenly spaced. Poisson arrivals: each process draws its own gaps
+    (its own seed) at 1/P of the rate; independent Poisson streams merge into one."""
     assert config.rate is not None
-    rate = config.rate * share
+    rate = config.rate / config.processes
     if config.arrivals == "constant":
-        gap = 1.0 / rate
+        first, gap = start + process / config.rate, 1.0 / rate
         n = 0
-        while (when := start + n * gap) < end:
+        while (when := first + n * gap) < end:
             yield when
             n += 1
         return
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(config.seed + process)
     when = start
     while True:
         when += float(rng.exponential(1.0 / rate))
@@ -132,59 +170,93 @@ def _schedule(config: LoadConfig, share: float, start: float, end: float, seed: 
         yield when
 
 
+def _share(total: int, processes: int, process: int) -> range:
+    """Process `process`'s part of 0..total-1, split as evenly as possible."""
+    base, extra = divmod(total, processes)
+    first = process * base + min(process, extra)
+    return range(first, first + base + (1 if process < extra else 0))
+
+
+def callers_of(config: LoadConfig, process: int) -> range:
+    """Closed loop: the global ids of process `process`'s callers. Caller g sends the bodies
+    g, g + concurrency, ..., so no two callers in any process send the same workload position."""
+    assert config.concurrency is not None
+    return _share(config.concurrency, config.processes, process)
+
+
 async def _open_loop(
     http: ConnectionPool,
     workload: Workload,
     config: LoadConfig,
-    share: float,
+    process: int,
     start: float,
     rec: _Recorder,
-    seed: int,
 ) -> None:
     tasks: set[asyncio.Task[None]] = set()
-    for index, scheduled in enumerate(_schedule(config, share, start, rec.window_end, seed)):
+    last = start
+    for k, scheduled in enumerate(send_times(config, process, start, rec.window_end)):
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        if http.saturated:
+        rec.count(scheduled)
+        if http.saturated and rec.measured(scheduled):
             rec.result.delayed_by_cap += 1  # it waits for a slot, and the wait counts
-        task = asyncio.create_task(_one(http, workload, index, scheduled, rec))
+        # The global position in the merged schedule: processes never send the same body
+        # position, so --unique-fraction holds across processes.
+        raw = workload.body(k * config.processes + process).raw
+        task = asyncio.create_task(_one(http, raw, scheduled, rec))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.wait(tasks, timeout=config.timeout_s)
+        last = scheduled
+    # Every deadline (scheduled + timeout) is enforced by then; what is left is cancelled and
+    # recorded, so no scheduled request goes missing from the report.
+    await _finish(tasks, last + config.timeout_s + 2 * http.sweep_interval + _FINISH_SLACK_S)
+
+
+async def _finish(tasks: set[asyncio.Task[None]], until: float) -> None:
+    """Wait for `tasks` until `until`, then cancel (and so record) what is left."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, until - time.perf_counter()))
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 async def _closed_loop(
-    http: ConnectionPool, workload: Workload, callers: int, rec: _Recorder
+    http: ConnectionPool, workload: Workload, callers: range, total: int, rec: _Recorder
 ) -> None:
-    async def caller(offset: int) -> None:
-        index = offset
+    async def caller(index: int) -> None:
         while (started := time.perf_counter()) < rec.window_end:
-            await _one(http, workload, index, started, rec)
-            index += callers
+            rec.count(started)
+            await _one(http, workload.body(index).raw, started, rec)
+            index += total
 
-    await asyncio.gather(*(caller(i) for i in range(callers)))
+    tasks = {asyncio.create_task(caller(g)) for g in callers}
+    await _finish(tasks, rec.window_end + rec.timeout_s + 2 * http.sweep_interval + _FINISH_SLACK_S)
 
 
 async def _run_process(
-    workload: Workload, config: LoadConfig, index: int, start: float, counter: Any
+    workload: Workload, config: LoadConfig, process: int, start: float, counter: Any
 ) -> RawResult:
-    share = 1.0 / config.processes
     window_start = start + config.warmup_s
-    rec = _Recorder(window_start, window_start + config.duration_s, counter)
-    callers = 0
+    rec = _Recorder(window_start, window_start + config.duration_s, config.timeout_s, counter)
+    callers = range(0)
+    # --max-outstanding bounds the whole load, so each process holds its share of it.
+    limit = len(_share(config.max_outstanding, config.processes, process))
     if config.concurrency is not None:
-        callers = config.concurrency // config.processes + (
-            1 if index < config.concurrency % config.processes else 0
-        )
-    limit = callers if config.concurrency is not None else config.max_outstanding
+        callers = callers_of(config, process)
+        limit = len(callers)
     async with ConnectionPool(workload.url, max(limit, 1), config.timeout_s) as http:
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        # uvloop's millisecond timers may wake early, and a closed-loop request sent before
+        # `start` would fall outside a window without warm-up: sleep again for the rest.
+        while (wait := start - time.perf_counter()) > 0:  # noqa: ASYNC110 - a clock deadline
+            await asyncio.sleep(wait)
         if config.open_loop:
-            await _open_loop(http, workload, config, share, start, rec, config.seed + index)
-        elif callers:
-            await _closed_loop(http, workload, callers, rec)
+            await _open_loop(http, workload, config, process, start, rec)
+        elif config.concurrency is not None and callers:
+            await _closed_loop(http, workload, callers, config.concurrency, rec)
     return rec.result
 
 
@@ -201,9 +273,9 @@ def _worker(
 ) -> None:
     try:
         result = _event_loop_run(_run_process(workload, config, index, start, counter))
-    except BaseException as err:  # report, don't hang the parent
+    except Exception as err:  # reported by the parent in one line; don't hang it
         out.put((index, f"{type(err).__name__}: {err}"))
-        raise
+        return
     out.put((index, result))
 
 
@@ -236,10 +308,16 @@ def run_load(
 
     def collect() -> list[RawResult]:
         deadline = start + config.warmup_s + config.duration_s + config.timeout_s + 30
-        results = [queue.get(timeout=max(1.0, deadline - time.perf_counter())) for _ in workers]
+        try:
+            results = [queue.get(timeout=max(1.0, deadline - time.perf_counter())) for _ in workers]
+        except Empty:
+            raise BenchError(
+                f"a load generator process did not report within "
+                f"{deadline - start:.0f} s of the start"
+            ) from None
         failures = [r for _, r in results if isinstance(r, str)]
         if failures:
-            raise RuntimeError(f"a load generator process failed: {failures[0]}")
+            raise BenchError(f"a load generator process failed: {failures[0]}")
         return [result for _, result in sorted(results, key=lambda pair: pair[0])]
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +31,8 @@ class Report:
     server: dict[str, Any] = field(default_factory=dict)
     # Latency of requests answered with an error status (shed 429s, 503s): how fast refusals are.
     refused_latency_ms: dict[str, float] = field(default_factory=dict)
+    # Requests given up on (timed out or not completed), also in latency_ms at their wait.
+    timed_out: int = 0
 
     @property
     def errors(self) -> int:
@@ -56,6 +59,11 @@ class Report:
             + "  ".join(f"{k} {v:.2f}" for k, v in lat.items() if k != "mean")
             + (f"  mean {lat['mean']:.2f}" if "mean" in lat else ""),
         ]
+        if self.timed_out:
+            lines.append(
+                f"  latency includes {self.timed_out:,} timed-out request(s) at the time each "
+                "was given up (a lower bound)"
+            )
         if self.errors:
             lines.append(
                 f"  errors     by status {self.errors_by_status or '{}'}, "
@@ -77,19 +85,23 @@ class Report:
                     f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in self.server.items()
                 )
+                + " (warm-up included)"
             )
         return "\n".join(lines)
 
 
 def summarize(results: list[RawResult], config: LoadConfig) -> Report:
-    latencies = np.concatenate([np.asarray(r.latencies, dtype=np.float64) for r in results])
+    """`requests` is every request scheduled (open loop) or started (closed loop) in the
+    window; the latency percentiles cover the answered ones and, at the time each was given
+    up, the timed-out ones, so a backlog the server never cleared still shows."""
+    latencies = _concatenate(r.latencies for r in results)
+    timeouts = _concatenate(r.timeout_latencies for r in results)
     statuses: Counter[int] = Counter()
     exceptions: Counter[str] = Counter()
     for result in results:
         statuses.update(result.statuses)
         exceptions.update(result.exceptions)
     ok = int(latencies.size)
-    failed = sum(statuses.values()) + sum(exceptions.values())
     window_start = min(r.window_start for r in results)
     last = max((r.last_completion for r in results), default=window_start)
     # Open loop: the window is fixed; a server that falls behind finishes late and so scores
@@ -101,17 +113,20 @@ def summarize(results: list[RawResult], config: LoadConfig) -> Report:
         concurrency=config.concurrency,
         duration_s=config.duration_s,
         processes=config.processes,
-        requests=ok + failed,
+        requests=sum(r.requests for r in results),
         ok=ok,
         achieved_rps=ok / elapsed if elapsed > 0 else 0.0,
-        latency_ms=_percentiles(latencies),
+        latency_ms=_percentiles(np.concatenate([latencies, timeouts])),
         errors_by_status={str(k): v for k, v in sorted(statuses.items())},
         errors_by_exception=dict(sorted(exceptions.items())),
         delayed_by_cap=sum(r.delayed_by_cap for r in results),
-        refused_latency_ms=_percentiles(
-            np.concatenate([np.asarray(r.refused_latencies, dtype=np.float64) for r in results])
-        ),
+        refused_latency_ms=_percentiles(_concatenate(r.refused_latencies for r in results)),
+        timed_out=int(timeouts.size),
     )
+
+
+def _concatenate(lists: Iterable[list[float]]) -> np.ndarray:
+    return np.concatenate([np.asarray(values, dtype=np.float64) for values in lists])
 
 
 def _percentiles(latencies: np.ndarray) -> dict[str, float]:

@@ -11,9 +11,11 @@ from batchserve.bench.command import (
     BenchError,
     Target,
     at_rate,
+    check_url,
     curve_table,
     measure,
     model_metadata,
+    request_headers,
     sweep,
 )
 from batchserve.bench.loadgen import LoadConfig
@@ -36,7 +38,9 @@ def _config(args: argparse.Namespace, **load: Any) -> LoadConfig:
 def bench(args: argparse.Namespace, url: str, model: str | None) -> int:
     if model is None:
         raise BenchError("name the model with --model")
-    metadata = model_metadata(url, model, args.version)
+    check_url(url)
+    headers = request_headers(args.header or (), args.api_key)
+    metadata = model_metadata(url, model, args.version, headers)
     workload = build_workload(
         url,
         model,
@@ -47,8 +51,9 @@ def bench(args: argparse.Namespace, url: str, model: str | None) -> int:
         version=args.version,
         variants=args.distinct,
         unique_fraction=args.unique_fraction,
+        headers=headers,
     )
-    target = Target(url, model)
+    target = Target(url, model, headers)
     output: dict[str, Any] = {"url": url, "model": model, "binary": args.binary, "rows": args.rows}
     if args.sweep:
         base = _config(args, rate=args.start_rate)

@@ -4,24 +4,43 @@ A load generator must cost far less per request than the server it measures. A g
 (redirects, cookies, header objects, body streams) costs more per request than a small server
 does, so this one writes pre-encoded request bytes on raw asyncio transports and lets
 `httptools` (the llhttp parser) parse the answers; it reads only the status and the body's end.
+
+Every request carries a deadline (perf_counter seconds). One periodic sweep enforces all of
+them, both for requests on the wire and for those still waiting for a connection slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
+from collections import deque
 from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
+
+SCHEMES = {"http": 80, "https": 443}
 
 
 class Disconnected(ConnectionError):
     """The server closed the connection before answering."""
 
 
+class Aborted(ConnectionAbortedError):
+    """The load generator closed the connection itself (its pool shutting down)."""
+
+
 class RequestTimeout(TimeoutError):
-    """No complete answer within the timeout."""
+    """No complete answer by the request's deadline."""
+
+
+def split_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http:// or https:// URL; ValueError for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {url!r}")
+    return parts.scheme, parts.hostname, parts.port or SCHEMES[parts.scheme]
 
 
 def encode_post(url: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -34,14 +53,14 @@ def encode_post(url: str, body: bytes, headers: dict[str, str]) -> bytes:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("_parser", "_status", "_transport", "_waiter", "busy_since", "closed")
+    __slots__ = ("_parser", "_status", "_transport", "_waiter", "closed", "deadline")
 
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[int] | None = None
         self._status = 0
-        self.busy_since = 0.0
+        self.deadline = 0.0  # of the request on the wire; 0 when idle
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,25 +79,31 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         waiter, self._waiter = self._waiter, None
-        self.busy_since = 0.0
+        self.deadline = 0.0
         if waiter is not None and not waiter.done():
             waiter.set_result(self._status)
         if not self._parser.should_keep_alive():
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._fail(Disconnected(str(exc) if exc else "connection closed by the server"))
+        # A request still waiting here was cut off by the server unless this side closed first.
+        ours, self.closed = self.closed, True
+        if ours:
+            self._fail(Aborted("closed by the load generator"))
+        else:
+            self._fail(Disconnected(str(exc) if exc else "connection closed by the server"))
 
     def _fail(self, error: Exception) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
 
-    def send(self, raw: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[int]:
+    def send(
+        self, raw: bytes, deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[int]:
         assert self._transport is not None
         waiter = self._waiter = loop.create_future()
-        self.busy_since = time.perf_counter()
+        self.deadline = deadline
         self._transport.write(raw)
         return waiter
 
@@ -92,18 +117,67 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
-class ConnectionPool:
-    """Keep-alive connections to one host, at most `limit` open; LIFO reuse keeps them warm."""
+class _Slots:
+    """At most `limit` requests hold a connection; the rest wait in FIFO order. Deadlines
+    arrive in order (a constant timeout after a monotonic schedule), so expiring from the head
+    finds every overdue waiter."""
 
-    def __init__(self, url: str, limit: int, timeout_s: float) -> None:
-        parts = urlsplit(url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 80
-        self._limit = limit
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()
+
+    @property
+    def saturated(self) -> bool:
+        return self._free == 0
+
+    async def acquire(self, deadline: float) -> None:
+        if self._free and not self._waiters:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((deadline, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            # Cancelled after the slot was handed over: pass it on, or it leaks.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self.expire(time.perf_counter())  # an overdue waiter must not take the slot
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the next waiter
+                return
+        self._free += 1
+
+    def expire(self, now: float) -> None:
+        while self._waiters and self._waiters[0][0] < now:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(RequestTimeout("no free connection slot within the timeout"))
+
+
+class ConnectionPool:
+    """Keep-alive connections to one host, at most `limit` open; LIFO reuse keeps them warm.
+    https:// URLs use TLS with `ssl_context` (default: the system's trust store)."""
+
+    def __init__(
+        self, url: str, limit: int, timeout_s: float, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        scheme, self._host, self._port = split_url(url)
+        self._ssl: ssl.SSLContext | None = None
+        if scheme == "https":
+            self._ssl = ssl_context or ssl.create_default_context()
         self._timeout_s = timeout_s
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
-        self._slots = asyncio.Semaphore(limit)
+        self._slots = _Slots(limit)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ConnectionPool:
@@ -118,20 +192,32 @@ class ConnectionPool:
 
     @property
     def saturated(self) -> bool:
-        return self._slots.locked()
+        return self._slots.saturated
 
-    async def post(self, raw: bytes) -> int:
-        """Send one pre-encoded request; returns the response status."""
-        async with self._slots:
+    @property
+    def sweep_interval(self) -> float:
+        """How late past its deadline a request may be timed out."""
+        return min(0.5, self._timeout_s / 4)
+
+    async def post(self, raw: bytes, deadline: float | None = None) -> int:
+        """Send one pre-encoded request; returns the response status. RequestTimeout when no
+        answer came by `deadline` (perf_counter seconds; default: the timeout from now),
+        including time spent waiting for a free slot."""
+        if deadline is None:
+            deadline = time.perf_counter() + self._timeout_s
+        await self._slots.acquire(deadline)
+        try:
             connection = await self._acquire()
             try:
-                status = await connection.send(raw, asyncio.get_running_loop())
+                status = await connection.send(raw, deadline, asyncio.get_running_loop())
             except BaseException:
                 connection.abort()
                 self._all.discard(connection)
                 raise
             self._idle.append(connection)
             return status
+        finally:
+            self._slots.release()
 
     async def _acquire(self) -> _Connection:
         while self._idle:
@@ -140,7 +226,13 @@ class ConnectionPool:
                 return connection
             self._all.discard(connection)
         loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(_Connection, self._host, self._port)
+        _, connection = await loop.create_connection(
+            _Connection,
+            self._host,
+            self._port,
+            ssl=self._ssl,
+            server_hostname=self._host if self._ssl else None,
+        )
         self._all.add(connection)
         return connection
 
@@ -148,8 +240,9 @@ class ConnectionPool:
         # One periodic check instead of a timer per request: timers would cost more than the
         # request itself at tens of thousands of requests per second.
         while True:
-            await asyncio.sleep(min(0.5, self._timeout_s / 4))
-            deadline = time.perf_counter() - self._timeout_s
+            await asyncio.sleep(self.sweep_interval)
+            now = time.perf_counter()
+            self._slots.expire(now)
             for connection in list(self._all):
-                if connection.busy_since and connection.busy_since < deadline:
+                if connection.deadline and connection.deadline < now:
                     connection.time_out()

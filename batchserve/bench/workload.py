@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,14 @@ def build_workload(
     version: str | None = None,
     unique_fraction: float = 0.0,
     unique_pool: int = 10_000,
+    headers: Mapping[str, str] | None = None,
 ) -> Workload:
     """Random inputs shaped by `metadata` (variable dims → `rows` for the first, 1 otherwise),
     or the arrays of `input_file` (.npy for a single input, .npz or JSON name → data).
 
     With `unique_fraction` > 0, that share of requests carries inputs seen nowhere else in the
     first `unique_pool` of them, and the rest repeat one of the `variants` bodies at random: a
-    cache's hit ratio is then about 1 - unique_fraction."""
+    cache's hit ratio is then about 1 - unique_fraction. `headers` go on every request."""
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
     if input_file:
         samples = [load_inputs(input_file, metadata)]
@@ -75,7 +77,8 @@ def build_workload(
         fresh = repeated + np.cumsum(draws < unique_fraction) % unique_pool
         order = tuple(np.where(draws < unique_fraction, fresh, picks).tolist())
     url = base_url.rstrip("/") + path
-    bodies = tuple(_encode(url, sample, binary) for sample in samples)
+    extra = dict(headers or {})
+    bodies = tuple(_encode(url, sample, binary, extra) for sample in samples)
     first = next(iter(samples[0].values()))
     return Workload(url, bodies, int(first.shape[0]) if first.ndim else 1, order)
 
@@ -116,9 +119,10 @@ def load_inputs(path: str, metadata: dict[str, Any]) -> dict[str, np.ndarray]:
     return {name: np.asarray(raw[name], dtype=dtypes[name]) for name in names}
 
 
-def _encode(url: str, inputs: dict[str, np.ndarray], binary: bool) -> Body:
+def _encode(url: str, inputs: dict[str, np.ndarray], binary: bool, extra: dict[str, str]) -> Body:
     data, header_length = encode_request(inputs, binary=binary, binary_outputs=binary)
-    headers = {"Content-Type": "application/json"}
+    headers = {**extra, "Content-Type": "application/json"}
     if header_length is not None:
-        headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
+        headers["Content-Type"] = "application/octet-stream"
+        headers[HEADER_LENGTH] = str(header_length)
     return Body(data, headers, encode_post(url, data, headers))
