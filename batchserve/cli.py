@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -446,19 +447,26 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
         except OSError as err:
             return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
     try:
+        # Handler calls get the same grace as requests when the server stops or a model goes.
         handler = (
-            HandlerConfig.from_flags(
-                args.handler,
-                args.handler_option,
-                args.handler_executor,
-                args.handler_workers,
-                args.handler_max_pending,
+            replace(
+                HandlerConfig.from_flags(
+                    args.handler,
+                    args.handler_option,
+                    args.handler_executor,
+                    args.handler_workers,
+                    args.handler_max_pending,
+                ),
+                drain_timeout_s=args.shutdown_grace_s,
             )
             if args.handler
             else None
         )
         handler_limits = HandlerLimits(
-            args.handler_executor, args.handler_workers, args.handler_max_pending
+            args.handler_executor,
+            args.handler_workers,
+            args.handler_max_pending,
+            args.shutdown_grace_s,
         )
     except ValueError as err:
         return _fail(str(err))
@@ -491,8 +499,9 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
 def _on_ready(ready_fd: int | None) -> None:
     _tune_gc()
     if ready_fd is not None:  # a worker tells its supervisor it listens
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
+        from batchserve.workers import notify_ready
+
+        notify_ready(ready_fd)
 
 
 def _tune_gc() -> None:

@@ -18,19 +18,41 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
 log = logging.getLogger("batchserve.workers")
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+# A worker that stayed up this long was healthy: its next crash starts the backoff over.
+HEALTHY_AFTER_S = 60.0
+
+
+def restart_delay(restarts: int, uptime_s: float) -> tuple[float, int]:
+    """(seconds before restarting a worker that died after `uptime_s`, its new restart count),
+    given how often it was restarted in a row before."""
+    if uptime_s >= HEALTHY_AFTER_S:
+        restarts = 0
+    return RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)], restarts + 1
+
+
+def notify_ready(ready_fd: int) -> None:
+    """A worker tells its supervisor that it listens. A supervisor already gone (killed) is
+    no error here: the worker notices the orphaning on its own and drains."""
+    try:
+        os.write(ready_fd, b"1")
+    except BrokenPipeError:
+        log.warning("the supervisor is gone before this worker was ready")
+    finally:
+        os.close(ready_fd)
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerPlan:
     """workers: processes; argv: the `serve` arguments each worker gets (minus --workers);
-    metrics_port: worker i also listens on metrics_port + i (its own /metrics), or None."""
+    metrics_port: worker i also listens on metrics_port + i (its own /metrics), or None;
+    ready_timeout_s: how long the first start may take before the supervisor gives up."""
 
     workers: int
     argv: tuple[str, ...]
@@ -38,14 +60,18 @@ class WorkerPlan:
     port: int
     shutdown_grace_s: float
     metrics_port: int | None = None
+    ready_timeout_s: float = 600.0  # for every worker to load its models and listen
 
 
 class Supervisor:
-    def __init__(self, plan: WorkerPlan) -> None:
+    def __init__(self, plan: WorkerPlan, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.plan = plan
+        self._clock = clock
         self._stopping = False
         self._children: list[subprocess.Popen[bytes] | None] = [None] * plan.workers
         self._restarts = [0] * plan.workers
+        self._started_at = [0.0] * plan.workers
+        self._restart_at: list[float | None] = [None] * plan.workers  # a dead worker's due time
 
     def run(self) -> int:
         plan = self.plan
@@ -94,14 +120,26 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items()
                if k not in ("BATCHSERVE_WORKERS", "BATCHSERVE_METRICS_PORT")}  # fmt: skip
         env["BATCHSERVE_WORKER_INDEX"] = str(index)
-        self._children[index] = subprocess.Popen(argv, pass_fds=(ready_fd,), env=env)
+        self._children[index] = self._spawn(argv, ready_fd, env)
+        self._started_at[index] = self._clock()
+
+    def _spawn(
+        self, argv: list[str], ready_fd: int, env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        # Its own process group: what the worker starts (handler processes) can be ended with
+        # it, even after the worker itself was killed outright.
+        return subprocess.Popen(argv, pass_fds=(ready_fd,), env=env, start_new_session=True)
 
     def _wait_ready(self, ready_fd: int, port: int) -> bool:
         """Every worker writes one byte once it listens; a worker that exits first fails it."""
         pending = self.plan.workers
+        deadline = self._clock() + self.plan.ready_timeout_s
         os.set_blocking(ready_fd, False)
         while pending:
             if self._stopping:
+                return False
+            if self._clock() > deadline:
+                log.error("%d worker(s) not ready within %g s", pending, self.plan.ready_timeout_s)
                 return False
             with contextlib.suppress(BlockingIOError):
                 pending -= len(os.read(ready_fd, pending))
@@ -113,17 +151,24 @@ class Supervisor:
         return True
 
     def _reap_and_restart(self, port: int, ready_fd: int) -> None:
+        """One pass: schedule a restart for each worker found dead, start those now due.
+        Never sleeps, so the loop keeps reaping and a signal is acted on at once."""
+        now = self._clock()
         for index, child in enumerate(self._children):
-            if child is None or child.poll() is None:
-                continue
-            delay = RESTART_BACKOFF_S[min(self._restarts[index], len(RESTART_BACKOFF_S) - 1)]
-            log.error(
-                "worker %d exited with code %s: restarting it in %.1f s",
-                index, child.returncode, delay,
-            )  # fmt: skip
-            self._restarts[index] += 1
-            time.sleep(delay)
-            if not self._stopping:
+            if child is not None and child.poll() is not None:
+                _end_group(child)
+                delay, self._restarts[index] = restart_delay(
+                    self._restarts[index], now - self._started_at[index]
+                )
+                log.error(
+                    "worker %d exited with code %s: restarting it in %.1f s",
+                    index, child.returncode, delay,
+                )  # fmt: skip
+                self._children[index] = None
+                self._restart_at[index] = now + delay
+            due = self._restart_at[index]
+            if due is not None and now >= due and not self._stopping:
+                self._restart_at[index] = None
                 self._start(index, port, ready_fd)
 
     def _stop_all(self) -> int:
@@ -139,9 +184,16 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 child.kill()
                 codes.append(child.wait())
+            _end_group(child)
         # A worker still starting (a restart) has not installed its handlers: SIGTERM ends it
         # at once, which is right, since it had taken no request yet.
         return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
+
+
+def _end_group(child: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of a reaped worker's process group (its handler processes)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
 
 
 def worker_argv(argv: Sequence[str]) -> tuple[str, ...]:

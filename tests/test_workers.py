@@ -7,12 +7,23 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from batchserve.workers import worker_argv
+from batchserve.workers import (
+    HEALTHY_AFTER_S,
+    RESTART_BACKOFF_S,
+    Supervisor,
+    WorkerPlan,
+    notify_ready,
+    restart_delay,
+    worker_argv,
+)
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
 
@@ -123,3 +134,70 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(mlp_path: Path) ->
         assert alive == []
     finally:
         server.kill()
+
+
+def test_restart_backoff_grows_and_resets_after_a_healthy_run() -> None:
+    assert restart_delay(0, 1.0) == (RESTART_BACKOFF_S[0], 1)
+    assert restart_delay(9, 1.0) == (RESTART_BACKOFF_S[-1], 10)
+    # Up for a minute: the crash days later starts the backoff over.
+    assert restart_delay(9, HEALTHY_AFTER_S) == (RESTART_BACKOFF_S[0], 1)
+
+
+class CrashingSupervisor(Supervisor):
+    """Real child processes that exit at once (a worker crashing on start)."""
+
+    def _spawn(
+        self, argv: list[str], ready_fd: int, env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+
+
+def test_restarts_are_scheduled_not_slept() -> None:
+    now = [100.0]
+    supervisor = CrashingSupervisor(WorkerPlan(1, (), "127.0.0.1", 0, 1.0), clock=lambda: now[0])
+    supervisor._restarts[0] = 9  # the longest backoff
+    supervisor._start(0, 0, -1)
+    first = supervisor._children[0]
+    assert first is not None
+    first.wait()
+    started = time.monotonic()
+    supervisor._reap_and_restart(0, -1)
+    assert time.monotonic() - started < 1.0  # the reap loop never blocks on the backoff
+    assert supervisor._children[0] is None
+    now[0] += RESTART_BACKOFF_S[-1] - 0.1
+    supervisor._reap_and_restart(0, -1)
+    assert supervisor._children[0] is None  # not yet due
+    now[0] += 0.2
+    supervisor._reap_and_restart(0, -1)
+    second = supervisor._children[0]
+    assert second is not None
+    assert second is not first
+    second.wait()
+
+
+def test_waiting_for_workers_has_a_deadline() -> None:
+    class Hanging(Supervisor):
+        def _spawn(
+            self, argv: list[str], ready_fd: int, env: dict[str, str]
+        ) -> subprocess.Popen[bytes]:
+            return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+    supervisor = Hanging(WorkerPlan(1, (), "127.0.0.1", 0, 1.0, ready_timeout_s=0.3))
+    read, write = os.pipe()
+    try:
+        supervisor._start(0, 0, write)
+        started = time.monotonic()
+        assert supervisor._wait_ready(read, 0) is False
+        assert time.monotonic() - started < 5.0
+    finally:
+        assert supervisor._stop_all() in (0, 1)
+        os.close(read)
+        os.close(write)
+
+
+def test_ready_notice_to_a_dead_supervisor_is_not_an_error() -> None:
+    read, write = os.pipe()
+    os.close(read)  # the supervisor is gone
+    notify_ready(write)  # no BrokenPipeError
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(write)  # and the descriptor is closed

@@ -25,6 +25,9 @@ class HandlerConfig:
     workers: threads or processes; 0 = the CPUs this process may use.
     max_pending: requests in the executor (waiting or running) before new ones get 429;
         0 = 16 per worker.
+    drain_timeout_s: when the model is unloaded or the server stops, how long handler calls
+        already submitted may still run; past it they are abandoned (threads) or killed
+        (processes) and their requests answered 503. The CLI sets it to --shutdown-grace-s.
     """
 
     spec: str
@@ -32,6 +35,7 @@ class HandlerConfig:
     executor: ExecutorKind = "thread"
     workers: int = 0
     max_pending: int = 0
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.spec.strip():
@@ -42,6 +46,8 @@ class HandlerConfig:
             raise ValueError(f"handler workers must be >= 0, got {self.workers}")
         if self.max_pending < 0:
             raise ValueError(f"handler max_pending must be >= 0, got {self.max_pending}")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"handler drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         keys = [k for k, _ in self.options]
         if len(set(keys)) != len(keys):
             raise ValueError(f"handler option given twice: {sorted(keys)}")

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing
+import os
+import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from batchserve.errors import (
     DeadlineExceeded,
@@ -25,6 +29,7 @@ from batchserve.handlers.config import EXECUTOR_KINDS, ExecutorKind
 log = logging.getLogger("batchserve.handlers")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,122 @@ class ExecutorStatistics:
 
 def _ping() -> None:
     """Runs once in each new worker process: returns when its initializer has run."""
+
+
+def watch_parent(parent: int, interval_s: float = 0.5) -> None:
+    """In a worker process: exit at once when `parent`, the process that started it, is gone
+    (killed outright, its pool never shut down). Blocked in the pool's queue, which it holds
+    open itself, a worker would otherwise never notice and live on with the handler in memory.
+    `parent` comes from the parent itself: one killed while this worker was still starting
+    has already been replaced by a reaper."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="batchserve-parent-watch", daemon=True).start()
+
+
+_Item = tuple["cf.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
+class _DaemonThreadPool(cf.Executor):
+    """A fixed pool of daemon threads. The stdlib's thread pool joins its threads when the
+    interpreter exits, so one hung handler call would keep a stopping server alive forever;
+    these can be abandoned once the drain deadline passed."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
+        if kwargs:
+            raise TypeError("keyword arguments are not supported")
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: cf.Future[T] = cf.Future()
+            self._queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as err:  # the caller's to see, as with the stdlib pool
+                    _settle(future, err, None)
+                else:
+                    _settle(future, None, result)
+            del future, fn, args
+        self._queue.put(None)  # the stop mark goes on to the next thread
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
+def _settle(future: cf.Future[Any], error: BaseException | None, result: Any) -> None:
+    # An abandoned call's future was already failed by `HandlerExecutor.aclose`.
+    with contextlib.suppress(cf.InvalidStateError):
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+_ABANDONED = "the handler was stopped (model unloaded or server stopping) before this call ended"
+
+
+def _start_worker(
+    parent: int, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
+) -> None:
+    watch_parent(parent)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _processes(pool: cf.Executor) -> list[multiprocessing.process.BaseProcess]:
+    """A process pool's worker processes (the stdlib exposes no public way to end them)."""
+    found: dict[int, multiprocessing.process.BaseProcess] | None
+    found = getattr(pool, "_processes", None)
+    return list(found.values()) if found else []
+
+
+def _join(processes: list[multiprocessing.process.BaseProcess], timeout_s: float) -> bool:
+    """Whether every process ended within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    return not any(p.is_alive() for p in processes)
+
+
+def _kill(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.kill()
 
 
 class HandlerExecutor:
@@ -70,18 +191,23 @@ class HandlerExecutor:
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         start_timeout_s: float = 60.0,
+        drain_timeout_s: float = 30.0,
     ) -> None:
         if kind not in EXECUTOR_KINDS:
             raise ValueError(f"executor kind must be one of {EXECUTOR_KINDS}, got {kind!r}")
         if workers < 1 or max_pending < 1:
             raise ValueError("workers and max_pending must be >= 1")
+        if kind == "thread" and initializer is not None:
+            raise ValueError("an initializer is for process workers only")
         self.kind: ExecutorKind = kind
         self.workers = workers
         self.max_pending = max_pending
         self._initializer = initializer
         self._initargs = initargs
         self._start_timeout_s = start_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self._pool: cf.Executor | None = None
+        self._futures: set[cf.Future[Any]] = set()  # submitted, not finished
         # Released from worker threads (thread pools) and the loop: a lock keeps counts exact.
         self._lock = threading.Lock()
         self._pending = 0
@@ -114,22 +240,19 @@ class HandlerExecutor:
                 await self._warm_up(pool)
             except BaseException:
                 self._pool = None
+                processes = _processes(pool)
                 pool.shutdown(wait=False, cancel_futures=True)
+                _kill(processes)  # a hung initializer would keep them alive
                 raise
 
     def _new_pool(self) -> cf.Executor:
         if self.kind == "thread":
-            return cf.ThreadPoolExecutor(
-                self.workers,
-                thread_name_prefix="batchserve-handler",
-                initializer=self._initializer,
-                initargs=self._initargs,
-            )
+            return _DaemonThreadPool(self.workers, "batchserve-handler")
         return cf.ProcessPoolExecutor(
             self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=self._initializer,
-            initargs=self._initargs,
+            initializer=_start_worker,
+            initargs=(os.getpid(), self._initializer, self._initargs),
         )
 
     async def _warm_up(self, pool: cf.Executor) -> None:
@@ -148,11 +271,36 @@ class HandlerExecutor:
                 f"handler worker processes failed to start (see their log): {err}"
             ) from None
 
-    async def aclose(self) -> None:
-        """Drop work not started, wait for the running calls to end, stop the workers."""
+    async def aclose(self, timeout_s: float | None = None) -> None:
+        """Take no more calls; let the submitted ones finish, queued ones included (their
+        requests are in flight), for up to `timeout_s` (default: `drain_timeout_s`); then
+        withdraw what has not started and abandon what still runs: its callers get NotReady
+        (503), threads are left to end on their own, worker processes are killed."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        if pool is None:
+            return
+        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        processes = _processes(pool)
+        pool.shutdown(wait=False)
+        with self._lock:
+            futures = list(self._futures)
+        # In a thread that waits at most timeout_s: never one that a hung call could keep.
+        _, late = await asyncio.to_thread(cf.wait, futures, timeout_s)
+        if late:
+            log.warning(
+                "handler calls still running %g s after the executor began to stop: %d abandoned",
+                timeout_s,
+                len(late),
+            )
+            for future in late:
+                if not future.cancel() and self.kind == "thread":
+                    _settle(future, NotReady(_ABANDONED), None)
+            _kill(processes)  # their pool fails what they were running
+            return
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        if processes and not await asyncio.to_thread(_join, processes, max(left, 1.0)):
+            _kill(processes)
 
     async def run(self, fn: Callable[..., T], /, *args: Any, timeout_s: float | None = None) -> T:
         """`fn(*args)` on a worker; see the class docstring for the errors."""
@@ -178,8 +326,14 @@ class HandlerExecutor:
             ) from None
         except asyncio.CancelledError:
             future.cancel()
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():
+                # Withdrawn by aclose, not by our caller: an answer, not a dropped connection.
+                raise NotReady(_ABANDONED) from None
             raise
         except cf.BrokenExecutor as err:
+            if self._pool is None:  # killed by aclose past its deadline
+                raise NotReady(_ABANDONED) from None
             self._replace(pool)
             raise InferenceFailed(f"a handler worker process died: {err}") from None
 
@@ -196,6 +350,8 @@ class HandlerExecutor:
             self._pending += 1
         try:
             future = pool.submit(fn, *args)
+            with self._lock:
+                self._futures.add(future)
         except BaseException as err:
             with self._lock:
                 self._pending -= 1
@@ -209,6 +365,7 @@ class HandlerExecutor:
     def _release(self, future: cf.Future[Any]) -> None:
         with self._lock:
             self._pending -= 1
+            self._futures.discard(future)
             if future.cancelled():
                 self._cancelled += 1
             else:

@@ -159,6 +159,7 @@ class ImageClassificationHandler:
 
     def preprocess(self, request: RawRequest) -> dict[str, np.ndarray]:
         model = self._ready()
+        _top_k(request, self.options.top_k)  # a bad parameter is a 400 before any work
         images = self.images(request)
         batch = np.stack([self.transform(data) for data in images])
         return {model.input.name: batch.astype(model.input.dtype, copy=False)}
@@ -181,8 +182,8 @@ class ImageClassificationHandler:
         model, options = self._ready(), self.options
         draft = options.resize if options.draft else 0
         image = imaging.decode(data, options.max_pixels, options.jpeg_decoder, draft)
-        resized = imaging.resize_short_side(image, options.resize)
-        pixels = imaging.center_crop(np.asarray(resized), *model.size)
+        cropped = imaging.resize_center_crop(image, options.resize, *model.size)
+        pixels = np.asarray(cropped)
         return imaging.normalise(pixels, options.mean, options.std, model.nchw)
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], request: RawRequest) -> Any:
@@ -291,7 +292,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _top_k(request: RawRequest, default: int) -> int:
     value = request.parameters.get("top_k", default)
-    if isinstance(value, str) and value.isdigit():
+    # ASCII only: str.isdigit() accepts "²", which int() refuses.
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if type(value) is not int or value < 1:
         raise InvalidInput(f"top_k must be a positive integer, got {value!r}")

@@ -29,6 +29,9 @@ _JPEG_MAGIC: Final = b"\xff\xd8\xff"
 # Start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
 _SOF: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE: Final = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: no length
+# A resized image up to this many times the short side squared (aspect ratios to 16:1, 3 MB
+# at 256) is made whole, exactly as torchvision does; a longer one only where it is cropped.
+FULL_RESIZE_MAX_AREA: Final = 16
 
 
 def sniff(data: bytes) -> Format:
@@ -139,20 +142,52 @@ def _pillow(data: bytes, fmt: Format, max_pixels: int, draft_short_side: int) ->
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
     """Shorter side to `size`, the other in proportion, bilinear with antialiasing: what
     torchvision's `Resize(size)` does to a PIL image."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    if short == size:
+    new = _short_side_size(image.size, size)
+    if new == image.size:
         return image
-    new_long = int(size * long / short)
-    new = (size, new_long) if width <= height else (new_long, size)
     return image.resize(new, Image.Resampling.BILINEAR)
+
+
+def resize_center_crop(image: Image.Image, size: int, height: int, width: int) -> Image.Image:
+    """`resize_short_side(image, size)` then the centre `height`x`width` (torchvision's
+    `Resize(size)` + `CenterCrop`); `size` must be >= `height` and `width`.
+
+    The resized image grows with the aspect ratio: a 40000x1 PNG of a hundred bytes would
+    become 10 gigapixels. Past FULL_RESIZE_MAX_AREA times `size` squared only the crop is
+    resampled, from its box mapped back to source coordinates, so the work stays
+    `height`x`width` whatever the aspect ratio. The same source points and filter, but Pillow
+    takes the box in float32: pixels may differ by one level from the full resize, which is
+    why ordinary images keep the exact path."""
+    new_w, new_h = _short_side_size(image.size, size)
+    left, top = _crop_origin(new_h, new_w, height, width)
+    if new_w * new_h <= FULL_RESIZE_MAX_AREA * size * size:
+        resized = resize_short_side(image, size)
+        return resized.crop((left, top, left + width, top + height))
+    # Pillow maps output pixel i of a box resize to box[0] + (i + 0.5) * box_width / out_width,
+    # the source point of pixel left + i of the full resize.
+    scale_x, scale_y = image.size[0] / new_w, image.size[1] / new_h
+    box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
+    return image.resize((width, height), Image.Resampling.BILINEAR, box=box)
+
+
+def _short_side_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
+    width, height = size
+    if min(width, height) == short_side:
+        return size
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def _crop_origin(full_h: int, full_w: int, height: int, width: int) -> tuple[int, int]:
+    """(left, top) of a centred crop, rounded as torchvision's `CenterCrop` rounds."""
+    return round((full_w - width) / 2.0), round((full_h - height) / 2.0)
 
 
 def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """The centre `height`x`width` of an HWC array, placed as torchvision's `CenterCrop`
     places it (it must be at least that large: the resize guarantees it)."""
-    top = round((pixels.shape[0] - height) / 2.0)
-    left = round((pixels.shape[1] - width) / 2.0)
+    left, top = _crop_origin(pixels.shape[0], pixels.shape[1], height, width)
     return pixels[top : top + height, left : left + width]
 
 

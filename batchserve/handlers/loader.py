@@ -31,7 +31,7 @@ def load_handler(spec: str) -> Handler:
         )
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # an ImportError, or whatever the module raises while importing
+    except BaseException as err:  # an ImportError, or whatever the module raises (sys.exit too)
         raise ModelLoadError(
             f"handler {spec!r}: cannot import module {module_name!r}: {type(err).__name__}: {err}"
         ) from err
@@ -47,8 +47,8 @@ def load_handler(spec: str) -> Handler:
         raise ModelLoadError(f"handler {spec!r}: {attribute!r} is not a class or factory")
     try:
         handler = factory()
-    except Exception as err:
-        raise ModelLoadError(f"handler {spec!r}: {attribute}() failed: {err}") from err
+    except BaseException as err:
+        raise ModelLoadError(f"handler {spec!r}: {attribute}() failed: {_why(err)}") from err
     if not isinstance(handler, Handler):
         raise ModelLoadError(
             f"handler {spec!r}: {attribute!r} is not a handler: it needs preprocess(request) "
@@ -72,8 +72,8 @@ def setup_handler(
         setup(metadata, dict(options or {}))
     except ModelLoadError:
         raise
-    except Exception as err:
-        raise ModelLoadError(f"handler {_name(handler)}: setup failed: {err}") from err
+    except BaseException as err:
+        raise ModelLoadError(f"handler {_name(handler)}: setup failed: {_why(err)}") from err
 
 
 def prepare_handler(
@@ -90,14 +90,19 @@ def check_handler(handler: Handler, metadata: ModelMetadata) -> bool:
     input names, datatypes and shapes) and postprocess (on zeros shaped like the outputs; the
     body must be JSON). False when the handler offers no sample: nothing could be checked."""
     sample_request = getattr(handler, "sample_request", None)
-    sample: RawRequest | None = sample_request(metadata) if callable(sample_request) else None
-    if sample is None:
-        return False
     name = _name(handler)
     try:
+        sample: RawRequest | None = sample_request(metadata) if callable(sample_request) else None
+    except BaseException as err:
+        raise ModelLoadError(f"handler {name}: sample_request failed: {_why(err)}") from err
+    if sample is None:
+        return False
+    try:
         inputs = handler.preprocess(sample)
-    except Exception as err:
-        raise ModelLoadError(f"handler {name}: preprocess failed on its sample: {err}") from err
+    except BaseException as err:
+        raise ModelLoadError(
+            f"handler {name}: preprocess failed on its sample: {_why(err)}"
+        ) from err
     try:
         rows = check_inputs(inputs, metadata)
     except InvalidInput as err:
@@ -108,8 +113,10 @@ def check_handler(handler: Handler, metadata: ModelMetadata) -> bool:
         ) from None
     try:
         encode_body(handler.postprocess(sample_outputs(metadata, rows), sample))
-    except Exception as err:
-        raise ModelLoadError(f"handler {name}: postprocess failed on its sample: {err}") from err
+    except BaseException as err:
+        raise ModelLoadError(
+            f"handler {name}: postprocess failed on its sample: {_why(err)}"
+        ) from err
     return True
 
 
@@ -131,6 +138,11 @@ def sample_outputs(metadata: ModelMetadata, rows: int) -> dict[str, np.ndarray]:
             shape[0] = rows
         outputs[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return outputs
+
+
+def _why(err: BaseException) -> str:
+    # A bare KeyError or sys.exit(3) says little without its type.
+    return str(err) if isinstance(err, Exception) and str(err) else f"{type(err).__name__}: {err}"
 
 
 def _name(handler: object) -> str:

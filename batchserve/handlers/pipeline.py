@@ -66,7 +66,12 @@ class HandlerPipeline:
         self.checked = await asyncio.to_thread(check_handler, handler, metadata)
         workers = config.resolved_workers()
         if config.executor == "thread":
-            executor = HandlerExecutor("thread", workers, config.resolved_max_pending())
+            executor = HandlerExecutor(
+                "thread",
+                workers,
+                config.resolved_max_pending(),
+                drain_timeout_s=config.drain_timeout_s,
+            )
         else:
             executor = HandlerExecutor(
                 "process",
@@ -74,6 +79,7 @@ class HandlerPipeline:
                 config.resolved_max_pending(),
                 initializer=_init_worker,
                 initargs=(config.spec, dict(config.options), metadata),
+                drain_timeout_s=config.drain_timeout_s,
             )
         await executor.start()
         self._handler, self._executor = handler, executor
@@ -146,6 +152,8 @@ class HandlerPipeline:
 
 # What runs on a worker (thread or process). Foreign exceptions become InferenceFailed here, so
 # what crosses back is always one of ours (and picklable: a user's exception may not be).
+# BaseException too: on a worker nothing of ours is ever cancelled or exited, while a handler's
+# sys.exit() or KeyboardInterrupt, re-raised on the event loop, would end the whole server.
 
 
 def _preprocess(
@@ -155,7 +163,7 @@ def _preprocess(
         inputs = handler.preprocess(request)
     except BatchserveError:
         raise
-    except Exception as err:
+    except BaseException as err:
         raise InferenceFailed(f"handler preprocess failed: {type(err).__name__}: {err}") from None
     try:
         check_inputs(inputs, metadata)
@@ -170,7 +178,7 @@ def _postprocess(handler: Handler, outputs: Mapping[str, np.ndarray], request: R
         return handler.postprocess(outputs, request)
     except BatchserveError:
         raise
-    except Exception as err:
+    except BaseException as err:
         raise InferenceFailed(f"handler postprocess failed: {type(err).__name__}: {err}") from None
 
 

@@ -52,12 +52,15 @@ class HandlerLimits:
     executor: ExecutorKind = "thread"
     workers: int = 0
     max_pending: int = 0
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        HandlerConfig("-", (), self.executor, self.workers, self.max_pending)  # validates
+        self.apply("-", ())  # validates
 
     def apply(self, spec: str, options: tuple[tuple[str, str], ...]) -> HandlerConfig:
-        return HandlerConfig(spec, options, self.executor, self.workers, self.max_pending)
+        return HandlerConfig(
+            spec, options, self.executor, self.workers, self.max_pending, self.drain_timeout_s
+        )
 
 
 def engine_factory(
@@ -73,7 +76,9 @@ def engine_factory(
     those of `handler`)."""
     if handler_limits is None:
         handler_limits = (
-            HandlerLimits(handler.executor, handler.workers, handler.max_pending)
+            HandlerLimits(
+                handler.executor, handler.workers, handler.max_pending, handler.drain_timeout_s
+            )
             if handler is not None
             else HandlerLimits()
         )
