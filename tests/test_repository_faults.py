@@ -283,7 +283,8 @@ async def test_reloads_free_their_sessions_without_the_cyclic_collector(
     _url, repository = await serve(tmp_path)
 
     def sessions() -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, ort.InferenceSession))
+        # type(), not isinstance(): some libraries keep proxies whose __class__ raises.
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), ort.InferenceSession))
 
     gc.collect()
     before = sessions()
