@@ -7,13 +7,13 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
-from types import TracebackType
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from batchserve.config import ServerConfig
 from batchserve.http import METRICS, REPOSITORY, STATE, ServerState, add_routes
+from batchserve.lifecycle import Lifecycle
 from batchserve.metrics import BatchserveCollector, build_registry
 from batchserve.protocol import DecodeLimits
 from batchserve.repository import ModelRepository
@@ -81,7 +81,7 @@ def _wire_logger() -> logging.Logger:
     return logger
 
 
-class Server:
+class Server(Lifecycle):
     """A running HTTP server: `start()` returns once models are loaded and the port listens.
 
     Shutdown order: readiness false and new infer requests refused → listening socket closed →
@@ -101,18 +101,6 @@ class Server:
             logger=_wire_logger(),
         )
         self._port: int | None = None
-
-    async def __aenter__(self) -> Server:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         await self._runner.setup()

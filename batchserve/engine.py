@@ -11,7 +11,6 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from batchserve.errors import DeadlineExceeded, InvalidInput, NotReady
 from batchserve.handlers.base import RawRequest
 from batchserve.handlers.config import HandlerConfig
 from batchserve.handlers.pipeline import HandlerPipeline
+from batchserve.lifecycle import Lifecycle
 from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
 from batchserve.runtime import ModelMetadata, SessionPool
 from batchserve.runtime.binding import capture_rows
@@ -53,7 +53,7 @@ class EngineStatistics:
     cache: CacheStatistics | None = None
 
 
-class Engine:
+class Engine(Lifecycle):
     """Serve one ONNX model to concurrent callers, merging their requests into batches.
 
     >>> async with Engine("mlp.onnx", BatchConfig(max_batch_size=32)) as engine:
@@ -92,18 +92,6 @@ class Engine:
         self._cache_version = version
         self._calls = 0  # infer calls in progress, so an unloaded version can drain them
         self.retired = False  # no longer routed to: callers holding it should look again
-
-    async def __aenter__(self) -> Engine:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         """Load the model, build and warm up the sessions; returns when ready to serve."""

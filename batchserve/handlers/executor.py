@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from batchserve.errors import (
@@ -25,6 +24,7 @@ from batchserve.errors import (
     Overloaded,
 )
 from batchserve.handlers.config import EXECUTOR_KINDS, ExecutorKind
+from batchserve.lifecycle import Lifecycle
 
 log = logging.getLogger("batchserve.handlers")
 
@@ -165,7 +165,7 @@ def _kill(processes: list[multiprocessing.process.BaseProcess]) -> None:
             process.kill()
 
 
-class HandlerExecutor:
+class HandlerExecutor(Lifecycle):
     """`async with HandlerExecutor("thread", workers=2, max_pending=32) as ex:
     result = await ex.run(fn, arg, timeout_s=0.5)`.
 
@@ -216,18 +216,6 @@ class HandlerExecutor:
         self._timed_out = 0
         self._cancelled = 0
         self._restarts = 0
-
-    async def __aenter__(self) -> HandlerExecutor:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         """Start the workers; returns when every one is ready (process initializers done)."""

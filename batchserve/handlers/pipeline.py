@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Mapping
-from types import TracebackType
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,6 +15,7 @@ from batchserve.handlers.base import Handler, RawRequest
 from batchserve.handlers.config import HandlerConfig
 from batchserve.handlers.executor import ExecutorStatistics, HandlerExecutor
 from batchserve.handlers.loader import check_handler, check_inputs, prepare_handler
+from batchserve.lifecycle import Lifecycle
 from batchserve.runtime.metadata import ModelMetadata
 
 
@@ -27,7 +27,7 @@ class InferFn(Protocol):
     ) -> Awaitable[Mapping[str, np.ndarray]]: ...
 
 
-class HandlerPipeline:
+class HandlerPipeline(Lifecycle):
     """`async with HandlerPipeline(config, metadata) as pipeline:
     body = await pipeline.run(request, infer, timeout_s=0.5)`.
 
@@ -46,18 +46,6 @@ class HandlerPipeline:
         self._handler: Handler | None = None
         self._executor: HandlerExecutor | None = None
         self.checked = False  # whether the handler offered a sample that was checked
-
-    async def __aenter__(self) -> HandlerPipeline:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         config, metadata = self.config, self.metadata
