@@ -11,7 +11,9 @@ Servers:
 
 * ``bare``: ``benchmarks/baselines/bare_aiohttp.py``, the HTTP ceiling;
 * ``batchserve``: ``python -m batchserve serve MODEL --name NAME ...``;
-* ``fastapi-async`` / ``fastapi-sync``: ``benchmarks/baselines/fastapi_server.py``.
+* ``fastapi-async`` / ``fastapi-sync``: ``benchmarks/baselines/fastapi_server.py``;
+* ``before``: batchserve from another source tree (``--before DIR``, e.g. ``git archive`` of
+  an older commit unpacked there), for a same-run before/after check of a change.
 
 Example::
 
@@ -91,9 +93,18 @@ def batchserve_command(args: argparse.Namespace, port: int) -> list[str]:
     return command + shlex.split(args.batchserve_args)
 
 
+def before_command(args: argparse.Namespace, port: int) -> list[str]:
+    # The same command on another source tree (e.g. `git archive` of an older commit), so a
+    # change is measured before and after in one run, interleaved, on the same machine.
+    if not args.before:
+        raise SystemExit("the 'before' server needs --before DIR")
+    return ["env", f"PYTHONPATH={args.before}", *batchserve_command(args, port)]
+
+
 SERVERS: dict[str, CommandBuilder] = {
     "bare": bare_command,
     "batchserve": batchserve_command,
+    "before": before_command,
     "fastapi-async": fastapi_command("async"),
     "fastapi-sync": fastapi_command("sync"),
 }
@@ -387,6 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="OUT", help="write raw runs and medians here")
     parser.add_argument("--binary", action="store_true", help="binary tensor extension")
     parser.add_argument("--timeout", type=int, default=10, help="wrk per-request timeout, s")
+    parser.add_argument(
+        "--before", metavar="DIR", help="source tree whose batchserve the 'before' server runs"
+    )
     args = parser.parse_args(argv)
     args.model = str(Path(args.model).resolve())
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
