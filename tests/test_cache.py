@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -58,34 +61,106 @@ def test_keys_differ_in_every_field_that_matters() -> None:
     assert len({base, *others}) == len(others) + 1
 
 
+def test_keys_tell_str_from_bytes_and_where_strings_end() -> None:
+    def key(*values: Any, dtype: Any = object) -> bytes:
+        return cache_key("m", "1", {"text": np.array(values, dtype=dtype)})
+
+    keys = [
+        key("a"),
+        key(b"a"),
+        key("ab", "c"),
+        key("a", "bc"),
+        key("abc", ""),
+        key("a", "b", "c"),
+        key("ab", "c", dtype="U2"),
+        key("a", "bc", dtype="U2"),
+        key(b"ab", b"c", dtype="S2"),
+        key(b"a", b"bc", dtype="S2"),
+        key("a", dtype="U1"),
+        key(b"a", dtype="S1"),
+    ]
+    assert len(set(keys)) == len(keys)
+    assert key("ab", "c") == key(*["ab", "c"])
+    with pytest.raises(ValueError, match="only str and bytes"):
+        key(1, "a")
+
+
 # -- local tier ---------------------------------------------------------------------------------
 
 
 def test_lru_is_bounded_by_bytes_and_evicts_least_recent() -> None:
-    lru = ByteLRU(capacity_bytes=3 * (400 + 32))
-    for i in range(3):
-        lru.put(bytes([i]) * 32, {"y": np.full(100, i, np.float32)})  # 400 bytes each
-    assert lru.get(bytes([0]) * 32) is not None  # 0 is now the most recent
-    lru.put(bytes([3]) * 32, {"y": np.zeros(100, np.float32)})
-    assert lru.get(bytes([1]) * 32) is None  # the least recent went first
-    assert lru.get(bytes([0]) * 32) is not None
+    values = [codec.dumps({"y": np.full(100, i, np.float32)}) for i in range(4)]
+    keys = [bytes([i]) * 32 for i in range(4)]
+    probe = ByteLRU(1 << 20)
+    for key, value in zip(keys[:3], values, strict=False):
+        probe.put(key, value)
+    lru = ByteLRU(capacity_bytes=probe.statistics().bytes)  # exactly three entries
+    for key, value in zip(keys[:3], values, strict=False):
+        lru.put(key, value)
+    assert lru.get(keys[0]) is not None  # 0 is now the most recent
+    lru.put(keys[3], values[3])
+    assert lru.get(keys[1]) is None  # the least recent went first
+    assert lru.get(keys[0]) == values[0]
     stats = lru.statistics()
     assert stats.evictions == 1
     assert stats.bytes <= stats.capacity_bytes
-    lru.put(b"big" * 11, {"y": np.zeros(10_000, np.float32)})  # larger than the whole cache
+    big = codec.dumps({"y": np.zeros(10_000, np.float32)})  # larger than the whole cache
+    lru.put(b"big" * 11, big)
     assert lru.get(b"big" * 11) is None
 
 
-def test_lru_hits_are_read_only_copies() -> None:
-    lru = ByteLRU(1 << 20)
+def test_the_local_tier_holds_no_more_memory_than_its_size() -> None:
+    # Many tiny distinct answers, as one-row requests to a small classifier make: per-entry
+    # overhead, not array bytes, is what fills the memory. Measured as what dropping the
+    # cache frees, so nothing else the test allocates is counted.
+    capacity = 2 << 20
+
+    async def fill() -> ResponseCache:
+        cache = ResponseCache(ByteLRU(capacity))
+        for i in range(30_000):
+            key = cache_key("mlp", "1", {"input": np.array([[i]], np.int64)})
+
+            async def compute(i: int = i) -> dict[str, np.ndarray]:
+                return {"probabilities": np.full((1, 10), i, np.float32)}
+
+            await cache.get_or_compute(key, compute)
+        return cache
+
+    tracemalloc.start()
+    try:
+        cache = asyncio.run(fill())
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        stats = cache.statistics().local
+        del cache
+        gc.collect()
+        held -= tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert stats.evictions > 0  # it filled up
+    assert stats.bytes <= capacity
+    assert held <= 1.25 * capacity, f"{held / capacity:.2f}x the configured size"
+    assert stats.bytes >= 0.75 * held  # and what it reports is what it holds
+
+
+async def test_hits_are_new_writable_arrays_and_never_change_the_entry() -> None:
+    cache = ResponseCache(ByteLRU(1 << 20))
     source = np.ones(4, np.float32)
-    lru.put(b"k", {"y": source})
-    source[:] = 7  # the caller's buffer changes later: the cached answer must not
-    hit = lru.get(b"k")
-    assert hit is not None
-    np.testing.assert_array_equal(hit["y"], np.ones(4, np.float32))
-    with pytest.raises(ValueError, match="read-only"):
-        hit["y"][0] = 3
+
+    async def compute() -> dict[str, np.ndarray]:
+        return {"y": source}
+
+    first = await cache.get_or_compute(b"k", compute)
+    source[:] = 7  # the computing caller writes to its answer: the entry must not change
+    hits = [cache.local_hit(b"k") for _ in range(2)]
+    assert hits[0] is not None
+    assert hits[1] is not None
+    hits[0]["y"][:] = 9  # so does a caller of a hit
+    assert first["y"] is source
+    np.testing.assert_array_equal(hits[1]["y"], np.ones(4, np.float32))
+    assert hits[1]["y"].flags.writeable
+    assert not np.shares_memory(hits[0]["y"], hits[1]["y"])
+    np.testing.assert_array_equal(cache.local_hit(b"k")["y"], np.ones(4, np.float32))  # type: ignore[index]
 
 
 # -- codec and breaker --------------------------------------------------------------------------
@@ -193,6 +268,28 @@ async def test_identical_concurrent_requests_run_once(mlp_path: Path) -> None:
         np.testing.assert_array_equal(result["probabilities"], results[0]["probabilities"])
 
 
+async def test_coalesced_callers_get_arrays_of_their_own(echo_path: Path) -> None:
+    inputs = echo_inputs(7)
+    async with Engine(echo_path, cache=CacheConfig(size_mb=8)) as engine:
+        first, second = await asyncio.gather(engine.infer(inputs), engine.infer(inputs))
+        stats = engine.statistics()
+        assert stats.batcher.requests == 1
+        assert stats.cache is not None
+        assert stats.cache.coalesced == 1  # the second waited for the first's computation
+        expected = {name: array.copy() for name, array in first.items()}
+        for name in first:
+            assert first[name].flags.writeable, name
+            assert second[name].flags.writeable, name
+            assert not np.shares_memory(first[name], second[name]), name
+            first[name][...] = first[name][0, 0]  # one caller writes to its answer
+            assert second[name].tolist() == expected[name].tolist(), name
+        hit = await engine.infer(inputs)
+        assert engine.statistics().cache.local.hits == 1  # type: ignore[union-attr]
+    for name in hit:
+        assert hit[name].flags.writeable, name
+        assert hit[name].tolist() == expected[name].tolist(), name
+
+
 async def test_opting_out_and_non_cacheable_models_always_compute(mlp_path: Path) -> None:
     x = np.ones((1, 64), np.float32)
     async with Engine(mlp_path, cache=CacheConfig(size_mb=8)) as engine:
@@ -224,6 +321,34 @@ async def test_a_second_engine_gets_hits_the_first_computed(
     assert stats.cache.redis is not None
     assert stats.cache.redis.hits == 1
     np.testing.assert_array_equal(shared["probabilities"], computed["probabilities"])
+
+
+async def test_redis_hits_are_text_and_arrays_of_their_own(
+    echo_path: Path, redis_server: RedisProcess
+) -> None:
+    config = CacheConfig(size_mb=0, redis_url=redis_server.url, ttl_s=60)
+    as_bytes = echo_inputs(8)
+    text = as_bytes["x_BYTES"]
+    as_bytes["x_BYTES"] = np.array([[v.encode() for v in text.flat]], dtype=object)
+    async with Engine(echo_path, cache=config, name="echo") as first:
+        computed = await first.infer(as_bytes)
+        for _ in range(500):  # the write to Redis happens off the request's path
+            if first.statistics().cache.redis.writes:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.01)
+    assert computed["y_BYTES"].tolist() == text.tolist()
+    as_text = {**as_bytes, "x_BYTES": text}
+    async with Engine(echo_path, cache=config, name="echo") as second:
+        one, two = await asyncio.gather(second.infer(as_text), second.infer(as_text))
+        stats = second.statistics()
+    assert stats.batcher.requests == 0
+    assert stats.cache is not None
+    assert stats.cache.redis is not None
+    assert (stats.cache.redis.hits, stats.cache.coalesced) == (1, 1)
+    for name in computed:
+        assert one[name].tolist() == two[name].tolist() == computed[name].tolist(), name
+        assert one[name].flags.writeable, name
+        assert not np.shares_memory(one[name], two[name]), name
 
 
 async def test_entries_expire_after_their_ttl(mlp_path: Path, redis_server: RedisProcess) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -10,6 +11,7 @@ from batchserve.datatypes import V2_TO_NUMPY, v2_name
 
 MAGIC = b"BSC1"
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 Outputs = dict[str, np.ndarray]
 
@@ -31,47 +33,57 @@ def dumps(outputs: Outputs) -> bytes:
 
 
 def loads(data: bytes) -> Outputs:
-    """The inverse of `dumps`; ValueError for anything that is not exactly such a value."""
+    """The inverse of `dumps`, into new writable arrays; ValueError for anything that is not
+    exactly such a value."""
     if not data.startswith(MAGIC):
         raise ValueError("not a cached value")
-    view, offset = memoryview(data), len(MAGIC)
-    (count,), offset = _U32.unpack_from(view, offset), offset + 4
     outputs: Outputs = {}
     try:
+        (count,) = _U32.unpack_from(data, len(MAGIC))
+        offset = len(MAGIC) + 4
         for _ in range(count):
-            name, offset = _read_text(view, offset)
-            datatype, offset = _read_text(view, offset)
-            (ndim,) = _U32.unpack_from(view, offset)
-            shape = struct.unpack_from(f"<{ndim}Q", view, offset + 4)
+            name, offset = _read_text(data, offset)
+            datatype, offset = _read_text(data, offset)
+            (ndim,) = _U32.unpack_from(data, offset)
+            shape = struct.unpack_from(f"<{ndim}Q", data, offset + 4)
             offset += 4 + 8 * ndim
-            (size,) = struct.unpack_from("<Q", view, offset)
+            (size,) = _U64.unpack_from(data, offset)
             offset += 8
-            blob = view[offset : offset + size]
-            if len(blob) != size:
+            if offset + size > len(data):
                 raise ValueError("truncated")
+            outputs[name] = _array(datatype, shape, data, offset, size)
             offset += size
-            outputs[name] = _array(datatype, shape, blob)
-    except (struct.error, KeyError, UnicodeDecodeError) as err:
+    except (struct.error, KeyError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"corrupt cached value: {err}") from None
-    if offset != len(view):
+    if offset != len(data):
         raise ValueError("trailing bytes in cached value")
     return outputs
 
 
-def _array(datatype: str, shape: tuple[int, ...], blob: memoryview) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
+# Looked up, not derived, on every hit: building dtypes costs more than decoding a small answer.
+_WIRE = {name: dtype.newbyteorder("<") for name, dtype in V2_TO_NUMPY.items() if name != "BYTES"}
+_NATIVE = {name: dtype.newbyteorder("=") for name, dtype in _WIRE.items()}
+
+
+def _array(
+    datatype: str, shape: tuple[int, ...], data: bytes, offset: int, size: int
+) -> np.ndarray:
+    count = math.prod(shape)
     if datatype == "BYTES":
-        values, offset = [], 0
+        values, end = [], offset + size
         for _ in range(count):
-            value, offset = _read_text(blob, offset)
+            value, offset = _read_text(data, offset, end)
             values.append(value)
+        if offset != end:
+            raise ValueError("BYTES payload longer than its elements")
         array = np.empty(count, dtype=object)
         array[:] = values
         return array.reshape(shape)
-    dtype = V2_TO_NUMPY[datatype].newbyteorder("<")
-    return (
-        np.frombuffer(blob, dtype=dtype, count=count).reshape(shape).astype(dtype.newbyteorder("="))
-    )
+    wire = _WIRE[datatype]
+    if size != count * wire.itemsize:
+        raise ValueError(f"{size} payload bytes for {count} {datatype} elements")
+    # astype copies: the arrays are the caller's own, never a view of the stored bytes.
+    return np.frombuffer(data, wire, count, offset).astype(_NATIVE[datatype]).reshape(shape)
 
 
 def _text(value: str) -> bytes:
@@ -79,9 +91,9 @@ def _text(value: str) -> bytes:
     return _U32.pack(len(raw)) + raw
 
 
-def _read_text(view: memoryview, offset: int) -> tuple[str, int]:
-    (length,) = _U32.unpack_from(view, offset)
+def _read_text(data: bytes, offset: int, limit: int | None = None) -> tuple[str, int]:
+    (length,) = _U32.unpack_from(data, offset)
     end = offset + 4 + length
-    if end > len(view):
-        raise struct.error("truncated text")
-    return bytes(view[offset + 4 : end]).decode(), end
+    if end > (len(data) if limit is None else limit):
+        raise ValueError("truncated text")
+    return data[offset + 4 : end].decode(), end

@@ -9,7 +9,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-_PERSON = b"batchserve-v1"
+# v2: string elements carry their type. A new personalisation gives every key a new value, so
+# no replica reads an entry written under the old encoding from a shared Redis.
+_PERSON = b"batchserve-v2"
 
 
 def cache_key(
@@ -19,7 +21,8 @@ def cache_key(
     outputs: Sequence[str] | None = None,
 ) -> bytes:
     """A 32-byte digest of model, version, requested outputs and every input's name, dtype,
-    shape and bytes. Every variable-length field is hashed after its length, so no two
+    shape and bytes (object arrays: each element's type, str or bytes, then its length and
+    bytes). Every variable-length field is hashed after its length, so no two
     different requests produce the same byte stream (only a BLAKE2b collision could share a
     key). One hash call over the joined fields: per-call overhead dominates for small inputs."""
     parts: list[bytes | memoryview] = [
@@ -52,10 +55,18 @@ def _array_header(name: str, dtype: str, shape: tuple[int, ...]) -> bytes:
 
 
 def _strings(array: np.ndarray) -> list[bytes]:
+    # A type tag per element: "a" and b"a" are different inputs (the model sees str only, so
+    # `ModelMetadata.validate` converts before keys are made, and equal requests still share).
     parts = []
     for value in array.flat:
-        raw = value if isinstance(value, bytes) else str(value).encode()
-        parts.append(_field(raw))
+        if isinstance(value, str):
+            parts.append(b"s" + _field(value.encode("utf-8", "surrogatepass")))
+        elif isinstance(value, bytes):
+            parts.append(b"b" + _field(value))
+        else:
+            raise ValueError(
+                f"cannot key an object array holding {type(value).__name__}: only str and bytes"
+            )
     return parts
 
 

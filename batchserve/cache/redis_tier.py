@@ -84,7 +84,9 @@ class RedisTier:
     ) -> None:
         await self.aclose()
 
-    async def get(self, key: bytes) -> Outputs | None:
+    async def get(self, key: bytes) -> tuple[bytes, Outputs] | None:
+        """The stored value and the arrays decoded from it, or None (a miss, an error, a
+        skipped call or a value that does not decode exactly)."""
         if not self._breaker.allow():
             self._stats.skipped += 1
             return None
@@ -105,14 +107,15 @@ class RedisTier:
             self._stats.misses += 1
             return None
         self._stats.hits += 1
-        return outputs
+        return raw, outputs
 
-    def put_later(self, key: bytes, outputs: Outputs) -> None:
-        """Store in the background; the caller never waits for Redis."""
+    def put_later(self, key: bytes, value: bytes) -> None:
+        """Store `value` (`codec.dumps` of the outputs) in the background; the caller never
+        waits for Redis."""
         if len(self._writes) >= self._max_pending or self._breaker.state is CircuitState.OPEN:
             self._stats.writes_dropped += 1
             return
-        task = asyncio.get_running_loop().create_task(self._put(key, codec.dumps(outputs)))
+        task = asyncio.get_running_loop().create_task(self._put(key, value))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 

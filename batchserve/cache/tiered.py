@@ -1,4 +1,8 @@
-"""The response cache: local LRU, then Redis, then one shared computation per key."""
+"""The response cache: local LRU, then Redis, then one shared computation per key.
+
+Every caller gets arrays of its own: a hit, and each caller that waited for an identical request
+in flight, decodes new arrays from the stored bytes, so no caller can see another's writes or
+change a stored answer."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from batchserve.cache.lru import ByteLRU, LRUStatistics, Outputs
+from batchserve.cache import codec
+from batchserve.cache.codec import Outputs
+from batchserve.cache.lru import ByteLRU, LRUStatistics
 from batchserve.cache.redis_tier import RedisStatistics, RedisTier
 from batchserve.errors import DeadlineExceeded, Overloaded
 
@@ -32,7 +38,8 @@ class ResponseCache:
     def __init__(self, local: ByteLRU, redis: RedisTier | None = None) -> None:
         self._local = local
         self._redis = redis
-        self._in_flight: dict[bytes, asyncio.Future[Outputs]] = {}
+        # The encoded answer: each waiting duplicate decodes its own arrays from it.
+        self._in_flight: dict[bytes, asyncio.Future[bytes]] = {}
         self._coalesced = 0
 
     async def __aenter__(self) -> ResponseCache:
@@ -48,7 +55,9 @@ class ResponseCache:
             await self._redis.aclose()
 
     def local_hit(self, key: bytes) -> Outputs | None:
-        return self._local.get(key) if self._local.enabled else None
+        """New arrays decoded from the local tier's entry, or None."""
+        value = self._local.get(key) if self._local.enabled else None
+        return codec.loads(value) if value is not None else None
 
     async def get_or_compute(
         self, key: bytes, compute: Callable[[], Awaitable[Outputs]], *, checked_local: bool = False
@@ -56,7 +65,7 @@ class ResponseCache:
         """`checked_local`: the caller has just missed the local tier (count that once)."""
         while True:
             if not checked_local and (hit := self.local_hit(key)) is not None:
-                return dict(hit)
+                return hit
             checked_local = False
             leader = self._in_flight.get(key)
             if leader is None:
@@ -64,19 +73,23 @@ class ResponseCache:
             self._coalesced += 1
             with contextlib.suppress(_LeaderGone):
                 # Shielded: this caller's cancellation must not cancel the shared result.
-                return dict(await asyncio.shield(leader))
+                return codec.loads(await asyncio.shield(leader))
 
     async def _lead(self, key: bytes, compute: Callable[[], Awaitable[Outputs]]) -> Outputs:
-        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
-            outputs = await self._redis.get(key) if self._redis is not None else None
-            if outputs is None:
+            found = await self._redis.get(key) if self._redis is not None else None
+            if found is not None:
+                value, outputs = found
+            else:
                 outputs = await compute()
+                # Encoded before the caller gets `outputs`: its later writes change nothing here.
+                value = codec.dumps(outputs)
                 if self._redis is not None:
-                    self._redis.put_later(key, outputs)
+                    self._redis.put_later(key, value)
             if self._local.enabled:
-                self._local.put(key, outputs)
+                self._local.put(key, value)
         except (asyncio.CancelledError, Overloaded, DeadlineExceeded):
             # The leader's own deadline or cancellation: not an answer for the others.
             future.set_exception(_LeaderGone())
@@ -85,7 +98,7 @@ class ResponseCache:
             future.set_exception(err)
             raise
         else:
-            future.set_result(outputs)
+            future.set_result(value)
             return outputs
         finally:
             del self._in_flight[key]
