@@ -142,3 +142,49 @@ def scaled(path: Path, factor: float) -> Path:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save(graph, path)
+
+
+def row_sums(path: Path) -> Path:
+    """`x` FP32 [batch, length], both free -> `same` = x + 0 [batch, length] and `total` =
+    ReduceSum(x, axis 1) [batch]: a row of zero length still gives one output value."""
+    zero = numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "zero"], ["same"]),
+            helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=0),
+        ],
+        "row_sums",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length"])],
+        [
+            helper.make_tensor_value_info("same", TensorProto.FLOAT, ["batch", "length"]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"]),
+        ],
+        [zero, axes],
+    )
+    return _save(graph, path)
+
+
+def column_sums(path: Path) -> Path:
+    """`x` FP32 [batch, length] -> `total` declared [batch] but summed over axis 0: one value
+    per column, whatever the rows (a model whose output does not follow the batch dimension)."""
+    axes = numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=0)],
+        "column_sums",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"])],
+        [axes],
+    )
+    return _save(graph, path)
+
+
+def logical_not(path: Path) -> Path:
+    """`x` BOOL [batch, n] -> `y` = Not(x)."""
+    graph = helper.make_graph(
+        [helper.make_node("Not", ["x"], ["y"])],
+        "logical_not",
+        [helper.make_tensor_value_info("x", TensorProto.BOOL, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, ["batch", "n"])],
+    )
+    return _save(graph, path)

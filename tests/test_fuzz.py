@@ -124,3 +124,58 @@ def test_a_huge_declared_bytes_shape_is_refused_before_allocating() -> None:
     # Even with the element limit lifted, the BYTES decoder refuses before allocating.
     with pytest.raises(InvalidInput, match="need at least"):
         decode_request(header + b"\0" * 8, len(header), DecodeLimits(max_elements=10**13))
+
+
+# Dimensions around every boundary: zero, the element limit, numpy's int64 byte count, uint64.
+dimensions = (
+    st.sampled_from([0, 0, 1, 2, 1 << 24, (1 << 24) + 1, 1 << 31, 1 << 61, 1 << 62])
+    | st.sampled_from([(1 << 63) - 1, 1 << 63, (1 << 64) - 1, 1 << 64])
+    | st.integers(min_value=0, max_value=1 << 64)
+)
+sized_shapes = st.lists(dimensions, max_size=4)
+limits = st.sampled_from([DecodeLimits(), DecodeLimits(max_elements=1000)])
+
+
+def within_limits(body: bytes, header_length: int | None, limits: DecodeLimits) -> None:
+    """Decodes to tensors whose every dimension, and the product of the non-zero ones, is within
+    the element limit; or is refused with 400 or 413 (anything else fails the test)."""
+    rejected: InvalidInput | PayloadTooLarge | None = None
+    try:
+        request = decode_request(body, header_length, limits)
+    except (InvalidInput, PayloadTooLarge) as err:
+        rejected = err
+    if rejected is not None:
+        assert rejected.status in (400, 413)
+        assert rejected.message
+        return
+    for array in request.inputs.values():
+        extent = 1
+        for dim in array.shape:
+            extent *= dim or 1
+        assert extent <= limits.max_elements
+
+
+@FUZZ
+@given(shape=sized_shapes, datatype=datatypes, limits=limits)
+def test_zero_and_huge_dimensions_in_json(
+    shape: list[int], datatype: object, limits: DecodeLimits
+) -> None:
+    body = {"inputs": [{"name": "x", "shape": shape, "datatype": datatype, "data": []}]}
+    within_limits(json.dumps(body).encode(), None, limits)
+
+
+@FUZZ
+@given(shape=sized_shapes, datatype=datatypes, limits=limits, blob=st.binary(max_size=16))
+def test_zero_and_huge_dimensions_in_binary(
+    shape: list[int], datatype: object, limits: DecodeLimits, blob: bytes
+) -> None:
+    tensor = {"name": "x", "shape": shape, "datatype": datatype,
+              "parameters": {"binary_data_size": len(blob)}}  # fmt: skip
+    header = json.dumps({"inputs": [tensor]}).encode()
+    within_limits(header + blob, len(header), limits)
+
+
+def test_an_empty_tensor_with_a_dimension_over_the_limit_is_413() -> None:
+    body = {"inputs": [{"name": "x", "shape": [20_000_000, 0], "datatype": "FP32", "data": []}]}
+    with pytest.raises(PayloadTooLarge, match="no elements"):
+        decode_request(json.dumps(body).encode())

@@ -8,6 +8,7 @@ from batchserve.protocol.v2 import (
     decode_request,
     encode_request,
     encode_response,
+    response_size,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "decode_request",
     "encode_request",
     "encode_response",
+    "response_size",
 ]

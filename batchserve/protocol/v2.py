@@ -26,7 +26,7 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: list[str] | None = None
     binary_outputs: frozenset[str] | None = None  # None: none binary; empty: all binary
-    id: Any = None
+    id: str | None = None
     parameters: dict[str, Any] | None = None
 
 
@@ -36,7 +36,10 @@ class DecodeLimits:
 
     max_inputs: input tensors per request (400 above it).
     max_elements: elements per tensor (413 above it): bounds the memory one request can make
-        the server allocate, independently of how compactly the body encodes it.
+        the server allocate, independently of how compactly the body encodes it. Zero
+        dimensions count as one here: `[20000000, 0]` holds no element but still asks a model
+        for 20,000,000 rows of output, so every dimension, and the product of the non-zero
+        ones, must stay within it.
     max_rank: dimensions per tensor (400 above it; numpy itself stops at 64).
     """
 
@@ -75,7 +78,16 @@ def decode_request(
     parameters = header.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object")
-    return InferRequest(inputs, outputs, binary, header.get("id"), parameters)
+    request_id = header.get("id")
+    # The protocol's id is a string; null is taken as absent (clients write unset fields so).
+    if request_id is not None and type(request_id) is not str:
+        raise InvalidInput(f"'id' must be a string, got {_json_kind(request_id)}")
+    return InferRequest(inputs, outputs, binary, request_id, parameters)
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
+    return kinds.get(type(value), "an object")
 
 
 def _loads(data: bytes | memoryview) -> Any:
@@ -106,7 +118,7 @@ def _decode_inputs(
         if type(spec) is not dict:
             raise InvalidInput("each input must be an object")
         name, shape, dtype = _tensor_header(spec)
-        _check_size(name, shape, limits)
+        _check_size(name, shape, dtype, limits)
         if name in arrays:
             raise InvalidInput(f"input {name!r} appears twice")
         size = _binary_size(name, spec["parameters"]) if "parameters" in spec else None
@@ -144,16 +156,29 @@ def _tensor_header(spec: Mapping[str, Any]) -> tuple[str, list[int], np.dtype[An
     return name, shape, dtype
 
 
-def _check_size(name: str, shape: list[int], limits: DecodeLimits) -> None:
+# numpy describes an array's size in bytes with a signed 64-bit integer, even an empty one's.
+_MAX_NBYTES: Final = (1 << 63) - 1
+
+
+def _check_size(name: str, shape: list[int], dtype: np.dtype[Any], limits: DecodeLimits) -> None:
     if len(shape) > limits.max_rank:
         raise InvalidInput(
             f"input {name!r} has {len(shape)} dimensions; the limit is {limits.max_rank}"
         )
-    count = prod(shape)
-    if count > limits.max_elements:
+    # A zero dimension empties the tensor but not what a model makes of the others (a sum
+    # over the empty axis has one value per row), so the non-zero dimensions are bounded too.
+    extent = prod(dim for dim in shape if dim)
+    if extent * dtype.itemsize > _MAX_NBYTES:
+        raise InvalidInput(f"input {name!r}: shape {shape} is too large for any tensor")
+    if extent > limits.max_elements:
+        count = prod(shape)
+        described = (
+            f"has {count} elements"
+            if count
+            else f"has no elements but dimensions whose product is {extent}"
+        )
         raise PayloadTooLarge(
-            f"input {name!r}: shape {shape} has {count} elements; "
-            f"the limit is {limits.max_elements}"
+            f"input {name!r}: shape {shape} {described}; the limit is {limits.max_elements}"
         )
 
 
@@ -286,6 +311,10 @@ def _from_binary(
             f"input {name!r}: shape {list(shape)} of {v2_name(dtype)} needs "
             f"{count * dtype.itemsize} bytes, binary_data_size is {len(raw)}"
         )
+    if dtype.kind == "b":
+        # One byte per element, which a client may fill with any value: numpy and ONNX Runtime
+        # take the byte as it is (a `Not` of 2 would be true), so any non-zero byte is true.
+        return np.frombuffer(raw, dtype=np.uint8, count=count).astype(np.bool_).reshape(shape)
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=count).reshape(shape)
 
 
@@ -319,32 +348,52 @@ def _bytes_elements(
 
 def _decode_outputs(header: Mapping[str, Any]) -> tuple[list[str] | None, frozenset[str] | None]:
     parameters = header.get("parameters")
-    all_binary = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
+    all_binary = False
+    if isinstance(parameters, dict):
+        all_binary = _flag(parameters.get("binary_data_output"), "parameters.binary_data_output")
     specs = header.get("outputs")
     if specs is None or specs == []:
         return None, frozenset() if all_binary else None
     if not isinstance(specs, list):
         raise InvalidInput("'outputs' must be a list")
     names: list[str] = []
+    seen: set[str] = set()
     binary: set[str] = set()
     for spec in specs:
         name = spec.get("name") if isinstance(spec, dict) else None
         if not isinstance(name, str):
             raise InvalidInput("each requested output needs a 'name' string")
+        if name in seen:  # the tensor would be sent twice
+            raise InvalidInput(f"output {name!r} is requested twice")
+        seen.add(name)
         names.append(name)
-        params = spec.get("parameters")
-        if isinstance(params, dict):
-            if "classification" in params:
-                raise InvalidInput(
-                    f"output {name!r}: the classification extension is not supported; "
-                    "ask for the tensor and take its top classes on the client"
-                )
-            flag = params.get("binary_data")
-            if flag is True or (flag is None and all_binary):
-                binary.add(name)
-        elif all_binary:
+        if _output_binary(name, spec.get("parameters"), all_binary):
             binary.add(name)
     return names, frozenset(binary) if binary else None
+
+
+def _output_binary(name: str, params: Any, all_binary: bool) -> bool:
+    if params is None:
+        return all_binary
+    if type(params) is not dict:
+        raise InvalidInput(f"output {name!r}: 'parameters' must be an object")
+    if "classification" in params:
+        raise InvalidInput(
+            f"output {name!r}: the classification extension is not supported; "
+            "ask for the tensor and take its top classes on the client"
+        )
+    flag = params.get("binary_data")
+    return all_binary if flag is None else _flag(flag, f"output {name!r}: binary_data")
+
+
+def _flag(value: Any, what: str) -> bool:
+    """A boolean parameter: absent (None) is false; a string "true" or a 1 is refused rather
+    than read as false, which would silently answer in the other encoding."""
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise InvalidInput(f"{what} must be true or false, got {_json_kind(value)}")
+    return value
 
 
 def encode_response(
@@ -352,9 +401,18 @@ def encode_response(
     model_version: str,
     request: InferRequest,
     results: Mapping[str, np.ndarray],
+    *,
+    max_bytes: int | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header length when binary outputs follow it."""
+    """The response body, and the JSON header length when binary outputs follow it.
+
+    `max_bytes`: PayloadTooLarge (413) for a body over it. When the outputs could encode past
+    it (`response_size`), they are built piece by piece against it, so no more than about
+    `max_bytes` is ever built for a response that is refused."""
     binary = request.binary_outputs
+    budget = None
+    if max_bytes is not None and response_size(request, results) > max_bytes:
+        budget = _Budget(max_bytes, hint=binary is None)
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     # In the order the client asked for (a cached answer may hold them in another order).
@@ -366,11 +424,11 @@ def encode_response(
             "shape": list(array.shape),
         }
         if binary is not None and (not binary or name in binary):
-            blob = _to_binary(array)
+            blob = _to_binary(array) if budget is None else budget.binary(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _to_json(array)
+            entry["data"] = _to_json(array) if budget is None else budget.json(array)
         outputs.append(entry)
     body: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
@@ -382,9 +440,97 @@ def encode_response(
     # orjson writes NaN and ±inf as null; only then (rare) write them as Triton does.
     if b"null" in header and _non_finite(outputs):
         header = json.dumps(body, default=_array_list, separators=(",", ":")).encode()
+    size = len(header) + sum(len(blob) for blob in blobs)
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLarge(f"the response takes {size} bytes, over the limit of {max_bytes}")
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+class _Budget:
+    """The bytes a response may still take, spent as its outputs are built: a numeric binary
+    output before it is built (its size is known), a JSON one chunk by chunk."""
+
+    __slots__ = ("_hint", "_left", "_limit")
+
+    CHUNK: Final = 1 << 16  # elements encoded at a time
+
+    def __init__(self, limit: int, *, hint: bool) -> None:
+        self._limit = self._left = limit
+        self._hint = hint  # all outputs are JSON: say binary would be smaller
+
+    def spend(self, size: int) -> None:
+        self._left -= size
+        if self._left < 0:
+            raise PayloadTooLarge(
+                f"the response takes more than {self._limit} bytes, the limit"
+                + ("; binary outputs take less" if self._hint else "")
+            )
+
+    def binary(self, array: np.ndarray) -> bytes:
+        text = array.dtype.kind in "OSU"
+        if not text:
+            self.spend(array.nbytes)
+        blob = _to_binary(array)
+        if text:
+            self.spend(len(blob))
+        return blob
+
+    def json(self, array: np.ndarray) -> orjson.Fragment:
+        if array.dtype.kind in "OSU":
+            text = orjson.dumps(_to_json(array))
+            self.spend(len(text))
+            return orjson.Fragment(text)
+        flat = np.ascontiguousarray(array).reshape(-1)
+        pieces: list[memoryview] = []
+        for start in range(0, flat.size, self.CHUNK):
+            piece = _json_numbers(flat[start : start + self.CHUNK])
+            self.spend(len(piece) - 1)  # less its brackets, plus a comma
+            pieces.append(memoryview(piece)[1:-1])
+        return orjson.Fragment(b"[" + b",".join(pieces) + b"]")
+
+
+def _json_numbers(flat: np.ndarray) -> bytes:
+    text = orjson.dumps(flat, option=_NUMPY)
+    if b"null" in text and flat.dtype.kind in "fc" and not np.isfinite(flat).all():
+        text = json.dumps(flat.tolist(), separators=(",", ":")).encode()  # NaN, ±Infinity
+    return text
+
+
+def _json_width(dtype: np.dtype[Any]) -> int:
+    """The most bytes one element of `dtype` takes in a JSON response, its comma included:
+    what orjson writes for the longest value (float16 and float32 are written at float32
+    precision, 16 characters at most; float64 at most 24)."""
+    if dtype.kind == "b":
+        return len("false,")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return max(len(str(info.min)), len(str(info.max))) + 1
+    return 25 if dtype.itemsize > 4 else 17
+
+
+_JSON_WIDTHS: Final = {
+    dtype: _json_width(dtype) for dtype in V2_TO_NUMPY.values() if dtype.kind != "O"
+}
+
+
+def response_size(request: InferRequest, results: Mapping[str, np.ndarray]) -> int:
+    """The encoded outputs' size at most, told without encoding them: binary ones at their
+    exact size, JSON ones at their widest text. BYTES elements count at their length prefix
+    or quotes only (their text is measured once encoded)."""
+    binary = request.binary_outputs
+    size = 0
+    for name in request.outputs or results:
+        array = results[name]
+        if array.dtype.kind in "OSU":
+            size += array.size * (4 if binary is not None else 3)
+        elif binary is not None and (not binary or name in binary):
+            size += array.nbytes
+        else:
+            width = _JSON_WIDTHS.get(array.dtype.newbyteorder("="), 25)
+            size += array.size * width
+    return size
 
 
 def _non_finite(outputs: list[dict[str, Any]]) -> bool:
