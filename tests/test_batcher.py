@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from batchserve.errors import NotReady, Overloaded
+from batchserve.errors import InferenceFailed, NotReady, Overloaded
 from batchserve.queue import Batcher, BatchPolicy
 from batchserve.testing import FakeClock
 
@@ -147,3 +147,154 @@ async def test_a_request_the_queue_would_make_late_is_refused_on_arrival() -> No
             await settle()
         for item in [blocker, *queued]:
             await item.future
+
+
+async def test_arrivals_while_no_session_is_free_scan_no_shape_groups() -> None:
+    runner = ManualRunner()
+    async with Batcher(
+        runner, BatchPolicy(8, 0.0), FakeClock(), max_queue_rows=100_000, max_shape_groups=10_000
+    ) as batcher:
+        blocker = batcher.submit(rows(1, 0), 1, ((2,),))
+        await settle()
+        assert len(runner.running) == 1
+        before = batcher.statistics().groups_scanned
+        # Thousands of distinct shapes, each arriving on its own loop iteration while the only
+        # session is busy: none of them may cost a pass over the groups already waiting.
+        waiting = []
+        for width in range(3, 4003):
+            waiting.append(batcher.submit(rows(1, width, width), 1, ((width,),)))
+            await asyncio.sleep(0)
+        stats = batcher.statistics()
+        assert stats.shape_groups == 4000
+        assert stats.groups_scanned == before
+        # Once the session frees up the oldest group goes next, found without a scan.
+        runner.finish()
+        await settle()
+        assert runner.running[0][0][0].shape == (1, 3)
+        assert batcher.statistics().groups_scanned - before <= 4
+        for _ in range(4000):
+            runner.finish()
+            await asyncio.sleep(0)
+        await asyncio.gather(blocker.future, *(item.future for item in waiting))
+        assert batcher.statistics().groups_scanned - before <= 4 * 4000
+
+
+async def test_shape_groups_are_served_oldest_head_first_after_partial_takes() -> None:
+    runner = ManualRunner()
+    async with Batcher(runner, BatchPolicy(2, 0.0), FakeClock(), max_queue_rows=100) as batcher:
+        blocker = batcher.submit(rows(1, 0), 1, ((2,),))
+        await settle()
+        order = [
+            batcher.submit(rows(1, 1, 3), 1, ((3,),)),  # group A, head
+            batcher.submit(rows(1, 2, 3), 1, ((3,),)),
+            batcher.submit(rows(1, 3, 4), 1, ((4,),)),  # group B
+            batcher.submit(rows(1, 4, 3), 1, ((3,),)),  # group A, behind B's head
+        ]
+        seen = []
+        for _ in range(3):
+            runner.finish()
+            await settle()
+            seen.append(runner.running[0][0][0][:, 0].tolist())
+        runner.finish()
+        await asyncio.gather(blocker.future, *(item.future for item in order))
+    # A's first two fill a batch; then B (older than A's new head), then A's last.
+    assert seen == [[1, 2], [3], [4]]
+
+
+async def test_distinct_shapes_past_the_cap_are_refused_with_overloaded() -> None:
+    runner = ManualRunner()
+    async with Batcher(
+        runner, BatchPolicy(8, 0.0), FakeClock(), max_queue_rows=100, max_shape_groups=2
+    ) as batcher:
+        blocker = batcher.submit(rows(1, 0), 1, ((2,),))
+        await settle()
+        accepted = [
+            batcher.submit(rows(1, 1, 3), 1, ((3,),)),
+            batcher.submit(rows(1, 1, 4), 1, ((4,),)),
+            batcher.submit(rows(1, 1, 4), 1, ((4,),)),  # joins a waiting group: no new one
+        ]
+        with pytest.raises(Overloaded, match="distinct input shapes"):
+            batcher.submit(rows(1, 1, 5), 1, ((5,),))
+        assert batcher.statistics().rejected == 1
+        for _ in range(3):
+            runner.finish()
+            await settle()
+        await asyncio.gather(blocker.future, *(item.future for item in accepted))
+
+
+async def test_one_outlier_batch_does_not_switch_deadline_shedding_off() -> None:
+    runner, clock = ManualRunner(), FakeClock()
+    async with Batcher(runner, BatchPolicy(4, 0.0), clock, max_queue_rows=1000) as batcher:
+        for _ in range(5):  # normal batches: 4 rows in 100 ms
+            item = batcher.submit(rows(4, 1), 4, ((2,),))
+            await settle()
+            clock.advance(0.1)
+            runner.finish()
+            await item.future
+        # One run of 20,000,000 rows of shape [0] done at once: a rate of 2e13 rows/s.
+        empty = [np.zeros((20_000_000, 0), dtype=np.float32)]
+        outlier = batcher.submit(empty, 20_000_000, ((0,),))
+        await settle()
+        clock.advance(0.000001)
+        runner.finish()
+        await outlier.future
+        blocker = batcher.submit(rows(4, 1), 4, ((2,),))
+        await settle()
+        queued = [batcher.submit(rows(4, 1), 4, ((2,),), deadline_s=1.0) for _ in range(4)]
+        # Still 40 rows/s and 0.1 s a run: 20 rows wait 0.6 s, past 80% of 0.7 s.
+        assert batcher.expected_wait_s(4) == pytest.approx(0.6)
+        with pytest.raises(Overloaded, match="expected wait"):
+            batcher.submit(rows(4, 1), 4, ((2,),), deadline_s=0.7)
+        for _ in range(5):
+            clock.advance(0.1)
+            runner.finish()
+            await settle()
+        await asyncio.gather(blocker.future, *(item.future for item in queued))
+
+
+class FailingRunner:
+    """Runs at once (on the next loop iteration); a run fails when any input is negative,
+    like a model given an out-of-range index."""
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+
+    idle = 1
+    size = 1
+
+    def try_run(self, arrays: list[np.ndarray], done: Done) -> bool:
+        self.runs.append(len(arrays[0]))
+        result: list[np.ndarray] | BaseException = (
+            ValueError("index out of range") if (arrays[0] < 0).any() else [arrays[0] * 2]
+        )
+        asyncio.get_running_loop().call_soon(done, result)
+        return True
+
+
+async def test_a_failed_batch_is_bisected_so_only_the_bad_request_fails() -> None:
+    runner = FailingRunner()
+    async with Batcher(runner, BatchPolicy(16, 0.0), FakeClock(), max_queue_rows=100) as batcher:
+        items = [batcher.submit(rows(1, -1 if i == 5 else i), 1, ((2,),)) for i in range(16)]
+        results = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        stats = batcher.statistics()
+    for i, result in enumerate(results):
+        if i == 5:
+            assert isinstance(result, InferenceFailed)
+            assert "index out of range" in str(result)
+        else:
+            assert isinstance(result, list)
+            np.testing.assert_array_equal(result[0], items[i].arrays[0] * 2)
+    # The merged run, then two halves per level down to the bad request: 1 + 2 * log2(16).
+    assert runner.runs[0] == 16
+    assert len(runner.runs) <= 1 + 2 * 4
+    assert stats.retry_runs == len(runner.runs) - 1
+    assert stats.failed == 1
+
+
+async def test_a_single_request_that_fails_is_not_retried() -> None:
+    runner = FailingRunner()
+    async with Batcher(runner, BatchPolicy(16, 0.0), FakeClock(), max_queue_rows=100) as batcher:
+        item = batcher.submit(rows(1, -1), 1, ((2,),))
+        with pytest.raises(InferenceFailed):
+            await item.future
+    assert runner.runs == [1]

@@ -12,9 +12,11 @@ import pytest
 from test_reliability import slow_body
 
 from batchserve import BatchConfig, Engine, RuntimeConfig
+from batchserve.clock import MonotonicClock
 from batchserve.errors import InferenceFailed, ModelLoadError
+from batchserve.queue import Batcher, BatchPolicy
 from batchserve.runtime.pool import HealthPolicy, NoHealthySession, SessionPool
-from batchserve.runtime.session import SessionBuilder
+from batchserve.runtime.session import ManagedSession, SessionBuilder
 
 from conftest import StartServer
 
@@ -30,25 +32,75 @@ async def wait_for(condition: object, seconds: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+async def run(pool: SessionPool, inputs: dict[str, np.ndarray]) -> object:
+    """One run through the pool; its outputs, or the exception it failed with."""
+    answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    assert pool.try_run([inputs["index"]], answer.set_result)
+    return await answer
+
+
 async def test_a_session_that_keeps_failing_is_rebuilt(gather_path: Path) -> None:
+    builder = SessionBuilder(gather_path, RuntimeConfig())
+    sessions, metadata = builder.load()
+    session = ManagedSession(sessions[0])
+    health = HealthPolicy(replace_after_failures=3)
+    pool = SessionPool([session], metadata.input_names, factory=builder.rebuild, health=health)
+    async with pool:
+        await pool.run_each([GOOD["index"]])  # the warm-up: inputs known to compute
+        session.close()  # the session breaks: every run fails from now on
+        for _ in range(2):
+            assert isinstance(await run(pool, GOOD), RuntimeError)
+        assert pool.statistics().probes == 0  # not yet at the limit
+        assert isinstance(await run(pool, GOOD), RuntimeError)
+        # The third failure in a row: the known-good inputs fail too, so it is rebuilt.
+        await wait_for(lambda: pool.statistics().replacements == 1)
+        answer = await run(pool, GOOD)
+        stats = pool.statistics()
+    assert isinstance(answer, list)
+    assert answer[0].tolist() == [[30.0]]
+    assert (stats.failures, stats.probes, stats.replacements, stats.lost) == (3, 1, 1, 0)
+
+
+async def test_bad_inputs_in_a_row_do_not_rebuild_a_healthy_session(gather_path: Path) -> None:
     runtime = RuntimeConfig(replace_after_failures=3)
     async with Engine(gather_path, BatchConfig(max_batch_size=1), runtime) as engine:
-        for _ in range(2):
-            with pytest.raises(InferenceFailed):
+        for _ in range(7):
+            with pytest.raises(InferenceFailed, match="out of data bounds"):
                 await engine.infer(BAD)
-        # A good run in between resets the count: no rebuild yet.
-        assert (await engine.infer(GOOD))["value"].tolist() == [[30.0]]
-        for _ in range(3):
-            with pytest.raises(InferenceFailed):
-                await engine.infer(BAD)
-        # Requests that arrive while the only session is rebuilt wait for it, then run.
         answer = await engine.infer(GOOD)
         stats = engine.statistics().pool
         assert engine.problem() is None
     assert answer["value"].tolist() == [[30.0]]
-    assert stats.replacements == 1
-    assert stats.failures == 5
-    assert stats.lost == 0
+    # Checked twice (after 3 and 6 failures) on the warm-up's inputs, which still compute.
+    assert (stats.failures, stats.probes, stats.replacements) == (7, 2, 0)
+
+
+async def test_with_every_session_lost_queued_requests_fail_instead_of_waiting(
+    gather_path: Path,
+) -> None:
+    builder = SessionBuilder(gather_path, RuntimeConfig())
+    sessions, metadata = builder.load()
+
+    def broken_factory() -> object:
+        raise ModelLoadError("the model file is gone")
+
+    health = HealthPolicy(replace_after_failures=1, rebuild_attempts=1, rebuild_backoff_s=0.01)
+    pool = SessionPool(sessions, metadata.input_names, factory=broken_factory, health=health)
+    policy = BatchPolicy(8, 0.0)
+    async with pool, Batcher(pool, policy, MonotonicClock(), max_queue_rows=100) as batcher:
+        pool.on_capacity = batcher.wake
+        first = batcher.submit([BAD["index"]], 1, ((1,),))
+        await asyncio.sleep(0)  # dispatched alone
+        waiting = batcher.submit([GOOD["index"]], 1, ((1,),))  # queued behind the failure
+        with pytest.raises(InferenceFailed, match="out of data bounds"):
+            await first.future
+        async with asyncio.timeout(10):  # bounded: before the fix it waited forever
+            with pytest.raises(InferenceFailed, match="no healthy ONNX Runtime session"):
+                await waiting.future
+            later = batcher.submit([GOOD["index"]], 1, ((1,),))
+            with pytest.raises(InferenceFailed, match="no healthy ONNX Runtime session"):
+                await later.future
+    assert pool.statistics().lost == 1
 
 
 async def test_a_session_that_cannot_be_rebuilt_is_lost_and_requests_fail_fast(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from statistics import median_high, median_low
 from types import TracebackType
 from typing import Protocol
 
@@ -19,6 +22,8 @@ from batchserve.queue.policy import ArrivalRate, BatchPolicy, QueueState
 
 Signature = tuple[tuple[int, ...], ...]
 DEADLINE_HEADROOM = 0.8
+# Runs the service-rate estimate remembers: its median ignores any minority of odd runs.
+RATE_WINDOW = 15
 Outputs = list[np.ndarray]
 
 
@@ -39,7 +44,7 @@ class Runner(Protocol):
 class Pending:
     """One request in the queue; the caller's future travels with it."""
 
-    __slots__ = ("arrays", "batch_rows", "enqueued_at", "future", "rows", "signature")
+    __slots__ = ("arrays", "batch_rows", "enqueued_at", "future", "rows", "seq", "signature")
 
     def __init__(
         self,
@@ -48,12 +53,14 @@ class Pending:
         signature: Signature,
         future: asyncio.Future[Outputs],
         now: float,
+        seq: int = 0,
     ) -> None:
         self.arrays = arrays
         self.rows = rows
         self.signature = signature
         self.future = future
         self.enqueued_at = now
+        self.seq = seq  # arrival order: ties in the clock must not reorder requests
         self.batch_rows = 0  # rows of the run it went into, once dispatched
 
 
@@ -68,6 +75,9 @@ class BatcherStatistics:
     failed: int = 0
     queued_rows: int = 0
     in_flight_batches: int = 0
+    shape_groups: int = 0  # distinct input shapes waiting
+    groups_scanned: int = 0  # group heads looked at to find the oldest (the dispatch's cost)
+    retry_runs: int = 0  # extra runs that isolated the request(s) that failed a merged run
     queue_wait_s: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     queue_wait: HistogramSnapshot | None = None
@@ -80,7 +90,8 @@ class Batcher:
 
     Requests are served FIFO across shape groups. A request with more rows than `max_rows` runs
     alone as one batch (it is not split). For models without a batch dimension every request is
-    its own run.
+    its own run. When a merged run fails, its requests are rerun in halves until the failure is
+    pinned on the requests that fail alone: only those get the error.
     """
 
     def __init__(
@@ -91,14 +102,25 @@ class Batcher:
         *,
         max_queue_rows: int,
         batched: bool = True,
+        max_shape_groups: int = 1024,
     ) -> None:
+        if max_shape_groups < 1:
+            raise ValueError("max_shape_groups must be >= 1")
         self._runner = runner
         self._policy = policy
         self._clock = clock
         self._max_queue_rows = max_queue_rows
         self._max_rows = policy.max_rows if batched else 1
         self._batched = batched
+        self._max_shape_groups = max_shape_groups
         self._groups: dict[Signature, deque[Pending]] = {}
+        # Every group under the arrival order of its head request, so the oldest group is
+        # found in O(log n) rather than by a scan. An entry goes stale when its group's head
+        # changes (a new entry is pushed then); stale entries are dropped when met.
+        self._heads: list[tuple[int, Signature]] = []
+        self._seq = itertools.count()
+        # Halves of failed merged runs, rerun before anything else: they have waited already.
+        self._retries: deque[list[Pending]] = deque()
         self._arrivals = ArrivalRate()
         self._stats = BatcherStatistics()
         self._queue_wait = Histogram(LATENCY_BUCKETS)
@@ -110,9 +132,13 @@ class Batcher:
         self._timer_at = float("inf")
         self._closing = False
         self._idle: asyncio.Event | None = None
-        # Smoothed per-session service: rows per second of run time, and seconds per run.
-        # They price the queue's wait, so that a request that cannot make its deadline is
-        # refused on arrival instead of waiting only to time out (which wastes the slot).
+        # Per-session service: rows per second of run time, and seconds per run. They price
+        # the queue's wait, so that a request that cannot make its deadline is refused on
+        # arrival instead of waiting only to time out (which wastes the slot). Medians of the
+        # last runs: one odd run (millions of zero-size rows done in microseconds) would drag
+        # a mean for a hundred batches, and with it switch deadline shedding off.
+        self._rates: deque[float] = deque(maxlen=RATE_WINDOW)
+        self._run_times: deque[float] = deque(maxlen=RATE_WINDOW)
         self._row_rate = 0.0
         self._run_s = 0.0
 
@@ -152,12 +178,22 @@ class Batcher:
             )
         if deadline_s is not None and stats.queued_rows:
             self._check_deadline(rows, deadline_s)
-        now = self._clock.now()
-        item = Pending(arrays, rows, signature, loop.create_future(), now)
         group = self._groups.get(signature)
+        if group is None and len(self._groups) >= self._max_shape_groups:
+            # Each group is its own queue the dispatcher must track: bound how many a client
+            # sending ever-new shapes can open.
+            stats.rejected += 1
+            raise Overloaded(
+                f"too many distinct input shapes waiting ({len(self._groups)}, "
+                f"limit {self._max_shape_groups})"
+            )
+        now = self._clock.now()
+        item = Pending(arrays, rows, signature, loop.create_future(), now, next(self._seq))
         if group is None:
             group = self._groups[signature] = deque()
         group.append(item)
+        if len(group) == 1:
+            self._push_head(signature, group)
         stats.requests += 1
         stats.queued_rows += rows
         self._arrivals.observe(now)
@@ -210,6 +246,7 @@ class Batcher:
         group = self._groups.get(item.signature)
         if group is None:
             return False
+        was_head = group[0] is item
         try:
             group.remove(item)
         except ValueError:
@@ -217,12 +254,14 @@ class Batcher:
         self._stats.queued_rows -= item.rows
         if not group:
             del self._groups[item.signature]
+        elif was_head:
+            self._push_head(item.signature, group)
         self._check_idle()
         return True
 
     def wake(self) -> None:
         """The runner has capacity again (a session rejoined): dispatch what is waiting."""
-        if self._stats.queued_rows:
+        if self._stats.queued_rows or self._retries:
             self._schedule()
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -236,35 +275,82 @@ class Batcher:
 
     def _pump(self) -> None:
         self._pump_scheduled = False
+        runner = self._runner
+        if self._retries and not self._dispatch_retries():
+            return
         while self._stats.queued_rows > 0:
-            now = self._clock.now()
-            decision = self._policy.decide(self._state(), now)
-            if not decision.dispatch:
-                if decision.wake_at is not None:
-                    self._arm(decision.wake_at, now)
+            # Every session busy: nothing can start, so an arrival costs O(1) however many
+            # shape groups wait. With no session left at all, dispatch anyway: the runner
+            # fails the batch at once instead of leaving it to wait forever.
+            if not runner.idle and runner.size:
                 return
-            batch, rows = self._take()
+            now = self._clock.now()
+            signature = self._oldest()
+            if runner.size:
+                decision = self._policy.decide(self._state(signature), now)
+                if not decision.dispatch:
+                    if decision.wake_at is not None:
+                        self._arm(decision.wake_at, now)
+                    return
+            batch, rows = self._take(signature)
             done = partial(self._done, batch, rows, now)
-            if not self._runner.try_run(self._assemble(batch), done):
+            if not runner.try_run(self._assemble(batch), done):
                 self._requeue(batch)
                 return
             self._record(batch, rows, now)
 
-    def _state(self) -> QueueState:
-        oldest = min(group[0].enqueued_at for group in self._groups.values())
+    def _dispatch_retries(self) -> bool:
+        """Start the halves of failed batches; False when a session was not free for one."""
+        retries, stats = self._retries, self._stats
+        while retries:
+            batch = [item for item in retries[0] if not item.future.done()]
+            if batch:
+                rows = sum(item.rows for item in batch)
+                done = partial(self._done, batch, rows, self._clock.now())
+                if not self._runner.try_run(self._assemble(batch), done):
+                    return False
+                stats.retry_runs += 1
+                stats.in_flight_batches += 1
+                for item in batch:
+                    item.batch_rows = rows
+            stats.cancelled += len(retries.popleft()) - len(batch)  # withdrawn meanwhile
+        self._check_idle()
+        return True
+
+    def _oldest(self) -> Signature:
+        """The group whose head request arrived first (the queue must not be empty)."""
+        heads, groups, stats = self._heads, self._groups, self._stats
+        while True:
+            seq, signature = heads[0]
+            stats.groups_scanned += 1
+            group = groups.get(signature)
+            if group is not None and group[0].seq == seq:
+                return signature
+            heapq.heappop(heads)
+
+    def _push_head(self, signature: Signature, group: deque[Pending]) -> None:
+        heads = self._heads
+        heapq.heappush(heads, (group[0].seq, signature))
+        if len(heads) > 2 * len(self._groups) + 64:
+            # Mostly stale entries of groups that left: rebuild, amortized O(1) per push.
+            self._stats.groups_scanned += len(self._groups)
+            heads[:] = [(g[0].seq, s) for s, g in self._groups.items()]
+            heapq.heapify(heads)
+
+    def _state(self, signature: Signature) -> QueueState:
         idle = self._runner.idle
         return QueueState(
             queued_rows=self._stats.queued_rows,
-            oldest_enqueued_at=oldest,
+            oldest_enqueued_at=self._groups[signature][0].enqueued_at,
             idle_sessions=idle,
             busy_sessions=self._runner.size - idle,
             arrival_gap_s=self._arrivals.gap_s,
             flush=self._closing,
         )
 
-    def _take(self) -> tuple[list[Pending], int]:
-        """The oldest group's head requests, in order, up to max rows (at least one request)."""
-        signature = min(self._groups, key=lambda s: self._groups[s][0].enqueued_at)
+    def _take(self, signature: Signature) -> tuple[list[Pending], int]:
+        """The group's head requests, in order, up to max rows (at least one request)."""
+        heapq.heappop(self._heads)  # the group's own entry: `_oldest` just found it on top
         group = self._groups[signature]
         batch = [group.popleft()]
         rows = batch[0].rows
@@ -272,14 +358,18 @@ class Batcher:
             item = group.popleft()
             batch.append(item)
             rows += item.rows
-        if not group:
+        if group:
+            self._push_head(signature, group)
+        else:
             del self._groups[signature]
         self._stats.queued_rows -= rows
         return batch, rows
 
     def _requeue(self, batch: list[Pending]) -> None:
-        group = self._groups.setdefault(batch[0].signature, deque())
+        signature = batch[0].signature
+        group = self._groups.setdefault(signature, deque())
         group.extendleft(reversed(batch))
+        self._push_head(signature, group)
         self._stats.queued_rows += sum(item.rows for item in batch)
 
     @staticmethod
@@ -310,19 +400,37 @@ class Batcher:
         self._stats.in_flight_batches -= 1
         elapsed = self._clock.now() - started
         self._run_time.observe(elapsed)
-        if elapsed > 0 and not isinstance(result, BaseException):
-            rate = rows / elapsed
-            self._row_rate = rate if not self._row_rate else 0.8 * self._row_rate + 0.2 * rate
-            self._run_s = elapsed if not self._run_s else 0.8 * self._run_s + 0.2 * elapsed
         if isinstance(result, BaseException):
-            self._fail(batch, InferenceFailed(f"inference failed: {_describe(result)}"))
-        elif len(batch) == 1:
-            _resolve(batch[0].future, result)
+            self._failed(batch, result)
         else:
-            self._split(batch, rows, result)
+            if elapsed > 0:
+                self._measure(rows, elapsed)
+            if len(batch) == 1:
+                _resolve(batch[0].future, result)
+            else:
+                self._split(batch, rows, result)
         self._check_idle()
-        if self._stats.queued_rows:
+        if self._stats.queued_rows or self._retries:
             self._schedule()
+
+    def _measure(self, rows: int, elapsed: float) -> None:
+        self._rates.append(rows / elapsed)
+        self._run_times.append(elapsed)
+        # With an even count, the cautious middle value: a rate too high, or a run too short,
+        # is what would let requests in that then miss their deadline.
+        self._row_rate = median_low(self._rates)
+        self._run_s = median_high(self._run_times)
+
+    def _failed(self, batch: list[Pending], error: BaseException) -> None:
+        # One request's bad input (an index out of range) fails the whole merged run: rerun it
+        # in halves, so that only the requests that fail alone get the error. k bad requests
+        # among n cost at most 2k·log2(n) extra runs. With no session left, rerunning is moot.
+        if len(batch) > 1 and self._runner.size:
+            middle = len(batch) // 2
+            self._retries.append(batch[:middle])
+            self._retries.append(batch[middle:])
+            return
+        self._fail(batch, InferenceFailed(f"inference failed: {_describe(error)}"))
 
     def _split(self, batch: list[Pending], rows: int, outputs: Outputs) -> None:
         bad = [o.shape for o in outputs if not o.shape or o.shape[0] != rows]
@@ -356,7 +464,8 @@ class Batcher:
         self._pump()
 
     def _check_idle(self) -> None:
-        if self._stats.queued_rows == 0 and self._stats.in_flight_batches == 0:
+        stats = self._stats
+        if stats.queued_rows == 0 and stats.in_flight_batches == 0 and not self._retries:
             assert self._idle is not None
             self._idle.set()
 
@@ -381,6 +490,7 @@ class Batcher:
     def statistics(self) -> BatcherStatistics:
         return replace(
             self._stats,
+            shape_groups=len(self._groups),
             batch_sizes=dict(self._stats.batch_sizes),
             queue_wait=self._queue_wait.snapshot(),
             run_time=self._run_time.snapshot(),

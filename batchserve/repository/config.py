@@ -21,7 +21,7 @@ sticky_header = "X-User-Id"  # requests with this header always reach the same v
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +77,12 @@ class ModelConfig:
     traffic: TrafficSplit | None = None
 
     def batch(self, default: BatchConfig) -> BatchConfig:
-        return BatchConfig(
-            _pick(self.max_batch_size, default.max_batch_size),
-            _pick(self.max_latency_ms, default.max_latency_ms),
-            _pick(self.max_queue_rows, default.max_queue_rows),
+        # replace(): settings config.toml cannot set (e.g. max_shape_groups) keep the server's.
+        return replace(
+            default,
+            max_batch_size=_pick(self.max_batch_size, default.max_batch_size),
+            max_latency_ms=_pick(self.max_latency_ms, default.max_latency_ms),
+            max_queue_rows=_pick(self.max_queue_rows, default.max_queue_rows),
         )
 
     def runtime(self, default: RuntimeConfig) -> RuntimeConfig:

@@ -1,8 +1,9 @@
 """A pool of ONNX Runtime sessions, each with its own thread; results come back on the loop.
 
-The pool also keeps itself healthy: a session whose runs keep failing is rebuilt off the event
-loop (its slot is out of rotation meanwhile), and a run that takes far longer than any run should
-is reported as a stall, which the server's liveness probe turns into a restart.
+The pool also keeps itself healthy: a session whose runs keep failing, and that then fails a
+run on inputs it has computed before, is rebuilt off the event loop (its slot is out of rotation
+meanwhile), and a run that takes far longer than any run should is reported as a stall, which
+the server's liveness probe turns into a restart.
 """
 
 from __future__ import annotations
@@ -41,15 +42,19 @@ class PoolStatistics:
     failures: int
     replacements: int = 0
     lost: int = 0  # sessions that could not be rebuilt
+    probes: int = 0  # known-good runs that checked a session after repeated failures
 
 
 @dataclass(frozen=True, slots=True)
 class HealthPolicy:
     """When a session is replaced, and when a run counts as stalled.
 
-    replace_after_failures: consecutive failed runs of one session before it is rebuilt
-        (0 = never). A failure caused by one request's input also counts, so this is a count
-        in a row: a single good run resets it.
+    replace_after_failures: consecutive failed runs of one session before it is checked,
+        and rebuilt if the check fails (0 = never). The check reruns the smallest inputs a
+        session of the pool has computed without error (the warm-up's, or a request's): when
+        that succeeds the failures were the inputs' fault (an index out of range), not the
+        session's, and the count starts again. With no such inputs yet it is rebuilt at once.
+        A single good run also resets the count.
     rebuild_attempts / rebuild_backoff_s: tries to rebuild a session, with doubling waits,
         before its slot is given up as lost.
     stall_after_s: a run still going after this long makes the pool unhealthy (0 = never).
@@ -98,6 +103,12 @@ class SessionPool:
         self._runs = 0
         self._failures = 0
         self._replacements = 0
+        self._probes = 0
+        self._closing = False
+        # The smallest non-empty inputs a session computed without error (copied): rerun to
+        # tell a broken session from a run of bad inputs.
+        self._known_good: list[np.ndarray] | None = None
+        self._known_good_bytes = 0
         # Called when a rebuilt session rejoins, so the batcher dispatches what waited for it.
         self.on_capacity: Callable[[], None] | None = None
 
@@ -138,36 +149,86 @@ class SessionPool:
         self._drained.clear()
         worker.started_at = time.monotonic()
         future = worker.executor.submit(run_session, worker.session, arrays, self._names)
-        future.add_done_callback(partial(self._from_thread, worker, done))
+        future.add_done_callback(partial(self._from_thread, self._complete, worker, done, arrays))
         return True
 
-    def _from_thread(self, worker: _Worker, done: RunCallback, future: cf.Future[Any]) -> None:
+    def _from_thread(self, complete: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._complete, worker, done, future)
+        self._loop.call_soon_threadsafe(complete, *args)
 
-    def _complete(self, worker: _Worker, done: RunCallback, future: cf.Future[Any]) -> None:
+    def _complete(
+        self,
+        worker: _Worker,
+        done: RunCallback,
+        arrays: list[np.ndarray],
+        future: cf.Future[Any],
+    ) -> None:
         worker.started_at = 0.0
         self._runs += 1
         error = future.exception()
         if error is None:
             worker.failures = 0
             self._idle.append(worker)
+            self._remember(arrays)
         else:
             self._failures += 1
             worker.failures += 1
             limit = self._health.replace_after_failures
-            if self._factory is not None and limit and worker.failures >= limit:
-                self._start_rebuild(worker)
-            else:
+            if self._factory is None or not limit or worker.failures < limit:
                 self._idle.append(worker)
+            elif self._known_good is not None:
+                self._probe(worker, self._known_good)
+            else:
+                self._start_rebuild(worker)
         self._check_drained()
         done(future.result() if error is None else error)
+
+    def _remember(self, arrays: list[np.ndarray]) -> None:
+        # Empty tensors prove nothing: a broken session may well "compute" zero elements.
+        if not all(array.size for array in arrays):
+            return
+        size = sum(array.nbytes for array in arrays)
+        if self._known_good is None or size < self._known_good_bytes:
+            # Copied: the caller's arrays may be views of a request body.
+            self._known_good = [np.array(array, copy=True) for array in arrays]
+            self._known_good_bytes = size
+
+    def _probe(self, worker: _Worker, arrays: list[np.ndarray]) -> None:
+        """Rerun known-good inputs on a session that keeps failing (it stays out of rotation
+        meanwhile): only a session that fails those too is rebuilt."""
+        worker.started_at = time.monotonic()
+        future = worker.executor.submit(run_session, worker.session, arrays, self._names)
+        future.add_done_callback(partial(self._from_thread, self._probed, worker))
+
+    def _probed(self, worker: _Worker, future: cf.Future[Any]) -> None:
+        worker.started_at = 0.0
+        self._probes += 1
+        error = future.exception()
+        if error is not None:
+            log.warning("session %d failed a run on known-good inputs: %s", worker.index, error)
+            self._start_rebuild(worker)
+            return
+        log.info(
+            "session %d failed %d runs in a row but computes known-good inputs: the inputs "
+            "were at fault, it stays",
+            worker.index,
+            worker.failures,
+        )
+        worker.failures = 0
+        self._idle.append(worker)
+        self._check_drained()
+        if self.on_capacity is not None:
+            self.on_capacity()
 
     def _check_drained(self) -> None:
         if len(self._idle) + self._lost == len(self._workers) and self._drained is not None:
             self._drained.set()
 
     def _start_rebuild(self, worker: _Worker) -> None:
+        if self._closing:  # a check that ended after aclose began: nothing will run again
+            self._lost += 1
+            self._check_drained()
+            return
         log.warning(
             "session %d failed %d runs in a row: rebuilding it", worker.index, worker.failures
         )
@@ -228,6 +289,7 @@ class SessionPool:
                 for w in self._workers
             )
         )
+        self._remember(arrays)
 
     async def run_in_turn(self, arrays: list[np.ndarray]) -> None:
         """Run every session once on the same inputs, one after another, each on its own
@@ -235,6 +297,7 @@ class SessionPool:
         loop = asyncio.get_running_loop()
         for w in self._workers:
             await loop.run_in_executor(w.executor, run_session, w.session, arrays, self._names)
+        self._remember(arrays)
 
     def stop_capturing(self) -> None:
         """No session captures CUDA graphs from now on (call it before serving)."""
@@ -243,6 +306,7 @@ class SessionPool:
 
     async def aclose(self) -> None:
         """Wait for runs in progress, then stop the threads."""
+        self._closing = True
         for task in list(self._rebuilding):
             task.cancel()
         if self._rebuilding:
@@ -272,4 +336,5 @@ class SessionPool:
             self._failures,
             self._replacements,
             self._lost,
+            self._probes,
         )
