@@ -10,9 +10,18 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from batchserve.config import ServerConfig
 from batchserve.http import METRICS, REPOSITORY, STATE, ServerState, add_routes
+from batchserve.http.connections import (
+    ConnectionCollector,
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedSite,
+    default_max_connections,
+    drain_listeners,
+)
 from batchserve.lifecycle import Lifecycle
 from batchserve.metrics import BatchserveCollector, build_registry
 from batchserve.protocol import DecodeLimits
@@ -35,6 +44,7 @@ def create_app(repository: ModelRepository, config: ServerConfig) -> web.Applica
         limits=DecodeLimits(config.max_inputs, config.max_tensor_elements),
         max_loop_lag_s=config.max_loop_lag_ms / 1000.0,
         max_json_bytes=config.max_json_bytes,
+        max_response_bytes=config.max_response_bytes,
     )
     collector = BatchserveCollector(
         repository,
@@ -66,9 +76,13 @@ class _OneLineProtocolErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            record.msg = "refused a malformed HTTP request: %s"
-            record.args = (str(error.message).strip().splitlines()[0][:200],)
+        if isinstance(error, HttpProcessingError | RequestPayloadError):
+            # A body that cannot be decoded has had its 400 already; aiohttp then fails once
+            # more reading the rest of it.
+            what = "body" if isinstance(error, RequestPayloadError) else "request"
+            text = str(getattr(error, "message", error)).strip() or type(error).__name__
+            record.msg = f"refused a malformed HTTP {what}: %s"
+            record.args = (text.splitlines()[0][:200],)
             record.exc_info = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
@@ -84,38 +98,50 @@ def _wire_logger() -> logging.Logger:
 class Server(Lifecycle):
     """A running HTTP server: `start()` returns once models are loaded and the port listens.
 
-    Shutdown order: readiness false and new infer requests refused → listening socket closed →
+    Shutdown order: readiness false and new infer requests refused (503) → new handshakes
+    refused and connections already queued accepted and answered → listening socket closed →
     in-flight requests finished (up to the grace period) → queues drained → sessions closed.
     """
 
     def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
         self.config = config
         self.app = create_app(repository, config)
+        handler_kwargs: dict[str, object] = {
+            "access_log": None,
+            "logger": _wire_logger(),
+            "keepalive_timeout": config.keepalive_timeout_s,
+        }
         # handler_cancellation: a client that disconnects cancels its handler, which withdraws
         # its request from the batching queue before any inference is spent on it.
         self._runner = web.AppRunner(
             self.app,
-            access_log=None,
             handler_cancellation=True,
             shutdown_timeout=config.shutdown_grace_s,
-            logger=_wire_logger(),
+            **handler_kwargs,  # type: ignore[arg-type]
         )
+        limits = ConnectionLimits(
+            header_timeout_s=config.header_timeout_s,
+            keepalive_timeout_s=config.keepalive_timeout_s,
+            max_connections=config.max_connections or default_max_connections(),
+        )
+        self.connections = ConnectionGuard(limits, handler_kwargs)
+        self.app[METRICS].register(ConnectionCollector(self.connections.statistics))
+        self._sites: list[GuardedSite] = []
         self._port: int | None = None
 
     async def start(self) -> None:
         await self._runner.setup()
         config = self.config
-        sites: list[web.BaseSite] = []
+        guard = self.connections
         # With --workers, every worker binds the same port (SO_REUSEPORT): the kernel spreads
         # new connections evenly across them, where one shared socket would let the busiest
         # worker accept most of them.
-        sites.append(
-            web.TCPSite(
-                self._runner, config.host, config.port, reuse_port=config.reuse_port or None
-            )
-        )
+        sites = [
+            GuardedSite(self._runner, guard, config.host, config.port, reuse_port=config.reuse_port)
+        ]
         if config.extra_port is not None:
-            sites.append(web.TCPSite(self._runner, config.host, config.extra_port))
+            sites.append(GuardedSite(self._runner, guard, config.host, config.extra_port))
+        self._sites = sites
         try:
             for site in sites:
                 await site.start()
@@ -138,6 +164,10 @@ class Server(Lifecycle):
 
     async def aclose(self) -> None:
         self.app[STATE].accepting = False
+        # Take in what the kernel already accepted before closing the listeners: closing a
+        # socket with connections still queued resets them (see drain_listeners).
+        listeners = [sock for site in self._sites for sock in site.listeners]
+        await drain_listeners(listeners, self.connections, min(2.0, self.config.shutdown_grace_s))
         await self._runner.cleanup()
 
 
