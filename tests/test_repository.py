@@ -281,6 +281,8 @@ def test_version_policies_and_config_validation() -> None:
     config = parse_model_config({"max_batch_size": 8, "device": "cpu", "cache": False})
     assert config.batch(BatchConfig(max_batch_size=64, max_queue_rows=100)).max_batch_size == 8
     assert config.batch(BatchConfig(max_queue_rows=100)).max_queue_rows == 100
+    # Settings config.toml has no key for keep the server's (--max-shape-groups).
+    assert config.batch(BatchConfig(max_shape_groups=7)).max_shape_groups == 7
     for raw, message in (
         ({"max_batch_size": "8"}, "must be a int"),
         ({"unknown": 1}, "unknown key"),

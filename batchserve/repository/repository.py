@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +25,13 @@ from batchserve.engine import Engine
 from batchserve.errors import BatchserveError, InvalidInput, ModelLoadError, ModelNotFound, NotReady
 from batchserve.handlers.config import ExecutorKind, HandlerConfig
 from batchserve.repository.config import ModelConfig, TrafficSplit, version_order
-from batchserve.repository.source import ModelDirectory, scan_directory, scan_model
+from batchserve.repository.source import (
+    Fingerprint,
+    ModelDirectory,
+    file_digest,
+    scan_directory,
+    scan_model,
+)
 
 log = logging.getLogger("batchserve.repository")
 
@@ -112,6 +118,16 @@ class _Retired:
     after: VersionStatus | None = None  # its status once closed; None: forgotten
 
 
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What a published version was loaded from."""
+
+    stat: Fingerprint
+    config: str | None  # the digest of config.toml
+    digest: str  # of the bytes its engine loaded
+    settled: bool  # its file was older than a timestamp tick: the stat alone tells a change
+
+
 class _Model:
     """One model's routable engines and the routing they imply."""
 
@@ -122,7 +138,7 @@ class _Model:
         self.name = name
         self.engines: dict[str, Engine] = {}  # published versions only
         self.status: dict[str, VersionStatus] = {}
-        self.fingerprints: dict[str, object] = {}
+        self.fingerprints: dict[str, _Loaded] = {}
         self.traffic: TrafficSplit | None = None
         self.default: Engine | None = None
         self.split: tuple[list[float], list[Engine]] | None = None
@@ -207,6 +223,8 @@ class ModelRepository:
         self._closing: set[asyncio.Task[None]] = set()  # closes that ran past their deadline
         self._poller: asyncio.Task[None] | None = None
         self._started = False
+        self._stopping = False  # set on exit: no load may start an engine nobody would close
+        self._changes: set[asyncio.Task[None]] = set()  # loads and unloads under way
         self.load_failures: dict[str, int] = {}
 
     @classmethod
@@ -252,11 +270,17 @@ class ModelRepository:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._stopping = True
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        if self._changes:  # loads and unloads whose callers may have gone away
+            _, late = await asyncio.wait(set(self._changes), timeout=self._drain_timeout_s)
+            for task in late:  # a load stuck in a model's code must not hold up the exit
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         async with self._lock:
             await self._close_all()
 
@@ -358,7 +382,7 @@ class ModelRepository:
                         continue  # left alone, or changed by a load newer than this scan
                     entry = scanned.get(name)
                     state = entry.state if entry is not None else None
-                    if self._seen.get(name) != state:
+                    if self._seen.get(name) != state or await self._drifted(name, entry):
                         await self._apply_one(name, entry, retired)
                         self._seen[name] = state  # even on failure: retried when it changes
         finally:
@@ -394,10 +418,32 @@ class ModelRepository:
                 "--repository-poll-s apply it in every worker"
             )
 
+    async def _to_the_end(self, change: Coroutine[object, object, None]) -> None:
+        """Run a load or unload to its end even when its caller is cancelled (a client that
+        disconnects cancels its request): stopped halfway, it would leave a version LOADING
+        or UNLOADING for ever and an engine nobody closes."""
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)
+        task.add_done_callback(self._changed_done)
+        await asyncio.shield(task)
+
+    def _changed_done(self, task: asyncio.Task[None]) -> None:
+        self._changes.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that went away has nobody to tell
+
+    def _check_open(self) -> None:
+        if self._stopping:
+            raise NotReady("the model repository is shutting down")
+
     async def load(self, name: str) -> None:
         """(Re)load a model from the directory (the repository API's load). Raises when the
         model is not in the repository or none of its versions could be loaded."""
         self._refuse_if_shared("load a model")
+        self._check_open()
+        await self._to_the_end(self._load(name))
+
+    async def _load(self, name: str) -> None:
         if self._root is None:
             await self._load_static(name)
             return
@@ -407,6 +453,7 @@ class ModelRepository:
         retired: list[_Retired] = []
         try:
             async with self._lock:
+                self._check_open()
                 # Scanned under the lock: a concurrent load or poll cannot slip in between.
                 entry = await asyncio.to_thread(scan_model, model_dir)
                 self._unloaded.discard(name)
@@ -424,25 +471,42 @@ class ModelRepository:
         self._changed[name] = self._generation
 
     async def _load_static(self, name: str) -> None:
-        """Without a directory, a load brings an unloaded model's engines back."""
-        engines = [e for e in self._static if e.name == name]
-        if not engines:
+        """Without a directory, a load brings an unloaded model's engines back: fresh ones,
+        built from the same settings (an unloaded engine may still be draining, and its drain
+        must close it alone)."""
+        if not any(e.name == name for e in self._static):
             raise ModelNotFound(f"unknown model {name!r}")
         async with self._lock:
+            self._check_open()
             model = self._models[name]
-            for engine in engines:
-                if engine.version not in model.engines:
-                    model.status[engine.version] = VersionStatus(LOADING)
-                    await engine.start()
-                    model.engines[engine.version] = engine
-                    model.status[engine.version] = VersionStatus(READY)
+            for index, engine in enumerate(self._static):
+                if engine.name != name or engine.version in model.engines:
+                    continue
+                model.status[engine.version] = VersionStatus(LOADING)
+                fresh = engine.fresh()
+                try:
+                    await fresh.start()
+                except Exception as err:
+                    reason = err.message if isinstance(err, BatchserveError) else repr(err)
+                    model.status[engine.version] = VersionStatus(UNAVAILABLE, reason)
+                    self._failed(f"{name} version {engine.version}", reason)
+                    continue
+                self._static[index] = fresh
+                model.engines[engine.version] = fresh
+                model.status[engine.version] = VersionStatus(READY)
             model.reroute()
+        if not model.engines:
+            raise InvalidInput(f"failed to load model {name!r}{self._reasons(model)}")
 
     async def unload(self, name: str) -> None:
         """Unload every version of a model (the repository API's unload); returns once its
         in-flight requests are done (or the drain timeout passed). Polling leaves it unloaded
         until it is loaded again."""
         self._refuse_if_shared("unload a model")
+        self._check_open()
+        await self._to_the_end(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
         retired: list[_Retired] = []
         try:
             async with self._lock:
@@ -480,12 +544,16 @@ class ModelRepository:
         model.traffic = entry.config.traffic
         wanted = entry.config.version_policy.select(list(entry.versions))
         for version in wanted:
-            fingerprint = (entry.fingerprints[version], entry.config_fingerprint)
-            if not force and model.fingerprints.get(version) == fingerprint:
+            if not force and await self._unchanged(model, version, entry):
                 continue
             path = entry.versions[version]
             if await self._start(model, version, path, entry.config, retired):
-                model.fingerprints[version] = fingerprint
+                model.fingerprints[version] = _Loaded(
+                    entry.fingerprints[version],
+                    entry.config_fingerprint,
+                    model.engines[version].digest,
+                    version not in entry.racy,
+                )
         kept = self._keep_in_place_of_failed(model, wanted)
         for version in [v for v in list(model.engines) if v not in wanted and v not in kept]:
             self._retire(model, version, retired)
@@ -496,6 +564,40 @@ class ModelRepository:
                 del model.status[version]
                 model.fingerprints.pop(version, None)
         model.reroute()
+
+    async def _unchanged(self, model: _Model, version: str, entry: ModelDirectory) -> bool:
+        """Whether the version's engine still serves what the directory holds. A changed
+        stat, or one that cannot be trusted yet (see `ModelDirectory.racy`), is settled by the
+        file's content: a touch or a copy of the same bytes reloads nothing."""
+        loaded = model.fingerprints.get(version)
+        if loaded is None or version not in model.engines:
+            return False
+        if loaded.config != entry.config_fingerprint:
+            return False
+        stat = entry.fingerprints[version]
+        if stat == loaded.stat and loaded.settled:
+            return True
+        try:
+            digest = await asyncio.to_thread(file_digest, entry.versions[version])
+        except OSError:
+            return False  # gone or unreadable: the load reports why
+        if digest != loaded.digest:
+            return False
+        model.fingerprints[version] = replace(loaded, stat=stat, settled=version not in entry.racy)
+        return True
+
+    async def _drifted(self, name: str, entry: ModelDirectory | None) -> bool:
+        """Whether a version loaded from a file too recent to trust its stat (unchanged since)
+        now has other bytes."""
+        model = self._models.get(name)
+        if model is None or entry is None or entry.error is not None:
+            return False
+        for version, loaded in list(model.fingerprints.items()):
+            if loaded.settled or version not in entry.versions:
+                continue
+            if not await self._unchanged(model, version, entry):
+                return True
+        return False
 
     def _keep_in_place_of_failed(self, model: _Model, wanted: list[str]) -> list[str]:
         """The serving versions the policy would drop but that stay, one for each wanted

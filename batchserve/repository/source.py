@@ -3,8 +3,10 @@ layout) plus an optional `DIR/<model>/config.toml`."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +16,15 @@ from batchserve.repository.config import CONFIG_FILE, ModelConfig, load_model_co
 log = logging.getLogger("batchserve.repository")
 
 MODEL_FILE = "model.onnx"
-# (size, mtime) of each file: a changed fingerprint means the version must be reloaded.
-Fingerprint = tuple[int, int]
+# (device, inode, size, mtime_ns, ctime_ns) of a model file: a change means it may have been
+# replaced. Size and mtime alone miss `cp -p`, `rsync -a` and reproducible builds (same size,
+# mtime set back); a replacement by rename changes the inode, and a rewrite in place the
+# ctime, which no system call sets back. The file's content has the last word (see `racy`).
+Fingerprint = tuple[int, int, int, int, int]
+# The coarsest timestamp granularity expected (FAT: 2 s; ext3, HFS+, some NFS: 1 s): a file
+# whose ctime is this close to a scan may change again without its fingerprint changing.
+RACY_NS = 2_000_000_000
+_CHUNK = 1 << 20  # bytes hashed at a time: memory stays bounded whatever the model's size
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +35,11 @@ class ModelDirectory:
     config: ModelConfig = field(default_factory=ModelConfig)
     versions: dict[str, Path] = field(default_factory=dict)
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
-    config_fingerprint: Fingerprint | None = None
+    config_fingerprint: str | None = None  # the digest of config.toml (small: read each scan)
     error: str | None = None
+    # Versions whose file changed within RACY_NS of the scan: an engine loaded from one is
+    # checked by content on later scans until its file is older than that.
+    racy: frozenset[str] = frozenset()
 
     @property
     def state(self) -> tuple[object, ...]:
@@ -35,9 +47,35 @@ class ModelDirectory:
         return (self.config_fingerprint, tuple(sorted(self.fingerprints.items())), self.error)
 
 
-def _fingerprint(path: Path) -> Fingerprint:
+def fingerprint(path: Path) -> tuple[Fingerprint, int]:
+    """The file's fingerprint and its ctime (ns)."""
     stat = path.stat()
-    return (stat.st_size, stat.st_mtime_ns)
+    return (
+        stat.st_dev,
+        stat.st_ino,
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ctime_ns,
+    ), stat.st_ctime_ns
+
+
+def file_digest(path: Path) -> str:
+    """The digest of a file's content, read in chunks (blocking: call it off the event loop).
+    Equal to `runtime.session.model_digest` of its bytes, the digest an engine loads with."""
+    digest = hashlib.blake2b()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def _config_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    except OSError:  # reported by `load_model_config`, as the model's error
+        return "unreadable"
 
 
 def scan_directory(root: Path) -> dict[str, ModelDirectory]:
@@ -52,15 +90,20 @@ def scan_directory(root: Path) -> dict[str, ModelDirectory]:
 
 def scan_model(model_dir: Path) -> ModelDirectory:
     name = model_dir.name
-    config_path = model_dir / CONFIG_FILE
-    config_fp = _fingerprint(config_path) if config_path.is_file() else None
+    # Wall-clock time, not a duration: it is compared with the files' ctimes, taken before
+    # any file is looked at.
+    recent = time.time_ns() - RACY_NS
+    config_fp = _config_digest(model_dir / CONFIG_FILE)
     versions: dict[str, Path] = {}
     fingerprints: dict[str, Fingerprint] = {}
+    racy: set[str] = set()
     for version_dir in model_dir.iterdir():
         model_file = version_dir / MODEL_FILE
         if version_dir.is_dir() and model_file.is_file() and _valid_version(version_dir.name):
             versions[version_dir.name] = model_file
-            fingerprints[version_dir.name] = _fingerprint(model_file)
+            fingerprints[version_dir.name], ctime_ns = fingerprint(model_file)
+            if ctime_ns >= recent:
+                racy.add(version_dir.name)
     try:
         config = load_model_config(model_dir)
     except ModelLoadError as err:
@@ -69,7 +112,7 @@ def scan_model(model_dir: Path) -> ModelDirectory:
     if not versions:
         return ModelDirectory(name, config, config_fingerprint=config_fp,
                               error=f"no <version>/{MODEL_FILE} under {model_dir}")  # fmt: skip
-    return ModelDirectory(name, config, versions, fingerprints, config_fp)
+    return ModelDirectory(name, config, versions, fingerprints, config_fp, racy=frozenset(racy))
 
 
 # Versions appear in URLs and metric labels: plain ASCII names, never a hidden directory.

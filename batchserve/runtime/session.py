@@ -184,8 +184,13 @@ class SessionBuilder:
         """One more session of the loaded model (blocking). It captures no CUDA graphs: other
         sessions are serving meanwhile, and a capture must not overlap their CUDA calls."""
         model = read_model(self.path)
+        # By content, as the model repository's hot reload decides (see repository.source):
+        # a replacement that kept the size and mtime is refused here and reloaded there.
         if model_digest(model) != self.digest:
-            raise ModelLoadError(f"{self.path} changed since it was loaded; restart to serve it")
+            raise ModelLoadError(
+                f"{self.path} changed since it was loaded; it is served once loaded again "
+                "(a restart, or the model repository's next poll or load)"
+            )
         if not self._tensorrt:
             model = self._prepare(model)
         session = self._session(model, self._tensorrt)
