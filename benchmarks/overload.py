@@ -8,6 +8,7 @@ seconds. Reported: requests held
 time, how fast refusals were answered, any other error, and the server's memory.
 
     python benchmarks/overload.py            # writes docs/results/overload.json
+    python benchmarks/overload.py deadline --before /tmp/before_src   # see `deadline_main`
 
 Settings compared:
 * `bounded`: `--max-queue-rows Q --request-timeout-ms D` (admission control on);
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -143,7 +145,105 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def closed_loop(base: str, model: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`batchserve bench` closed loop: `clients` callers back to back, what each status got."""
+    load = ["--concurrency", str(clients), "--processes", str(args.processes)]
+    report = bench(base, model, load, args.duration)
+    statuses = report["errors_by_status"]
+    seconds = report["duration_s"]
+    return {
+        "clients": clients,
+        "ok_rps": report["ok"] / seconds,
+        "shed_rps": statuses.get("429", 0) / seconds,
+        "late_rps": statuses.get("504", 0) / seconds,
+        "late_share": statuses.get("504", 0) / max(1, report["requests"]),
+        "ok_p99_ms": report["latency_ms"].get("p99", float("nan")),
+        "other": {k: v for k, v in statuses.items() if k not in ("429", "504")},
+        "exceptions": report["errors_by_exception"],
+    }
+
+
+def deadline_round(tree: str, model_path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One server from `tree` ("after": this checkout; else a source directory), then each
+    client count against it in turn."""
+    flags = ["--request-timeout-ms", str(args.deadline_ms)]
+    env = [] if tree == "after" else ["env", f"PYTHONPATH={tree}"]
+    port = compare.free_port()
+    command = [*env, sys.executable, "-m", "batchserve", "serve", str(model_path), "--name",
+               args.model, "--host", compare.HOST, "--port", str(port), "--log-level",
+               "warning", *flags]  # fmt: skip
+    proc = compare.start_server(command, BUILD / "overload-deadline.log")
+    base = f"http://{compare.HOST}:{port}"
+    try:
+        compare.wait_ready(proc, base)
+        rows = [closed_loop(base, args.model, n, args) for n in args.clients]
+    finally:
+        compare.stop_server(proc)
+    return [{"tree": "after" if tree == "after" else "before", **row} for row in rows]
+
+
+def deadline_table(rows: list[dict[str, Any]], capacity: dict[str, float]) -> str:
+    lines = [
+        "| code | clients | 200/s (share of capacity) | 429/s | 504/s (share of answers) "
+        "| p99 of 200s at the client |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = r["ok_rps"] / capacity[r["tree"]] if capacity[r["tree"]] else 0.0
+        lines.append(
+            f"| {r['tree']} | {r['clients']} | {r['ok_rps']:,.0f} ({share:.0%}) "
+            f"| {r['shed_rps']:,.0f} | {r['late_rps']:,.0f} ({r['late_share']:.1%}) "
+            f"| {r['ok_p99_ms']:.0f} ms |"
+        )
+    return "\n".join(lines)
+
+
+def deadline_main(argv: list[str]) -> int:
+    """Closed-loop overload against a deadline: a real server with `--request-timeout-ms`,
+    64 callers (its capacity) then 512; before (another source tree) and after, interleaved
+    round by round so a machine busy with other work weighs on both alike."""
+    parser = argparse.ArgumentParser(description=deadline_main.__doc__)
+    parser.add_argument("--before", required=True, help="source tree of the code before")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--deadline-ms", type=float, default=90.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", default=str(REPO / "docs" / "results" / "overload_deadline.json"))
+    args = parser.parse_args(argv)
+    BUILD.mkdir(exist_ok=True)
+    model_path = BUILD / f"{args.model}.onnx"
+    if not model_path.exists():
+        subprocess.run([sys.executable, "-m", "batchserve", "example-model", args.model,
+                        "-o", str(model_path)], check=True, cwd=REPO)  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for _ in range(args.rounds):
+        for tree in (args.before, "after"):
+            for row in deadline_round(tree, model_path, args):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    # Medians over rounds per (code, clients); capacity: the 200s at the fewest clients.
+    merged: list[dict[str, Any]] = []
+    for tree in ("before", "after"):
+        for n in args.clients:
+            same = [r for r in rows if r["tree"] == tree and r["clients"] == n]
+            keys = ("ok_rps", "shed_rps", "late_rps", "late_share", "ok_p99_ms")
+            merged.append({"tree": tree, "clients": n,
+                           **{k: statistics.median(r[k] for r in same) for k in keys}})  # fmt: skip
+    fewest = min(args.clients)
+    capacity = {r["tree"]: r["ok_rps"] for r in merged if r["clients"] == fewest}
+    output = {"model": args.model, "machine": f"{os.cpu_count()} CPUs",
+              "when": time.strftime("%Y-%m-%d %H:%M"), "deadline_ms": args.deadline_ms,
+              "duration_s": args.duration, "rounds": rows, "medians": merged}  # fmt: skip
+    Path(args.json).write_text(json.dumps(output, indent=1))
+    print(deadline_table(merged, capacity))
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["deadline"]:
+        return deadline_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet50", help="example model to serve")
     parser.add_argument("--max-batch-size", type=int, default=16)

@@ -130,3 +130,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
     server.start()
     yield server
     server.kill()
+
+
+async def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
+    """Poll `condition` (where no event exists to await) until it holds; a generous bound, so
+    a machine busy with other work only makes it slower, never fails it."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.005)

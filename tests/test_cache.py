@@ -20,7 +20,7 @@ from batchserve.cache.tiered import ResponseCache
 from batchserve.errors import Overloaded
 from batchserve.testing import FakeClock
 
-from conftest import RedisProcess, StartServer
+from conftest import RedisProcess, StartServer, wait_until
 from models import ECHO_TYPES
 
 V2 = {
@@ -302,6 +302,13 @@ async def test_opting_out_and_non_cacheable_models_always_compute(mlp_path: Path
         assert engine.statistics().batcher.requests == 2
 
 
+def redis_writes(engine: Engine) -> int:
+    stats = engine.statistics().cache
+    assert stats is not None
+    assert stats.redis is not None
+    return stats.redis.writes
+
+
 # -- Redis --------------------------------------------------------------------------------------
 
 
@@ -312,7 +319,8 @@ async def test_a_second_engine_gets_hits_the_first_computed(
     config = CacheConfig(size_mb=8, redis_url=redis_server.url, ttl_s=60)
     async with Engine(mlp_path, cache=config, name="mlp") as first:
         computed = await first.infer({"input": x})
-        await asyncio.sleep(0.2)  # the write to Redis happens off the request's path
+        # The write to Redis happens off the request's path: wait for it, however long.
+        await wait_until(lambda: redis_writes(first) >= 1, "the write to Redis")
     async with Engine(mlp_path, cache=config, name="mlp") as second:
         shared = await second.infer({"input": x})
         stats = second.statistics()
@@ -415,7 +423,11 @@ async def test_two_server_processes_share_hits_through_redis(
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{first.url}/v2/models/mlp/infer", json=body) as r:
                 computed = await r.json()
-            await asyncio.sleep(0.2)  # the first server writes to Redis off the request's path
+            for _ in range(600):  # bounded: the first server writes to Redis off the request's path
+                async with http.get(f"{first.url}/v2/models/mlp/stats") as r:
+                    if (await r.json())["model_stats"][0]["cache"]["redis"]["writes"]:
+                        break
+                await asyncio.sleep(0.05)
             async with http.post(f"{second.url}/v2/models/mlp/infer", json=body) as r:
                 shared = await r.json()
             async with http.get(f"{second.url}/v2/models/mlp/stats") as r:
@@ -478,7 +490,7 @@ async def test_fp16_and_fp32_replicas_never_share_answers_through_redis(
     config = CacheConfig(size_mb=8, redis_url=redis_server.url, ttl_s=60)
     async with Engine(mlp_path, cache=config, name="mlp") as full:
         await full.infer({"input": x})
-        await asyncio.sleep(0.2)  # the write to Redis happens off the request's path
+        await wait_until(lambda: redis_writes(full) >= 1, "the write to Redis")
     half_precision = RuntimeConfig(fp16=True, build_cache_dir=str(tmp_path))
     async with Engine(mlp_path, runtime=half_precision, cache=config, name="mlp") as half:
         await half.infer({"input": x})

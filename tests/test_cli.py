@@ -117,7 +117,13 @@ async def test_sigterm_finishes_in_flight_requests(serve: type[Running], slow_pa
                 headers=headers,
             )
         )
-        await asyncio.sleep(0.3)  # the request is being served when the signal lands
+        for _ in range(3000):  # bounded: until the request is being served when the signal lands
+            async with http.get(f"{server.url}/metrics") as r:
+                if "batchserve_in_flight_requests 1.0" in await r.text():
+                    break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the request never reached its handler")
         stopping = asyncio.create_task(asyncio.to_thread(server.stop))
         response = await request
         assert response.status == 200

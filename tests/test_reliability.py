@@ -17,7 +17,7 @@ import pytest
 from batchserve import BatchConfig, DeadlineExceeded, Engine
 
 import models
-from conftest import StartServer
+from conftest import StartServer, wait_until
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
 
@@ -74,10 +74,7 @@ async def test_a_request_past_its_deadline_gets_504_and_no_inference(
     url = f"{server.url}/v2/models/slow/infer"
     data, headers = slow_body(4096)
     busy = asyncio.create_task(http.post(url, data=data, headers=headers))
-    for _ in range(200):  # bounded wait until the big request occupies the only session
-        if engine.statistics().batcher.in_flight_batches:
-            break
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: engine.statistics().batcher.in_flight_batches, "the big run")
     data, headers = slow_body(2, timeout=20_000)  # 20 ms, in microseconds as Triton reads it
     async with http.post(url, data=data, headers=headers) as r:
         assert r.status == 504
@@ -104,9 +101,9 @@ async def test_the_server_default_deadline_applies(
     start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
 ) -> None:
     server = await start_server(
-        Engine(slow_path, BatchConfig(max_batch_size=8192), name="slow"), request_timeout_ms=5
+        Engine(slow_path, BatchConfig(max_batch_size=8192), name="slow"), request_timeout_ms=300
     )
-    data, headers = slow_body(4096)
+    data, headers = slow_body(4096)  # about 68 GFLOP: seconds on a CPU, never 300 ms
     async with http.post(f"{server.url}/v2/models/slow/infer", data=data, headers=headers) as r:
         assert r.status == 504
 
@@ -125,16 +122,10 @@ async def test_shed_requests_get_429_with_retry_after(
     url = f"{server.url}/v2/models/slow/infer"
     data, headers = slow_body(4096)
     busy = asyncio.create_task(http.post(url, data=data, headers=headers))
-    for _ in range(200):
-        if engine.statistics().batcher.in_flight_batches:
-            break
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: engine.statistics().batcher.in_flight_batches, "the big run")
     queued_data, queued_headers = slow_body(4)
     queued = asyncio.create_task(http.post(url, data=queued_data, headers=queued_headers))
-    for _ in range(200):
-        if engine.statistics().batcher.queued_rows:
-            break
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: engine.statistics().batcher.queued_rows, "4 rows queued")
     data, headers = slow_body(1)
     async with http.post(url, data=data, headers=headers) as r:
         assert r.status == 429
@@ -154,6 +145,7 @@ async def test_sigterm_under_load_loses_nothing(mlp_path: Path) -> None:
     server = Running(str(mlp_path), "--name", "mlp", "--shutdown-grace-s", "20")
     outcomes: dict[str, int] = {}
     stop_sending = asyncio.Event()
+    served = asyncio.Event()  # enough answers that SIGTERM lands in the middle of a load
 
     async def client(http: aiohttp.ClientSession) -> None:
         while not stop_sending.is_set():
@@ -164,22 +156,23 @@ async def test_sigterm_under_load_loses_nothing(mlp_path: Path) -> None:
             except aiohttp.ClientConnectionError:
                 key = "refused"  # the listening socket is closed: never admitted
             outcomes[key] = outcomes.get(key, 0) + 1
+            if outcomes.get("200", 0) >= 200:
+                served.set()
             if key == "refused":
                 return
 
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as http:
             clients = [asyncio.create_task(client(http)) for _ in range(32)]
-            await asyncio.sleep(1.0)
-            stopping = asyncio.create_task(asyncio.to_thread(server.stop))
-            await asyncio.sleep(1.0)
+            await asyncio.wait_for(served.wait(), timeout=60)
+            # The clients keep sending through the whole shutdown, until the process is gone.
+            assert await asyncio.to_thread(server.stop) == 0
             stop_sending.set()
             await asyncio.wait_for(asyncio.gather(*clients), timeout=30)
-            assert await stopping == 0
     finally:
         server.kill()
     print(f"SIGTERM under load: {outcomes}")  # the figure in docs/reliability.md (pytest -s)
-    assert outcomes.get("200", 0) > 100
+    assert outcomes.get("200", 0) >= 200
     assert set(outcomes) <= {"200", "503", "refused"}, outcomes
 
 
@@ -287,44 +280,94 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-async def test_three_times_capacity_sheds_the_excess_and_keeps_admitted_requests_on_time(
+async def test_overload_sheds_the_excess_and_answers_everything_else_correctly(
     tmp_path: Path,
 ) -> None:
-    """A real server process offered 3x its measured capacity (open loop): the excess gets
-    429, nothing gets a 5xx (no admitted request misses its 500 ms deadline), memory stays
-    bounded. The figures for docs/reliability.md come from benchmarks/overload.py."""
+    """A real server process offered far more than it holds (64 callers back to back against
+    32 rows per run and 8 queued rows): every answer is 200 with the right output, 429 with
+    `Retry-After` and the reason, or 504 past the deadline; nothing else, and memory stays
+    bounded. How many of each, and how fast, depends on the machine: those figures come from
+    benchmarks/overload.py, not from here."""
     from test_cli import Running
 
-    from batchserve.bench.loadgen import LoadConfig, run_load
-    from batchserve.bench.report import summarize
-    from batchserve.bench.workload import build_workload
-
-    path = models.slow(tmp_path / "heavy.onnx", width=4096, layers=4)
+    path = models.slow(tmp_path / "heavy.onnx", width=1024, layers=4)
     server = Running(str(path), "--name", "heavy", "--max-batch-size", "32",
-                     "--max-queue-rows", "64", "--request-timeout-ms", "500")  # fmt: skip
+                     "--max-queue-rows", "8", "--request-timeout-ms", "500")  # fmt: skip
+    url = f"{server.url}/v2/models/heavy/infer"
+    x = np.full((1, 1024), 0.5, np.float32)
+    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "outputs": [{"name": "y", "binary_data": False}]}).encode()  # fmt: skip
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+    answers: list[tuple[int, str | None, Any]] = []
+
+    async def caller(http: aiohttp.ClientSession) -> None:
+        for _ in range(12):
+            async with http.post(url, data=header + x.tobytes(), headers=headers) as r:
+                answers.append((r.status, r.headers.get("Retry-After"), await r.json()))
+
     try:
-        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/v2/models/heavy") as r:
-            metadata = await r.json()
-        workload = build_workload(server.url, "heavy", metadata, binary=True)
-
-        def load(**config: float) -> Any:
-            results = run_load(workload, LoadConfig(**config, warmup_s=0.5), progress=False)  # type: ignore[arg-type]
-            return summarize(results, LoadConfig(**config))  # type: ignore[arg-type]
-
-        capacity = (await asyncio.to_thread(load, concurrency=64, duration_s=2.0)).achieved_rps
-        before = rss_mb(server.process.pid)
-        report = await asyncio.to_thread(load, rate=3 * capacity, duration_s=3.0)
-        after = rss_mb(server.process.pid)
+        connector = aiohttp.TCPConnector(limit=64)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            await asyncio.gather(caller(http))  # warm: the process's memory after one answer
+            before = rss_mb(server.process.pid)
+            await asyncio.wait_for(asyncio.gather(*(caller(http) for _ in range(64))), 300)
+            after = rss_mb(server.process.pid)
         assert server.stop() == 0
     finally:
         server.kill()
-    shed = report.errors_by_status.get("429", 0)
-    late = report.errors_by_status.get("504", 0)
-    assert set(report.errors_by_status) <= {"429", "504"}, report.errors_by_status
-    # Deadline-aware admission refuses up front what could not be on time; the rare request
-    # that still runs late (a run slower than measured) is cut off by its deadline with 504.
-    assert late <= 0.01 * report.requests, report.errors_by_status
-    assert not report.errors_by_exception
-    assert shed > 0.3 * report.requests  # 3x the capacity: most of the excess is refused
-    assert report.ok > 0.25 * capacity * 3.0  # while a good share of capacity is still served
+    counts: dict[int, int] = {}
+    for status, retry_after, body in answers:
+        counts[status] = counts.get(status, 0) + 1
+        if status == 200:
+            (output,) = body["outputs"]
+            assert (output["name"], output["shape"], len(output["data"])) == ("y", [1, 1024], 1024)
+        elif status == 429:
+            assert retry_after == "1"
+            assert re.search("queue full|deadline", body["error"]), body
+        else:
+            assert status == 504, (status, body)
+            assert "deadline" in body["error"]
+    assert counts.get(200, 0) >= 12, counts
+    assert counts.get(429, 0) > 0, counts  # 64 callers, room for 40: the excess is refused
     assert after - before < 100, (before, after)
+
+
+async def test_a_request_that_waited_for_the_event_loop_counts_that_wait_in_its_deadline(
+    start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A client's deadline starts when it sends; a request that waited behind a busy event
+    loop (socket buffers, the loop's backlog) has spent part of it before its handler runs.
+    With every iteration of the loop held for 150 ms, the loop's lag alone is past 80% of a
+    100 ms deadline: the request is refused at once with 429 instead of being admitted to
+    miss its deadline. Without a deadline nothing is refused for it (the lag limit is off)."""
+    hogging = True
+
+    async def hog() -> None:  # the loop stays behind, every iteration, however fast the CPU
+        while hogging:
+            time.sleep(0.15)  # noqa: ASYNC251
+            await asyncio.sleep(0)
+
+    strict = await start_server(
+        Engine(mlp_path, name="mlp"), request_timeout_ms=100, max_loop_lag_ms=0
+    )
+    lenient = await start_server(Engine(mlp_path, name="mlp"), max_loop_lag_ms=0)
+    hogger = asyncio.create_task(hog())
+    try:
+        for _ in range(8):  # several lagging ticks: the smoothed lag is well past 80 ms
+            await asyncio.sleep(0)
+        async with http.post(f"{strict.url}/v2/models/mlp/infer", json=BODY) as r:
+            assert r.status == 429
+            assert r.headers["Retry-After"] == "1"
+            assert "deadline" in (await r.json())["error"]
+        async with http.post(f"{lenient.url}/v2/models/mlp/infer", json=BODY) as r:
+            assert r.status == 200
+    finally:
+        hogging = False
+        await hogger
+    for _ in range(200):  # bounded: the lag fades within a few ticks once the loop catches up
+        async with http.post(f"{strict.url}/v2/models/mlp/infer", json=BODY) as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.01)
+    assert r.status == 200
