@@ -4,6 +4,7 @@ against real `batchserve serve` subprocesses (127.0.0.1, ephemeral ports, stoppe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from batchserve.bench.command import BenchError, request_headers, sweep
+from batchserve.bench.command import BenchError, get_json, listening_url, request_headers, sweep
 from batchserve.bench.loadgen import LoadConfig, RawResult, callers_of, run_load, send_times
 from batchserve.bench.report import Report, summarize
 from batchserve.bench.transport import (
@@ -708,12 +709,13 @@ async def test_open_loop_accounts_for_every_scheduled_request(max_outstanding: i
     [({"rate": 20.0}, (10, 11)), ({"concurrency": 2}, (2, 2))],
     ids=["open", "closed"],
 )
-async def test_a_request_stuck_connecting_is_counted_as_not_completed(
+async def test_a_request_stuck_connecting_times_out_at_its_deadline(
     mode: dict[str, Any], expected: tuple[int, int]
 ) -> None:
-    """A TLS handshake that never completes holds each request before it is on the wire,
-    where no timeout applies; the run still ends on time and counts every one (open loop:
-    each scheduled send; closed loop: each caller's first and only request)."""
+    """A TLS handshake that never completes holds each request before it is on the wire; its
+    deadline covers connecting too, so each one times out then (not when the run ends) and is
+    counted with its latency (open loop: each scheduled send; closed loop: each caller's first
+    and only request)."""
 
     async def silent(reader: asyncio.StreamReader) -> None:
         await reader.read()  # never answers the handshake
@@ -726,7 +728,7 @@ async def test_a_request_stuck_connecting_is_counted_as_not_completed(
         elapsed = time.perf_counter() - started
     result = summarize(results, LoadConfig(**config))
     assert expected[0] <= result.requests <= expected[1]
-    assert result.errors_by_exception == {"NotCompleted": result.requests}
+    assert result.errors_by_exception == {"RequestTimeout": result.requests}
     assert result.timed_out == result.requests
     assert result.latency_ms["p50"] >= 500.0
     assert elapsed < 0.2 + 0.5 + 0.5 + 0.35 + 1.0
@@ -944,3 +946,130 @@ async def test_cli_over_tls_sends_the_headers_on_every_request(tmp_path: Path) -
     for _, _, headers, _ in server.seen:
         assert headers["X-Tenant"] == "blue"
         assert headers["Authorization"] == "Bearer sekrit-key"
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds: connecting, reading metadata
+
+
+async def test_pool_times_out_a_connection_the_server_never_completes() -> None:
+    """A TLS handshake the server never answers: the request's deadline covers connecting,
+    which the sweep (of connections already made) cannot see."""
+    async with asyncio.timeout(20), RawServer(until_client_hangs_up) as url:
+        url = url.replace("http://", "https://")
+        async with ConnectionPool(url, 1, timeout_s=0.4) as pool:
+            with pytest.raises(RequestTimeout, match="connection"):
+                await pool.post(encode_post(url + "/x", b"{}", {}))
+
+
+class JsonServer:
+    """Answers every GET with headers for `length` bytes, then `body`, then (with `drip`) one
+    byte at a time until the client hangs up."""
+
+    def __init__(self, body: bytes, length: int, drip: bool = False) -> None:
+        self._body, self._length, self._drip = body, length, drip
+        self._handlers: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.append(task)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {self._length}\r\n\r\n".encode()
+            writer.write(head + self._body)
+            await writer.drain()
+            while self._drip and not reader.at_eof():
+                writer.write(b" ")
+                await writer.drain()
+                # The server's pace, not a wait in the test: a byte at a time, never done.
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+async def test_get_json_has_a_deadline_for_the_whole_answer() -> None:
+    async with asyncio.timeout(30), JsonServer(b"{", 1 << 20, drip=True) as url:
+        with pytest.raises(BenchError, match="in time"):
+            await asyncio.to_thread(get_json, url + "/v2/models/m", 0.5)
+
+
+async def test_get_json_refuses_an_answer_past_its_size_limit() -> None:
+    body = json.dumps({"name": "m", "pad": "x" * 5000}).encode()
+    async with asyncio.timeout(30), JsonServer(body, len(body)) as url:
+        with pytest.raises(BenchError, match="more than 1000 bytes"):
+            await asyncio.to_thread(get_json, url + "/v2/models/m", 5.0, max_bytes=1000)
+        assert await asyncio.to_thread(get_json, url + "/v2/models/m", 5.0) == json.loads(body)
+
+
+def _start(script: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def test_a_server_that_prints_nothing_fails_to_start_in_time() -> None:
+    process = _start("import time; time.sleep(60)")
+    try:
+        assert process.stderr is not None
+        with pytest.raises(BenchError, match=r"did not start within 0\.5 s"):
+            listening_url(process.stderr, 0.5, "the server")
+    finally:
+        process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def test_a_started_server_logging_a_lot_is_never_blocked_on_its_pipe(tmp_path: Path) -> None:
+    """Its log lines after `listening on` are drained: 4 MB is far past a pipe's buffer."""
+    marker = tmp_path / "done"
+    process = _start(
+        "import sys, time\n"
+        "print('listening on http://127.0.0.1:1', file=sys.stderr, flush=True)\n"
+        "for _ in range(4096): print('x' * 1023, file=sys.stderr)\n"
+        "sys.stderr.flush()\n"
+        f"open({str(marker)!r}, 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    try:
+        assert process.stderr is not None
+        assert listening_url(process.stderr, 30, "the server") == "http://127.0.0.1:1"
+        for _ in range(3000):  # no event crosses processes: poll the marker, bounded
+            if marker.exists():
+                break
+            time.sleep(0.01)
+        assert marker.exists()
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def test_a_server_that_exits_while_starting_is_reported() -> None:
+    process = _start("import sys; print('bad flag', file=sys.stderr); sys.exit(2)")
+    try:
+        assert process.stderr is not None
+        with pytest.raises(BenchError, match="exited while starting"):
+            listening_url(process.stderr, 30, "the server")
+    finally:
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

@@ -40,6 +40,7 @@ from batchserve.handlers import (
     RawRequest,
     check_handler,
     choose_route,
+    encode_body,
     imaging,
     load_handler,
     prepare_handler,
@@ -369,8 +370,8 @@ async def test_end_to_end_equals_direct_ort(
     async with engine, HandlerPipeline(config, engine.metadata) as pipeline:
         assert pipeline.checked
         infer = functools.partial(engine.infer, cache=False)
-        single = await pipeline.run(raw(images[0]), infer, timeout_s=30)
-        both = await pipeline.run(v2(*images), infer, timeout_s=30)
+        single = orjson.loads(encode_body(await pipeline.run(raw(images[0]), infer, timeout_s=30)))
+        both = orjson.loads(encode_body(await pipeline.run(v2(*images), infer, timeout_s=30)))
     for data, answer in zip(images, both["predictions"], strict=True):
         (logits,) = resnet50_session.run(["logits"], {"input": reference_preprocess(data)[None]})
         expected = reference_top_k(logits[0])
@@ -533,7 +534,7 @@ async def test_handler_errors_map_to_statuses(user_module: str) -> None:
             handler = load_handler(f"{user_module}:{name}")
             handler.setup(VECTOR, {})
             with pytest.raises(error) as caught:
-                await executor.run(_preprocess, handler, VECTOR, RawRequest(b"1,2,3"))
+                await executor.run(_preprocess, handler, VECTOR, RawRequest(b"1,2,3"), 1 << 24)
             assert caught.value.status == 500
     async with HandlerPipeline(HandlerConfig(f"{user_module}:Doubler"), VECTOR) as pipeline:
         with pytest.raises(InvalidInput):
@@ -550,7 +551,7 @@ async def test_process_pool_runs_a_user_handler(user_module: str) -> None:
         np.testing.assert_array_equal(inputs["x"], [[3, 6, 9]])
         assert isinstance(inputs["x"], np.ndarray)
         body = await pipeline.postprocess({"y": inputs["x"] + 1}, request, timeout_s=30)
-        assert body == {"sum": 21.0, "rows": 1}
+        assert orjson.loads(encode_body(body)) == {"sum": 21.0, "rows": 1}
         with pytest.raises(InvalidInput):  # our errors cross the process boundary intact
             await pipeline.preprocess(RawRequest.from_body(b"x", "text/csv"))
         assert pipeline.statistics().completed >= 3

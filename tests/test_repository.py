@@ -18,7 +18,7 @@ from batchserve import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.app import Server
 from batchserve.config import ServerConfig
 from batchserve.errors import ModelLoadError
-from batchserve.repository import ModelRepository, VersionPolicy, engine_factory
+from batchserve.repository import HandlerLimits, ModelRepository, VersionPolicy, engine_factory
 from batchserve.repository.config import parse_model_config
 
 import models
@@ -348,3 +348,10 @@ async def test_a_model_config_can_name_a_handler_with_options(
     ) as r:
         assert r.status == 200, await r.text()
         assert await r.json() == {"y": [20.0, 40.0, 60.0, 80.0]}
+
+
+def test_handler_limits_carry_the_servers_size_limits_to_config_toml_handlers() -> None:
+    # A handler named in config.toml runs under --max-tensor-elements and --max-response-mb.
+    limits = HandlerLimits(max_elements=1000, max_answer_bytes=2048)
+    config = limits.apply("image-classification", ())
+    assert (config.max_elements, config.max_answer_bytes) == (1000, 2048)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import IO, Any
 
 from batchserve.bench.errors import BenchError as BenchError  # re-exported for the CLI
 from batchserve.bench.loadgen import LoadConfig, run_load
@@ -61,15 +63,43 @@ def request_headers(pairs: Sequence[str] = (), api_key: str | None = None) -> di
     return headers
 
 
-def get_json(url: str, timeout: float = 10.0, headers: Mapping[str, str] | None = None) -> Any:
+# Metadata and statistics are a few kilobytes; a URL that answers far more is not a server.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+def get_json(
+    url: str,
+    timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
+    *,
+    max_bytes: int = MAX_JSON_BYTES,
+) -> Any:
+    """GET a JSON document; BenchError unless it all arrives within about `timeout` seconds
+    (counted from the request, not per read, which alone would let a server that sends a byte
+    now and then hold the run forever; one last read may take `timeout` more) and holds at
+    most `max_bytes`."""
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers=dict(headers or {}))
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            return json.loads(_read_bounded(response, url, deadline, max_bytes))
     except urllib.error.HTTPError as err:
-        raise BenchError(f"GET {url} answered {err.code}: {err.read()[:200]!r}") from None
+        raise BenchError(f"GET {url} answered {err.code}: {err.read(200)!r}") from None
     except (urllib.error.URLError, OSError) as err:
         raise BenchError(f"cannot reach {url}: {err}") from None
+    except ValueError as err:
+        raise BenchError(f"GET {url} did not answer JSON: {err}") from None
+
+
+def _read_bounded(response: Any, url: str, deadline: float, max_bytes: int) -> bytes:
+    body = bytearray()
+    while chunk := response.read1(1 << 16):  # what has arrived: never waits for a full chunk
+        body += chunk
+        if len(body) > max_bytes:
+            raise BenchError(f"GET {url} answered more than {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise BenchError(f"GET {url} did not finish answering in time")
+    return bytes(body)
 
 
 def model_metadata(
@@ -176,8 +206,39 @@ def curve_table(curve: list[Report], slo_p99_ms: float) -> str:
     return "\n".join(lines)
 
 
+def listening_url(stream: IO[str], timeout_s: float, what: str) -> str:
+    """The URL a starting server prints (`listening on http://...`) on `stream`, a pipe from it.
+
+    A thread reads the pipe, and keeps reading it until the server exits: a blocking read
+    here would wait past `timeout_s` for a server that prints nothing, and a pipe nobody reads
+    fills up and blocks the server on its next log line, in the middle of a run."""
+    found: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:
+        try:
+            for line in stream:
+                if match := _LISTENING.search(line):
+                    found.put(match.group(1))
+        except (OSError, ValueError):
+            pass  # the pipe was closed on this side: the server is being stopped
+        finally:
+            found.put(None)  # the server exited (or its pipe is gone)
+
+    threading.Thread(target=drain, name="batchserve-bench-drain", daemon=True).start()
+    try:
+        url = found.get(timeout=timeout_s)
+    except queue.Empty:
+        raise BenchError(f"{what} did not start within {timeout_s:g} s") from None
+    if url is None:
+        raise BenchError(f"{what} exited while starting")
+    return url
+
+
+_LISTENING = re.compile(r"listening on (http://\S+)")
+
+
 @contextlib.contextmanager
-def noop_server() -> Iterator[str]:
+def noop_server(start_timeout_s: float = 60.0) -> Iterator[str]:
     """Start the no-op V2 server in a subprocess; yields its base URL; stops it by PID."""
     process = subprocess.Popen(
         [sys.executable, "-m", "batchserve.bench.noop", "--port", "0"],
@@ -186,11 +247,7 @@ def noop_server() -> Iterator[str]:
     )
     try:
         assert process.stdout is not None
-        line = process.stdout.readline()
-        found = re.search(r"listening on (http://\S+)", line)
-        if not found:
-            raise BenchError(f"the no-op server did not start: {line!r}")
-        yield found.group(1)
+        yield listening_url(process.stdout, start_timeout_s, "the no-op server")
     finally:
         process.terminate()
         try:

@@ -207,7 +207,7 @@ class ConnectionPool:
             deadline = time.perf_counter() + self._timeout_s
         await self._slots.acquire(deadline)
         try:
-            connection = await self._acquire()
+            connection = await self._acquire(deadline)
             try:
                 status = await connection.send(raw, deadline, asyncio.get_running_loop())
             except BaseException:
@@ -219,20 +219,26 @@ class ConnectionPool:
         finally:
             self._slots.release()
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, deadline: float) -> _Connection:
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed:
                 return connection
             self._all.discard(connection)
         loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(
-            _Connection,
-            self._host,
-            self._port,
-            ssl=self._ssl,
-            server_hostname=self._host if self._ssl else None,
-        )
+        # The sweep sees a connection only once it is made: connecting (a full backlog, a TLS
+        # handshake the server never answers) needs its own timer, on this rare path only.
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                _, connection = await loop.create_connection(
+                    _Connection,
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl else None,
+                )
+        except TimeoutError:
+            raise RequestTimeout("no connection within the timeout") from None
         self._all.add(connection)
         return connection
 

@@ -7,7 +7,6 @@ process on 127.0.0.1, measured by the same open-loop sweep as `batchserve bench 
 from __future__ import annotations
 
 import contextlib
-import re
 import subprocess
 import sys
 import time
@@ -15,7 +14,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from batchserve.bench.command import BenchError, Target, at_rate, measure, model_metadata, sweep
+from batchserve.bench.command import (
+    Target,
+    at_rate,
+    listening_url,
+    measure,
+    model_metadata,
+    sweep,
+)
 from batchserve.bench.loadgen import LoadConfig
 from batchserve.bench.report import Report
 from batchserve.bench.workload import build_workload
@@ -87,17 +93,7 @@ def serving(model: str, name: str, candidate: Candidate) -> Iterator[str]:
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stderr is not None
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if not line:
-                raise BenchError(f"the server exited while starting ({candidate.label()})")
-            found = re.search(r"listening on (http://\S+)", line)
-            url = found.group(1) if found else None
-        if url is None:
-            raise BenchError("the server did not start within 120 s")
-        yield url
+        yield listening_url(process.stderr, 120, f"the server ({candidate.label()})")
     finally:
         process.terminate()
         try:

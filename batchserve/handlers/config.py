@@ -28,6 +28,12 @@ class HandlerConfig:
     drain_timeout_s: when the model is unloaded or the server stops, how long handler calls
         already submitted may still run; past it they are abandoned (threads) or killed
         (processes) and their requests answered 503. The CLI sets it to --shutdown-grace-s.
+    max_elements: elements in any one tensor `preprocess` makes (413 above it), counted as
+        the V2 decoder counts a client's tensors (zero dimensions as one): a handler can make
+        a huge tensor from a small body. The CLI sets it to --max-tensor-elements.
+    max_answer_bytes: a `postprocess` answer's JSON encoding, measured where it is made (on
+        the worker, before it crosses to the server's process or its event loop); 413 above
+        it. The CLI sets it to --max-response-mb.
     """
 
     spec: str
@@ -36,6 +42,8 @@ class HandlerConfig:
     workers: int = 0
     max_pending: int = 0
     drain_timeout_s: float = 30.0
+    max_elements: int = 1 << 24
+    max_answer_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.spec.strip():
@@ -46,6 +54,8 @@ class HandlerConfig:
             raise ValueError(f"handler workers must be >= 0, got {self.workers}")
         if self.max_pending < 0:
             raise ValueError(f"handler max_pending must be >= 0, got {self.max_pending}")
+        if self.max_elements < 1 or self.max_answer_bytes < 1:
+            raise ValueError("handler max_elements and max_answer_bytes must be >= 1")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"handler drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         keys = [k for k, _ in self.options]

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -175,6 +177,12 @@ class HandlerExecutor(Lifecycle):
     not started. Work already running cannot be interrupted, so it keeps its slot until it ends:
     the bound is on real work, not on callers.
 
+    Calls wait in this executor's own queue and go to the pool only when a worker is free:
+    a withdrawn call leaves at once, its arguments (a request's body) with it. The stdlib's
+    pools keep a cancelled call, arguments and all, until a worker reaches it, which behind a
+    busy worker would let callers with short deadlines pile up data without bound; a process
+    pool even takes calls ahead into its pipe, where they can no longer be withdrawn.
+
     Processes: `fn` and its arguments travel by pickle (the stdlib's transport between our own
     processes), so `fn` must be a module-level function; `initializer(*initargs)` runs once in
     each worker process (to import and set up a handler there). Workers are spawned, not
@@ -207,10 +215,15 @@ class HandlerExecutor(Lifecycle):
         self._start_timeout_s = start_timeout_s
         self.drain_timeout_s = drain_timeout_s
         self._pool: cf.Executor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
         self._futures: set[cf.Future[Any]] = set()  # submitted, not finished
+        # Not yet handed to the pool, oldest first; a withdrawn call is removed at once.
+        self._waiting: OrderedDict[cf.Future[Any], tuple[Callable[..., Any], tuple[Any, ...]]]
+        self._waiting = OrderedDict()
+        self._dispatched = 0  # handed to the pool and not finished: at most `workers`
         # Released from worker threads (thread pools) and the loop: a lock keeps counts exact.
         self._lock = threading.Lock()
-        self._pending = 0
         self._completed = 0
         self._rejected = 0
         self._timed_out = 0
@@ -221,6 +234,7 @@ class HandlerExecutor(Lifecycle):
         """Start the workers; returns when every one is ready (process initializers done)."""
         if self._pool is not None:
             return
+        self._loop = asyncio.get_running_loop()
         pool = self._new_pool()
         self._pool = pool
         if self.kind == "process":
@@ -232,6 +246,7 @@ class HandlerExecutor(Lifecycle):
                 pool.shutdown(wait=False, cancel_futures=True)
                 _kill(processes)  # a hung initializer would keep them alive
                 raise
+        self._accepting = True
 
     def _new_pool(self) -> cf.Executor:
         if self.kind == "thread":
@@ -264,17 +279,21 @@ class HandlerExecutor(Lifecycle):
         requests are in flight), for up to `timeout_s` (default: `drain_timeout_s`); then
         withdraw what has not started and abandon what still runs: its callers get NotReady
         (503), threads are left to end on their own, worker processes are killed."""
-        pool, self._pool = self._pool, None
-        if pool is None:
+        if not self._accepting:
             return
+        self._accepting = False
         timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
-        processes = _processes(pool)
-        pool.shutdown(wait=False)
         with self._lock:
             futures = list(self._futures)
-        # In a thread that waits at most timeout_s: never one that a hung call could keep.
+        # Queued calls keep being handed to workers while this waits. In a thread that waits
+        # at most timeout_s: never one that a hung call could keep.
         _, late = await asyncio.to_thread(cf.wait, futures, timeout_s)
+        with self._lock:  # nothing more goes to the pool
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = _processes(pool)
         if late:
             log.warning(
                 "handler calls still running %g s after the executor began to stop: %d abandoned",
@@ -284,21 +303,22 @@ class HandlerExecutor(Lifecycle):
             for future in late:
                 if not future.cancel() and self.kind == "thread":
                     _settle(future, NotReady(_ABANDONED), None)
+            pool.shutdown(wait=False, cancel_futures=True)
             _kill(processes)  # their pool fails what they were running
             return
+        pool.shutdown(wait=False)
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         if processes and not await asyncio.to_thread(_join, processes, max(left, 1.0)):
             _kill(processes)
 
     async def run(self, fn: Callable[..., T], /, *args: Any, timeout_s: float | None = None) -> T:
         """`fn(*args)` on a worker; see the class docstring for the errors."""
-        pool = self._pool
-        if pool is None:
+        if not self._accepting:
             raise NotReady("the handler executor is not running")
         if timeout_s is not None and timeout_s <= 0:
             self._count_timeout()
             raise DeadlineExceeded("the request's deadline passed before its handler ran")
-        future = self._submit(pool, fn, args)
+        future = self._submit(fn, args)
         try:
             if timeout_s is None:
                 return await asyncio.wrap_future(future)
@@ -320,41 +340,78 @@ class HandlerExecutor(Lifecycle):
                 raise NotReady(_ABANDONED) from None
             raise
         except cf.BrokenExecutor as err:
-            if self._pool is None:  # killed by aclose past its deadline
+            if not self._accepting:  # killed by aclose past its deadline
                 raise NotReady(_ABANDONED) from None
-            self._replace(pool)
             raise InferenceFailed(f"a handler worker process died: {err}") from None
 
-    def _submit(
-        self, pool: cf.Executor, fn: Callable[..., T], args: tuple[Any, ...]
-    ) -> cf.Future[T]:
+    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...]) -> cf.Future[T]:
+        future: cf.Future[T] = cf.Future()
         with self._lock:
-            if self._pending >= self.max_pending:
+            pending = len(self._waiting) + self._dispatched
+            if pending >= self.max_pending:
                 self._rejected += 1
                 raise Overloaded(
-                    f"handler overloaded: {self._pending} requests in its "
+                    f"handler overloaded: {pending} requests in its "
                     f"{self.workers} worker(s), the limit is {self.max_pending}"
                 )
-            self._pending += 1
-        try:
-            future = pool.submit(fn, *args)
-            with self._lock:
-                self._futures.add(future)
-        except BaseException as err:
-            with self._lock:
-                self._pending -= 1
-            if isinstance(err, cf.BrokenExecutor):
-                self._replace(pool)
-                raise InferenceFailed(f"a handler worker process died: {err}") from None
-            raise
+            self._waiting[future] = (fn, args)
+            self._futures.add(future)
         future.add_done_callback(self._release)
+        self._dispatch()
         return future
+
+    def _dispatch(self) -> None:
+        """Hand waiting calls to the pool while a worker is free (any thread)."""
+        while True:
+            with self._lock:
+                pool = self._pool
+                if pool is None or self._dispatched >= self.workers or not self._waiting:
+                    return
+                future, (fn, args) = self._waiting.popitem(last=False)
+                if not future.set_running_or_notify_cancel():
+                    continue  # withdrawn just now; `_release` counts it
+                self._dispatched += 1
+            try:
+                inner = pool.submit(fn, *args)
+            except BaseException as err:
+                with self._lock:
+                    self._dispatched -= 1
+                if isinstance(err, cf.BrokenExecutor):
+                    self._replace(pool)
+                _settle(future, err, None)
+                continue
+            del fn, args
+            inner.add_done_callback(functools.partial(self._finished, future, pool))
+
+    def _finished(self, future: cf.Future[Any], pool: cf.Executor, inner: cf.Future[Any]) -> None:
+        """A pool call ended (on a worker thread, or a process pool's own thread)."""
+        with self._lock:
+            self._dispatched -= 1
+        if inner.cancelled():  # by the pool shutting down under it
+            _settle(future, NotReady(_ABANDONED), None)
+        else:
+            error = inner.exception()
+            _settle(future, error, None if error is not None else inner.result())
+        if self.kind == "thread":
+            self._dispatch()
+            return
+        # A process pool calls this on its own management thread: the next submit (and a
+        # replacement pool) is better made from the loop than from inside the pool.
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to hand on
+                loop.call_soon_threadsafe(self._after_process_call, pool, inner)
+
+    def _after_process_call(self, pool: cf.Executor, inner: cf.Future[Any]) -> None:
+        if not inner.cancelled() and isinstance(inner.exception(), cf.BrokenExecutor):
+            self._replace(pool)
+        self._dispatch()
 
     def _release(self, future: cf.Future[Any]) -> None:
         with self._lock:
-            self._pending -= 1
             self._futures.discard(future)
-            if future.cancelled():
+            withdrawn = self._waiting.pop(future, None) is not None
+            if withdrawn or future.cancelled():
                 self._cancelled += 1
             else:
                 self._completed += 1
@@ -365,12 +422,13 @@ class HandlerExecutor(Lifecycle):
 
     def _replace(self, broken: cf.Executor) -> None:
         """A dead worker process breaks the whole stdlib pool: build a new one once."""
-        if self._pool is not broken:
-            return  # already replaced (or closed) by another caller
+        with self._lock:
+            if self._pool is not broken:
+                return  # already replaced (or closed)
+            self._pool = self._new_pool()
+            self._restarts += 1
         log.error("a handler worker process died; starting new ones")
         broken.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._new_pool()
-        self._restarts += 1
 
     def statistics(self) -> ExecutorStatistics:
         with self._lock:
@@ -378,7 +436,7 @@ class HandlerExecutor(Lifecycle):
                 self.kind,
                 self.workers,
                 self.max_pending,
-                self._pending,
+                len(self._waiting) + self._dispatched,
                 self._completed,
                 self._rejected,
                 self._timed_out,

@@ -290,11 +290,20 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return result
 
 
+# Digits of a top_k parameter: any class count there is, far below the 4300 digits past which
+# int() refuses a string (a ValueError, a 500 had it been let through).
+_TOP_K_DIGITS: Final = 18
+
+
 def _top_k(request: RawRequest, default: int) -> int:
     value = request.parameters.get("top_k", default)
     # ASCII only: str.isdigit() accepts "²", which int() refuses.
     if isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > _TOP_K_DIGITS:
+            raise InvalidInput(f"top_k must have at most {_TOP_K_DIGITS} digits")
         value = int(value)
     if type(value) is not int or value < 1:
-        raise InvalidInput(f"top_k must be a positive integer, got {value!r}")
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."  # echo a bounded part
+        raise InvalidInput(f"top_k must be a positive integer, got {shown}")
     return value

@@ -61,7 +61,8 @@ def wants_handler(inputs: Mapping[str, np.ndarray], metadata: ModelMetadata) -> 
 
 
 def encode_body(value: Any) -> bytes:
-    """A handler's answer as a JSON body (numpy arrays and scalars allowed)."""
+    """A handler's answer as a JSON body (numpy arrays and scalars allowed; an
+    `orjson.Fragment`, what `HandlerPipeline` returns, is JSON already and copied as is)."""
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 

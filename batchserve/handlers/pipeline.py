@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol
+from math import prod
+from typing import Protocol
 
 import numpy as np
+import orjson
 
 from batchserve.clock import Clock, MonotonicClock
-from batchserve.errors import BatchserveError, DeadlineExceeded, InferenceFailed, InvalidInput
+from batchserve.errors import (
+    BatchserveError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    PayloadTooLarge,
+)
 from batchserve.handlers.base import Handler, RawRequest
 from batchserve.handlers.config import HandlerConfig
 from batchserve.handlers.executor import ExecutorStatistics, HandlerExecutor
 from batchserve.handlers.loader import check_handler, check_inputs, prepare_handler
+from batchserve.handlers.negotiate import encode_body
 from batchserve.lifecycle import Lifecycle
 from batchserve.runtime.metadata import ModelMetadata
 
@@ -35,6 +44,10 @@ class HandlerPipeline(Lifecycle):
     does not fit) and starts the executor; in process mode each worker process imports and sets
     up its own copy by spec (handlers are never pickled, nor is any client data unpickled: a
     request's bytes travel as `bytes`).
+
+    What a handler makes is bounded on the worker that makes it: each preprocess tensor by
+    `config.max_elements`, the postprocess answer's JSON by `config.max_answer_bytes` (413
+    either way), so nothing larger crosses to this process or runs on the event loop.
     """
 
     def __init__(
@@ -92,11 +105,12 @@ class HandlerPipeline(Lifecycle):
     async def preprocess(
         self, request: RawRequest, *, timeout_s: float | None = None
     ) -> dict[str, np.ndarray]:
-        executor = self._running()
+        executor, limit = self._running(), self.config.max_elements
         if executor.kind == "process":
-            return await executor.run(_worker_preprocess, request, timeout_s=timeout_s)
-        handler = self.handler
-        return await executor.run(_preprocess, handler, self.metadata, request, timeout_s=timeout_s)
+            return await executor.run(_worker_preprocess, request, limit, timeout_s=timeout_s)
+        return await executor.run(
+            _preprocess, self.handler, self.metadata, request, limit, timeout_s=timeout_s
+        )
 
     async def postprocess(
         self,
@@ -104,17 +118,25 @@ class HandlerPipeline(Lifecycle):
         request: RawRequest,
         *,
         timeout_s: float | None = None,
-    ) -> Any:
-        executor = self._running()
+    ) -> orjson.Fragment:
+        """The handler's answer, already JSON: `encode_body` and `v2_outputs` take it as is."""
+        executor, limit = self._running(), self.config.max_answer_bytes
         outputs = dict(outputs)
         if executor.kind == "process":
-            return await executor.run(_worker_postprocess, outputs, request, timeout_s=timeout_s)
-        return await executor.run(_postprocess, self.handler, outputs, request, timeout_s=timeout_s)
+            body = await executor.run(
+                _worker_postprocess, outputs, request, limit, timeout_s=timeout_s
+            )
+        else:
+            body = await executor.run(
+                _postprocess, self.handler, outputs, request, limit, timeout_s=timeout_s
+            )
+        return orjson.Fragment(body)
 
     async def run(
         self, request: RawRequest, infer: InferFn, *, timeout_s: float | None = None
-    ) -> Any:
-        """The whole path for one request; `timeout_s` bounds all three steps together."""
+    ) -> orjson.Fragment:
+        """The whole path for one request; `timeout_s` bounds all three steps together. The
+        answer is JSON already (see `postprocess`)."""
         deadline = None if timeout_s is None else self._clock.now() + timeout_s
         inputs = await self.preprocess(request, timeout_s=self._left(deadline))
         outputs = await infer(inputs, timeout_s=self._left(deadline))
@@ -145,7 +167,7 @@ class HandlerPipeline(Lifecycle):
 
 
 def _preprocess(
-    handler: Handler, metadata: ModelMetadata, request: RawRequest
+    handler: Handler, metadata: ModelMetadata, request: RawRequest, max_elements: int
 ) -> dict[str, np.ndarray]:
     try:
         inputs = handler.preprocess(request)
@@ -153,6 +175,7 @@ def _preprocess(
         raise
     except BaseException as err:
         raise InferenceFailed(f"handler preprocess failed: {type(err).__name__}: {err}") from None
+    _check_elements(inputs, max_elements)
     try:
         check_inputs(inputs, metadata)
     except InvalidInput as err:
@@ -161,13 +184,51 @@ def _preprocess(
     return inputs
 
 
-def _postprocess(handler: Handler, outputs: Mapping[str, np.ndarray], request: RawRequest) -> Any:
+def _check_elements(inputs: object, max_elements: int) -> None:
+    """PayloadTooLarge when the handler made a tensor past the element limit from this request,
+    counted as the V2 decoder counts a client's own tensors: a zero dimension empties the
+    tensor but not the rows a model makes of the others, so it counts as one."""
+    if not isinstance(inputs, dict):
+        return  # check_inputs says what is wrong
+    for name, array in inputs.items():
+        shape = getattr(array, "shape", None)
+        if not isinstance(shape, tuple):
+            continue
+        extent = prod(dim for dim in shape if dim)
+        if extent > max_elements:
+            raise PayloadTooLarge(
+                f"the handler made input {name!r} of shape {list(shape)} from this request: "
+                f"{extent} elements, over the limit of {max_elements}"
+            )
+
+
+def _postprocess(
+    handler: Handler, outputs: Mapping[str, np.ndarray], request: RawRequest, max_bytes: int
+) -> bytes:
     try:
-        return handler.postprocess(outputs, request)
+        answer = handler.postprocess(outputs, request)
     except BatchserveError:
         raise
     except BaseException as err:
         raise InferenceFailed(f"handler postprocess failed: {type(err).__name__}: {err}") from None
+    return _encode_answer(answer, max_bytes)
+
+
+def _encode_answer(answer: object, max_bytes: int) -> bytes:
+    """The answer's JSON, bounded: encoded here, on the worker, it crosses to the server (and
+    its event loop) as one bytes object of known size instead of a Python structure of any
+    size, pickled, rebuilt and encoded there."""
+    try:
+        body = encode_body(answer)
+    except (TypeError, ValueError) as err:  # orjson.JSONEncodeError is a TypeError
+        raise InferenceFailed(
+            f"handler postprocess returned an answer that is not JSON: {err}"
+        ) from None
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(
+            f"the handler's answer takes {len(body)} bytes, over the limit of {max_bytes}"
+        )
+    return body
 
 
 class _Worker:
@@ -183,15 +244,17 @@ def _init_worker(spec: str, options: dict[str, str], metadata: ModelMetadata) ->
     _Worker.metadata = metadata
 
 
-def _worker_preprocess(request: RawRequest) -> dict[str, np.ndarray]:
+def _worker_preprocess(request: RawRequest, max_elements: int) -> dict[str, np.ndarray]:
     handler, metadata = _Worker.handler, _Worker.metadata
     if handler is None or metadata is None:
         raise InferenceFailed("handler worker process not initialised")
-    return _preprocess(handler, metadata, request)
+    return _preprocess(handler, metadata, request, max_elements)
 
 
-def _worker_postprocess(outputs: dict[str, np.ndarray], request: RawRequest) -> Any:
+def _worker_postprocess(
+    outputs: dict[str, np.ndarray], request: RawRequest, max_bytes: int
+) -> bytes:
     handler = _Worker.handler
     if handler is None:
         raise InferenceFailed("handler worker process not initialised")
-    return _postprocess(handler, outputs, request)
+    return _postprocess(handler, outputs, request, max_bytes)

@@ -59,13 +59,22 @@ class HandlerLimits:
     workers: int = 0
     max_pending: int = 0
     drain_timeout_s: float = 30.0
+    max_elements: int = 1 << 24  # --max-tensor-elements, for tensors preprocess makes
+    max_answer_bytes: int = 64 * 1024 * 1024  # --max-response-mb, for postprocess answers
 
     def __post_init__(self) -> None:
         self.apply("-", ())  # validates
 
     def apply(self, spec: str, options: tuple[tuple[str, str], ...]) -> HandlerConfig:
         return HandlerConfig(
-            spec, options, self.executor, self.workers, self.max_pending, self.drain_timeout_s
+            spec,
+            options,
+            self.executor,
+            self.workers,
+            self.max_pending,
+            self.drain_timeout_s,
+            max_elements=self.max_elements,
+            max_answer_bytes=self.max_answer_bytes,
         )
 
 
@@ -83,7 +92,12 @@ def engine_factory(
     if handler_limits is None:
         handler_limits = (
             HandlerLimits(
-                handler.executor, handler.workers, handler.max_pending, handler.drain_timeout_s
+                handler.executor,
+                handler.workers,
+                handler.max_pending,
+                handler.drain_timeout_s,
+                handler.max_elements,
+                handler.max_answer_bytes,
             )
             if handler is not None
             else HandlerLimits()
