@@ -93,6 +93,12 @@ def _add_serve(commands: Any) -> None:
         help="rows allowed to wait; more are rejected with 429",
     )
     serve.add_argument(
+        "--max-shape-groups",
+        type=int,
+        default=_env("max-shape-groups", 1024, int),
+        help="distinct input shapes allowed to wait at once; a new one past it gets 429",
+    )
+    serve.add_argument(
         "--instances",
         type=int,
         default=_env("instances", 1, int),
@@ -231,12 +237,31 @@ def _add_serve(commands: Any) -> None:
         help="a client that takes longer to send its request body gets 408 (slow clients)",
     )
     serve.add_argument(
+        "--header-timeout-s", type=float, default=_env("header-timeout-s", 30.0, float),
+        help="a connection that started a request and has not finished its headers within "
+        "this gets 408 and is closed",
+    )  # fmt: skip
+    serve.add_argument(
+        "--keepalive-timeout-s", type=float, default=_env("keepalive-timeout-s", 75.0, float),
+        help="an idle keep-alive connection is closed after this",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-connections", type=int, default=_env("max-connections", 0, int),
+        help="open connections past this get 503 + Retry-After and are closed "
+        "(0: soft RLIMIT_NOFILE - max(256, RLIMIT_NOFILE / 4))",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-inputs", type=int, default=_env("max-inputs", 64, int),
         help="input tensors one request may carry (400 above it)",
     )  # fmt: skip
     serve.add_argument(
         "--max-tensor-elements", type=int, default=_env("max-tensor-elements", 1 << 24, int),
         help="elements one input tensor may declare (413 above it)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-response-mb", type=float, default=_env("max-response-mb", 64.0, float),
+        help="largest response body (413 above it, refused before the model runs when the "
+        "outputs' shapes tell their size)",
     )  # fmt: skip
     serve.add_argument(
         "--max-loop-lag-ms", type=float, default=_env("max-loop-lag-ms", 50.0, float),
@@ -390,7 +415,9 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
     from batchserve.repository import HandlerLimits, ModelRepository, engine_factory
 
     try:
-        batch = BatchConfig(args.max_batch_size, args.max_latency_ms, args.max_queue_rows)
+        batch = BatchConfig(
+            args.max_batch_size, args.max_latency_ms, args.max_queue_rows, args.max_shape_groups
+        )
         runtime = RuntimeConfig(
             args.instances,
             args.intra_op_threads,
@@ -425,8 +452,12 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
             metrics_public=not args.protect_metrics,
             request_timeout_ms=args.request_timeout_ms,
             body_timeout_s=args.body_timeout_s,
+            header_timeout_s=args.header_timeout_s,
+            keepalive_timeout_s=args.keepalive_timeout_s,
+            max_connections=args.max_connections,
             max_inputs=args.max_inputs,
             max_tensor_elements=args.max_tensor_elements,
+            max_response_bytes=int(args.max_response_mb * 1024 * 1024),
             max_loop_lag_ms=args.max_loop_lag_ms,
             reuse_port=args.reuse_port,
             extra_port=args.metrics_port if args.reuse_port else None,
@@ -447,7 +478,8 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
         except OSError as err:
             return _fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
     try:
-        # Handler calls get the same grace as requests when the server stops or a model goes.
+        # Handler calls get the same grace as requests when the server stops or a model goes,
+        # and what a handler makes the limits a client's own tensors and answers get.
         handler = (
             replace(
                 HandlerConfig.from_flags(
@@ -458,6 +490,8 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
                     args.handler_max_pending,
                 ),
                 drain_timeout_s=args.shutdown_grace_s,
+                max_elements=args.max_tensor_elements,
+                max_answer_bytes=server_config.max_response_bytes,
             )
             if args.handler
             else None
@@ -467,6 +501,8 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
             args.handler_workers,
             args.handler_max_pending,
             args.shutdown_grace_s,
+            args.max_tensor_elements,
+            server_config.max_response_bytes,
         )
     except ValueError as err:
         return _fail(str(err))

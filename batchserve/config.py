@@ -25,16 +25,20 @@ class BatchConfig:
     max_latency_ms: longest a request is held back waiting for company while a session is free;
         it never delays a request when the whole pool is idle (see docs/batching.md).
     max_queue_rows: rows allowed to wait; past it new requests are rejected (429).
+    max_shape_groups: distinct input shapes (non-batch dimensions) allowed to wait at once;
+        a request that would open one more is rejected (429).
     """
 
     max_batch_size: int = 64
     max_latency_ms: float = 2.0
     max_queue_rows: int = 8192
+    max_shape_groups: int = 1024
 
     def __post_init__(self) -> None:
         _positive("max_batch_size", self.max_batch_size)
         _non_negative("max_latency_ms", self.max_latency_ms)
         _positive("max_queue_rows", self.max_queue_rows)
+        _positive("max_shape_groups", self.max_shape_groups)
 
     @property
     def max_latency_s(self) -> float:
@@ -98,7 +102,8 @@ class RuntimeConfig:
         small models it stays off, since spinning threads would steal the event loop's core.
     warmup: run each session once on generated inputs before reporting ready.
     replace_after_failures: a session whose runs fail this many times in a row is rebuilt
-        (0 = never).
+        (0 = never), unless it still computes inputs it computed before (then the inputs were
+        at fault; see HealthPolicy).
     stall_timeout_s: a single run going on longer than this is a wedged engine: the liveness
         probe fails so the orchestrator restarts the process (0 = never).
     io_binding: run through ONNX Runtime's I/O binding with reused output buffers. None (auto)
@@ -210,8 +215,14 @@ class ServerConfig:
     metrics_public: bool = True  # /metrics without the API key
     request_timeout_ms: float = 0.0  # default per-request deadline; 0 = none
     body_timeout_s: float = 30.0  # a client slower than this to send its body gets 408
+    header_timeout_s: float = 30.0  # a connection slower than this over its headers: 408
+    keepalive_timeout_s: float = 75.0  # an idle connection between requests is closed
+    max_connections: int = 0  # past it new connections get 503 (0: from RLIMIT_NOFILE)
     max_inputs: int = 64  # input tensors per request
     max_tensor_elements: int = 1 << 24  # elements per input tensor (413 above)
+    # A response body over this is refused (413): before the model runs when the outputs'
+    # declared shapes tell their size, else while it is built (never much past the limit).
+    max_response_bytes: int = 64 * 1024 * 1024
     max_loop_lag_ms: float = 50.0  # event loop this late: shed new requests (0 = never)
     reuse_port: bool = False  # share the port with other workers (SO_REUSEPORT, --workers)
     extra_port: int | None = None  # also listen here (a worker's own metrics port)
@@ -228,6 +239,10 @@ class ServerConfig:
         _non_negative("shutdown_grace_s", self.shutdown_grace_s)
         _non_negative("request_timeout_ms", self.request_timeout_ms)
         _positive("body_timeout_s", self.body_timeout_s)
+        _positive("header_timeout_s", self.header_timeout_s)
+        _positive("keepalive_timeout_s", self.keepalive_timeout_s)
+        _non_negative("max_connections", self.max_connections)
         _positive("max_inputs", self.max_inputs)
         _positive("max_tensor_elements", self.max_tensor_elements)
+        _positive("max_response_bytes", self.max_response_bytes)
         _non_negative("max_loop_lag_ms", self.max_loop_lag_ms)

@@ -21,7 +21,7 @@ from batchserve.cache.redis_tier import RedisTier
 from batchserve.cache.tiered import CacheStatistics, ResponseCache
 from batchserve.clock import Clock, MonotonicClock
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
-from batchserve.errors import DeadlineExceeded, InvalidInput, NotReady
+from batchserve.errors import DeadlineExceeded, InferenceFailed, InvalidInput, NotReady
 from batchserve.handlers.base import RawRequest
 from batchserve.handlers.config import HandlerConfig
 from batchserve.handlers.pipeline import HandlerPipeline
@@ -92,12 +92,25 @@ class Engine(Lifecycle):
         self._cache_version = version
         self._calls = 0  # infer calls in progress, so an unloaded version can drain them
         self.retired = False  # no longer routed to: callers holding it should look again
+        self.digest = ""  # of the model file's bytes it loaded (set by `start`)
+
+    def fresh(self) -> Engine:
+        """A new, unstarted engine with the same settings. Loading a model again builds one:
+        the unloaded engine may still be draining, and its drain closes it, not the new one."""
+        return Engine(self.model_path, self.batch_config, self.runtime_config, name=self.name,
+                      version=self.version, clock=self._clock, cache=self.cache_config,
+                      handler=self.handler_config)  # fmt: skip
 
     async def start(self) -> None:
         """Load the model, build and warm up the sessions; returns when ready to serve."""
+        if self._stack is not None:
+            # Restarting a started (or draining) engine would orphan its pool, and whoever
+            # closes it later would close the new one.
+            raise RuntimeError(f"engine {self.name} version {self.version} is already started")
         started = time.perf_counter()
         builder = SessionBuilder(self.model_path, self.runtime_config)
         sessions, metadata = await asyncio.to_thread(builder.load)
+        self.digest = builder.digest
         # Keys carry the file's digest: a new file never gets the old file's answers; and the
         # precision: replicas with and without --fp16 may share one Redis.
         precision = ":fp16" if self.runtime_config.fp16 else ""
@@ -120,6 +133,7 @@ class Engine(Lifecycle):
                 self._clock,
                 max_queue_rows=self.batch_config.max_queue_rows,
                 batched=metadata.batched,
+                max_shape_groups=self.batch_config.max_shape_groups,
             )
             # Closed in reverse: the batcher drains before the pool stops its threads.
             self._batcher = await stack.enter_async_context(batcher)
@@ -216,15 +230,19 @@ class Engine(Lifecycle):
         cache: bool = True,
         info: RequestInfo | None = None,
         timeout_s: float | None = None,
+        max_output_bytes: int | None = None,
     ) -> Any:
         """One request through the model's handler: preprocess, the batched run, postprocess
-        (one deadline for all three); the handler's response body."""
+        (one deadline for all three); the handler's response body. `max_output_bytes`: as
+        for `infer`, on the tensors the handler's preprocessing makes."""
         pipeline = self.pipeline
         if pipeline is None:
             if self.handler_config is not None:  # closed: its handler is gone with it
                 raise NotReady(f"model {self.name!r} is not ready")
             raise InvalidInput(f"model {self.name!r} has no handler")
-        infer = functools.partial(self.infer, cache=cache, info=info)
+        infer = functools.partial(
+            self.infer, cache=cache, info=info, max_output_bytes=max_output_bytes
+        )
         # The whole pipeline counts as one call: a retired engine waits for preprocessing
         # too before it closes, so the request is answered by the engine that took it.
         self._calls += 1
@@ -246,12 +264,13 @@ class Engine(Lifecycle):
         while self._calls and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
-    def check_admission(self, timeout_s: float | None = None) -> None:
+    def check_admission(self, timeout_s: float | None = None, waited_s: float = 0.0) -> None:
         """Overloaded (429) at once when the queue is full or would make a request with this
-        deadline late: lets the front end shed a request before reading and decoding it."""
+        deadline late, counting the `waited_s` it already spent before reaching the server's
+        code: lets the front end shed a request before reading and decoding it."""
         batcher = self._batcher
         if batcher is not None:
-            batcher.check_room(timeout_s)
+            batcher.check_room(timeout_s, waited_s)
 
     def problem(self) -> str | None:
         """Why this engine cannot serve although loaded (a wedged or lost session pool), or
@@ -273,9 +292,18 @@ class Engine(Lifecycle):
         cache: bool = True,
         info: RequestInfo | None = None,
         timeout_s: float | None = None,
+        max_output_bytes: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the model on `inputs`; returns the requested outputs (all when None).
 
+        `max_output_bytes`: PayloadTooLarge (413) before running when the model's outputs for
+        this many rows would take more memory than this, as far as their declared shapes tell
+        (outputs with a free dimension besides the batch one are not counted); None: no limit.
+
+        The returned arrays belong to the caller: writable, and shared with no other caller
+        nor with the cache, whether computed, a cache hit, or the answer of an identical
+        request in flight. BYTES inputs may be object arrays of str or UTF-8 bytes, or numpy
+        `U` or `S` arrays; they reach the model as str (non-UTF-8 bytes: InvalidInput, 400).
         With a response cache configured, `cache=False` computes (and stores nothing).
         `timeout_s`: past it the request is withdrawn from the queue (no inference is spent on
         it) and DeadlineExceeded (504) is raised."""
@@ -285,6 +313,8 @@ class Engine(Lifecycle):
             raise NotReady(f"model {self.name!r} is not ready")
         selected = metadata.select_outputs(outputs)
         arrays, rows = metadata.validate(inputs)
+        if max_output_bytes is not None:
+            metadata.check_output_bytes(rows, max_output_bytes)
         answer = self._answer(
             batcher, metadata, arrays, rows, selected, outputs, cache, info, timeout_s
         )
@@ -328,7 +358,7 @@ class Engine(Lifecycle):
         if hit is not None:
             if info is not None:
                 info.cache = "hit"
-            return dict(hit)
+            return hit  # decoded from the entry's bytes: arrays of this caller's own
         if info is not None:
             info.cache = "miss"
         return response_cache.get_or_compute(
@@ -348,7 +378,8 @@ class Engine(Lifecycle):
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         signature = tuple([a.shape[1:] for a in arrays])
-        if not rows:
+        empty = not rows
+        if empty:
             # Zero rows: merged into a batch, it would shift every other request's rows; alone
             # (a signature no other queued request has: no shape holds -1), counted as one row.
             signature, rows = (*signature, (-1, id(arrays))), 1
@@ -362,6 +393,8 @@ class Engine(Lifecycle):
             if info is not None:
                 info.batch_rows = item.batch_rows
         names = metadata.output_names
+        if empty:
+            _check_no_rows(results)
         return {names[i]: results[i] for i in selected}
 
     def statistics(self) -> EngineStatistics:
@@ -371,3 +404,11 @@ class Engine(Lifecycle):
         return EngineStatistics(
             self._batcher.statistics(), self._pool.statistics(), self._load_seconds, cache
         )
+
+
+def _check_no_rows(results: Sequence[np.ndarray]) -> None:
+    """A request of zero rows runs alone, so no batch split checks its outputs: a model whose
+    outputs do not follow the batch dimension would hand it outputs of any size."""
+    bad = [list(o.shape) for o in results if not o.shape or o.shape[0]]
+    if bad:
+        raise InferenceFailed(f"model returned shapes {bad} for a request of 0 rows")

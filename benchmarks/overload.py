@@ -19,6 +19,7 @@ Settings compared:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -163,7 +164,9 @@ def closed_loop(base: str, model: str, clients: int, args: argparse.Namespace) -
     }
 
 
-def deadline_round(tree: str, model_path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+def deadline_round(
+    tree: str, model_path: Path, args: argparse.Namespace, load: Any = closed_loop
+) -> list[dict[str, Any]]:
     """One server from `tree` ("after": this checkout; else a source directory), then each
     client count against it in turn."""
     flags = ["--request-timeout-ms", str(args.deadline_ms)]
@@ -176,7 +179,7 @@ def deadline_round(tree: str, model_path: Path, args: argparse.Namespace) -> lis
     base = f"http://{compare.HOST}:{port}"
     try:
         compare.wait_ready(proc, base)
-        rows = [closed_loop(base, args.model, n, args) for n in args.clients]
+        rows = [load(base, args.model, n, args) for n in args.clients]
     finally:
         compare.stop_server(proc)
     return [{"tree": "after" if tree == "after" else "before", **row} for row in rows]
@@ -241,9 +244,155 @@ def deadline_main(argv: list[str]) -> int:
     return 0
 
 
+# wrk prints its latency distribution (all answers together) as JSON lines after the run.
+_WRK_DONE = """
+dofile("%s")
+function done(summary, latency, requests)
+   for _, p in ipairs({50, 90, 95, 98, 99, 99.5, 99.9}) do
+      io.write(string.format("latency_pct %%g %%d\\n", p, latency:percentile(p)))
+   end
+   io.write(string.format("latency_pct 100 %%d\\n", latency.max))
+end
+"""
+
+
+def _metric_counts(base: str) -> dict[str, float]:
+    """`batchserve_requests_total` by status class and the request-duration histogram, read
+    from the server's /metrics (what the server saw: its clock starts when the handler runs)."""
+    text = compare.http_status(f"{base}/metrics", timeout=10.0)[1].decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("batchserve_requests_total{"):
+            counts[line.split('status_class="')[1][:3]] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("batchserve_request_duration_seconds_bucket{"):
+            le = line.split('le="')[1].split('"')[0]
+            counts[f"le_{le}"] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _server_p99_ms(before: dict[str, float], after: dict[str, float]) -> float:
+    """The p99 of all answers by the server's clock: the first bucket holding 99% of them."""
+    buckets = sorted(
+        (float(k[3:]), after[k] - before.get(k, 0.0)) for k in after if k.startswith("le_")
+    )
+    total = buckets[-1][1] if buckets else 0.0
+    for bound, count in buckets:
+        if count >= 0.99 * total:
+            return bound * 1000
+    return float("nan")
+
+
+def wrk_load(base: str, model: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`wrk -t1 -c<clients>` posting one binary request for `duration` seconds: a closed loop
+    whose load generator costs the server's machine far less than a Python one."""
+    script = BUILD / "overload-wrk.lua"
+    script.write_text(_WRK_DONE % (HERE / "post.lua"))
+    url = f"{base}/v2/models/{model}/infer"
+    before = _metric_counts(base)
+    done = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{args.duration:g}s", "--timeout", "5s", "-s",
+         str(script), url, "--", str(args.body), str(args.header_length)],
+        capture_output=True, text=True, timeout=args.duration + 60, check=False,
+    )  # fmt: skip
+    after = _metric_counts(base)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed:\n{done.stderr[-2000:]}")
+    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("latency_pct")]
+    pct = {float(p): int(us) / 1000 for _, p, us in lines}
+    seconds = args.duration
+    ok, c4, c5 = (after.get(k, 0.0) - before.get(k, 0.0) for k in ("2xx", "4xx", "5xx"))
+    answers = max(1.0, ok + c4 + c5)
+    # wrk's distribution mixes 200s and refusals. Refusals are answered fast, so the slowest
+    # 1% of the 200s are the slowest (1% x 200s' share) of all answers.
+    share = ok / answers
+    tail = 100 - share
+    p99_ok = _interpolate(pct, tail)
+    return {"clients": clients, "ok_rps": ok / seconds, "shed_rps": c4 / seconds,
+            "late_rps": c5 / seconds, "late_share": c5 / answers, "ok_p99_ms": p99_ok,
+            "all_latency_ms": {f"p{k:g}": v for k, v in pct.items()},
+            "server_p99_ms": _server_p99_ms(before, after)}  # fmt: skip
+
+
+def _interpolate(pct: dict[float, float], at: float) -> float:
+    points = sorted(pct.items())
+    for (p0, v0), (p1, v1) in itertools.pairwise(points):
+        if p0 <= at <= p1:
+            return v0 + (v1 - v0) * (at - p0) / (p1 - p0) if p1 > p0 else v1
+    return points[-1][1] if points else float("nan")
+
+
+def wrk_main(argv: list[str]) -> int:
+    """`deadline`, with wrk as the load generator and the status counts read from /metrics."""
+    parser = argparse.ArgumentParser(description=wrk_main.__doc__)
+    parser.add_argument("--before", required=True, help="source tree of the code before")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--deadline-ms", type=float, default=90.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--trees", nargs="+", default=["before", "after"])
+    parser.add_argument("--json", default=str(REPO / "docs" / "results" / "overload_deadline.json"))
+    args = parser.parse_args(argv)
+    BUILD.mkdir(exist_ok=True)
+    model_path = BUILD / f"{args.model}.onnx"
+    if not model_path.exists():
+        subprocess.run([sys.executable, "-m", "batchserve", "example-model", args.model,
+                        "-o", str(model_path)], check=True, cwd=REPO)  # fmt: skip
+    args.body, args.header_length = _wrk_body(model_path)
+    rows: list[dict[str, Any]] = []
+    for _ in range(args.rounds):
+        for tree in args.trees:
+            source = args.before if tree == "before" else "after"
+            for row in deadline_round(source, model_path, args, load=wrk_load):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    merged = _medians(rows, args.clients, ("ok_rps", "shed_rps", "late_rps", "late_share",
+                                           "ok_p99_ms", "server_p99_ms"))  # fmt: skip
+    fewest = min(args.clients)
+    capacity = {r["tree"]: r["ok_rps"] for r in merged if r["clients"] == fewest}
+    output = {"model": args.model, "machine": f"{os.cpu_count()} CPUs", "load": "wrk -t1",
+              "when": time.strftime("%Y-%m-%d %H:%M"), "deadline_ms": args.deadline_ms,
+              "duration_s": args.duration, "rounds": rows, "medians": merged}  # fmt: skip
+    Path(args.json).write_text(json.dumps(output, indent=1))
+    print(deadline_table(merged, capacity))
+    return 0
+
+
+def _wrk_body(model_path: Path) -> tuple[Path, int]:
+    """One binary-extension request of one row for the model (its first input)."""
+    import numpy as np
+    import onnx
+
+    from batchserve.protocol import encode_request
+
+    graph = onnx.load(str(model_path)).graph
+    first = graph.input[0]
+    width = first.type.tensor_type.shape.dim[1].dim_value
+    inputs = {first.name: np.random.default_rng(0).random((1, width), dtype=np.float32)}
+    data, header_length = encode_request(inputs, binary=True, binary_outputs=True)
+    path = BUILD / "overload-wrk.body"
+    path.write_bytes(data)
+    assert header_length is not None
+    return path, header_length
+
+
+def _medians(rows: list[dict[str, Any]], clients: list[int], keys: tuple[str, ...]
+             ) -> list[dict[str, Any]]:  # fmt: skip
+    merged: list[dict[str, Any]] = []
+    for tree in ("before", "after"):
+        for n in clients:
+            same = [r for r in rows if r["tree"] == tree and r["clients"] == n]
+            if same:
+                medians = {k: statistics.median(r[k] for r in same) for k in keys}
+                merged.append({"tree": tree, "clients": n, **medians})
+    return merged
+
+
 def main() -> int:
     if sys.argv[1:2] == ["deadline"]:
         return deadline_main(sys.argv[2:])
+    if sys.argv[1:2] == ["wrk"]:
+        return wrk_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet50", help="example model to serve")
     parser.add_argument("--max-batch-size", type=int, default=16)

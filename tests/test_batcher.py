@@ -10,6 +10,7 @@ import pytest
 
 from batchserve.errors import InferenceFailed, NotReady, Overloaded
 from batchserve.queue import Batcher, BatchPolicy
+from batchserve.queue.batcher import SOJOURN_INTERVAL_S
 from batchserve.testing import FakeClock
 
 Done = Callable[[list[np.ndarray] | BaseException], None]
@@ -298,3 +299,27 @@ async def test_a_single_request_that_fails_is_not_retried() -> None:
         with pytest.raises(InferenceFailed):
             await item.future
     assert runner.runs == [1]
+
+
+async def test_a_standing_queue_is_priced_by_what_requests_really_waited() -> None:
+    """Runs are fast (4 rows in 10 ms) but requests sat 50 ms in the queue before each one,
+    as when the queue drains at a busy event loop's pace: the expected wait is what they
+    waited, not the 2.5 ms that rows ahead ÷ row rate says; it is forgotten once no run was
+    dispatched for `SOJOURN_INTERVAL_S`."""
+    runner, clock = ManualRunner(), FakeClock()
+    async with Batcher(runner, BatchPolicy(4, 0.0), clock, max_queue_rows=1000) as batcher:
+        for _ in range(3):
+            item = batcher.submit(rows(4, 1), 4, ((2,),))
+            clock.advance(0.05)  # dispatched only 50 ms after it arrived
+            await settle()
+            clock.advance(0.01)
+            runner.finish()
+            await item.future
+        assert batcher.recent_wait_s() == pytest.approx(0.05)
+        assert batcher.expected_wait_s(1) == pytest.approx(0.06)  # 50 ms waited + one run
+        with pytest.raises(Overloaded, match="expected wait"):
+            batcher.check_room(0.07, waited_s=0.001)  # 61 ms > 80% of 70 ms
+        batcher.check_room(0.1, waited_s=0.001)
+        clock.advance(SOJOURN_INTERVAL_S)  # no dispatch since: the queue is empty now
+        assert batcher.recent_wait_s() == 0.0
+        batcher.check_room(0.07, waited_s=0.001)  # 1 row at 400 rows/s + 10 ms: admitted

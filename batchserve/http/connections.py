@@ -11,6 +11,7 @@ import resource
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -158,10 +159,15 @@ class GuardedRequestHandler(RequestHandler):
     """aiohttp's protocol plus a header-read deadline, the connection count, and a shutdown that
     answers a connection accepted before the listener closed instead of dropping it."""
 
-    __slots__ = ("_answer_first", "_counted", "_first_answered", "_guard", "_header_timer")
+    __slots__ = ("_answer_first", "_counted", "_first_answered", "_guard", "_header_timer",
+                 "arrived_at")  # fmt: skip
 
     def __init__(self, manager: WebServer, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        # `time.monotonic()` when the first bytes of the request not yet handled were read
+        # (0: none pending). Under load a request waits here, behind the loop's backlog, before
+        # its handler runs: a deadline the client counts must count that wait too.
+        self.arrived_at = 0.0
         self._guard = guard
         self._header_timer: asyncio.TimerHandle | None = None
         self._answer_first = False  # shutting down with no request read yet
@@ -182,6 +188,8 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if not self._messages and not self._request_in_progress and self._header_timer is None:
+            self.arrived_at = time.monotonic()  # a new request's first bytes
         super().data_received(data)
         # Waiting for headers: no parsed request queued, and either none was ever parsed on
         # this connection or the handler sits idle between requests. (While a request is

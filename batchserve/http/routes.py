@@ -40,6 +40,12 @@ from batchserve.handlers.negotiate import (
 )
 from batchserve.handlers.pipeline import HandlerPipeline
 from batchserve.http.access import AccessLog, RequestIds, trace_id, wall_clock
+from batchserve.http.bodies import (
+    UnsupportedContentEncoding,
+    check_content_encoding,
+    client_error,
+    expect_handler,
+)
 from batchserve.http.lag import LoopLag
 from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.protocol import (
@@ -69,6 +75,7 @@ class ServerState:
         "limits",
         "max_body_bytes",
         "max_json_bytes",
+        "max_response_bytes",
         "metrics_public",
         "request_ids",
         "requests",
@@ -86,12 +93,15 @@ class ServerState:
         limits: DecodeLimits = DEFAULT_LIMITS,
         max_loop_lag_s: float = 0.0,
         max_json_bytes: int | None = None,
+        max_response_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.accepting = False
+        self.max_response_bytes = max_response_bytes  # 413 for a larger answer
         # JSON costs ~14x its size in memory and holds the loop while it is parsed: big
         # tensors belong in the binary extension, whose decode is zero-copy.
         self.max_json_bytes = max_body_bytes if max_json_bytes is None else max_json_bytes
-        self.lag = LoopLag(max_loop_lag_s)
+        # Measured whenever there is a deadline: the wait before a handler runs counts in it.
+        self.lag = LoopLag(max_loop_lag_s, measure=timeout_s is not None)
         self.lag_shed = 0  # requests refused because the event loop ran late
         self.limits = limits
         self.body_timeout_s = body_timeout_s
@@ -131,8 +141,11 @@ def error_response(status: int, message: str) -> web.Response:
 
 def to_response(request: web.Request, err: BaseException) -> web.Response:
     """The one mapping from an exception to an HTTP answer: `{"error": ...}`, never a traceback."""
+    err = client_error(err) or err
     if isinstance(err, BatchserveError):
         response = error_response(err.status, err.message)
+        if isinstance(err, UnsupportedContentEncoding):
+            response.headers.update(err.headers)
         if err.status in (429, 503):
             # Shed load tells clients when to come back instead of letting them hammer.
             response.headers["Retry-After"] = "1"
@@ -155,6 +168,7 @@ def guarded(handler: Handler, *, protected: bool = True) -> Handler:
         try:
             if protected:
                 request.app[STATE].authorize(request)
+            check_content_encoding(request.headers)
             return await handler(request)
         except Exception as err:
             return to_response(request, err)
@@ -219,6 +233,32 @@ class InferEndpoint:
         self._repository = repository
         self._state = state
 
+    def admit(self, request: web.Request, waited_s: float | None = None) -> Engine:
+        """The checks the headers allow, made before the body is read (and before `100
+        Continue` when the client waits for one): a refusal costs far less than an answer.
+        `waited_s`: how long the request has waited since it reached the server."""
+        state = self._state
+        match = request.match_info
+        if state.api_key is not None:  # before the lookup: no probing names without a key
+            state.authorize(request)
+        engine = self._repository.get(match["name"], match.get("version"), request.headers)
+        if not state.accepting:
+            raise NotReady("the server is shutting down")
+        # Shed before reading the body: a refusal must cost far less than an answer.
+        engine.check_admission(
+            state.timeout_s, state.lag.smoothed_s if waited_s is None else waited_s
+        )
+        if state.lag.overloaded:
+            state.lag_shed += 1
+            raise Overloaded(
+                f"server overloaded: its event loop runs {state.lag.lag_s * 1000:.0f} ms late"
+            )
+        length = request.content_length
+        if length is not None and length > state.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds {state.max_body_bytes}")
+        check_content_encoding(request.headers)
+        return engine
+
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         state = self._state
@@ -227,26 +267,11 @@ class InferEndpoint:
         model, received = UNKNOWN_MODEL, 0
         info = RequestInfo() if state.access_log.enabled else None
         match = request.match_info
+        waited = _waited(request, state.lag)
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
         try:
-            if state.api_key is not None:  # before the lookup: no probing names without a key
-                state.authorize(request)
-            engine = self._repository.get(match["name"], match.get("version"), request.headers)
+            engine = self.admit(request, waited)
             model = engine.name
-            if not state.accepting:
-                raise NotReady("the server is shutting down")
-            # Shed before reading the body: a refusal must cost far less than an answer.
-            engine.check_admission(state.timeout_s)
-            if state.lag.overloaded:
-                state.lag_shed += 1
-                raise Overloaded(
-                    f"server overloaded: its event loop runs {state.lag.lag_s * 1000:.0f} ms late"
-                )
-            length = request.content_length
-            if length is not None and length > state.max_body_bytes:
-                raise PayloadTooLarge(
-                    f"request body of {length} bytes exceeds {state.max_body_bytes}"
-                )
             if request.content.is_eof():
                 body = await request.read()  # already here: no timer needed
             else:
@@ -264,11 +289,13 @@ class InferEndpoint:
                     decoded.outputs,
                     cache=_cache_allowed(request, parameters),
                     info=info,
-                    timeout_s=_timeout(parameters, state.timeout_s)
-                    if parameters
-                    else state.timeout_s,
+                    timeout_s=_remaining(
+                        _timeout(parameters, state.timeout_s) if parameters else state.timeout_s,
+                        waited,
+                    ),
+                    max_output_bytes=state.max_response_bytes,
                 )
-                response = _v2_response(engine, decoded, results)
+                response = _v2_response(engine, decoded, results, state.max_response_bytes)
         except asyncio.CancelledError:
             if _cancelled_by_caller():
                 raise  # the client went away or the server stops: nobody to answer
@@ -318,9 +345,16 @@ async def _through_handler(
             body, media_type(request.headers.get("Content-Type")), request.headers, request.query
         )
         result = await engine.infer_request(
-            raw, cache=_cache_allowed(request, None), info=info, timeout_s=state.timeout_s
-        )
-        return web.Response(body=encode_body(result), content_type=_JSON)
+            raw, cache=_cache_allowed(request, None), info=info, timeout_s=state.timeout_s,
+            max_output_bytes=state.max_response_bytes,
+        )  # fmt: skip
+        body = encode_body(result)
+        if len(body) > state.max_response_bytes:  # a handler's answer: any JSON, measured
+            raise PayloadTooLarge(
+                f"the handler's answer takes {len(body)} bytes, over the limit of "
+                f"{state.max_response_bytes}"
+            )
+        return web.Response(body=body, content_type=_JSON)
     # Encoded images in a binary BYTES input stay bytes: they are for the handler, not text.
     # (Unless the model itself takes text: then BYTES stay text, as for every other model.)
     text_inputs = any(t.datatype == "BYTES" for t in engine.metadata.inputs)
@@ -335,22 +369,26 @@ async def _through_handler(
             )
         v2 = RawRequest.from_v2(decoded.inputs, parameters, request.headers)
         value = await engine.infer_request(
-            v2, cache=_cache_allowed(request, parameters), info=info, timeout_s=timeout_s
-        )
+            v2, cache=_cache_allowed(request, parameters), info=info, timeout_s=timeout_s,
+            max_output_bytes=state.max_response_bytes,
+        )  # fmt: skip
         results = v2_outputs(value)
     else:
         results = await engine.infer(
             decoded.inputs, decoded.outputs, cache=_cache_allowed(request, parameters),
-            info=info, timeout_s=timeout_s,
+            info=info, timeout_s=timeout_s, max_output_bytes=state.max_response_bytes,
         )  # fmt: skip
-    return _v2_response(engine, decoded, results)
+    return _v2_response(engine, decoded, results, state.max_response_bytes)
 
 
 def _v2_response(
-    engine: Engine, decoded: InferRequest, results: Mapping[str, np.ndarray]
+    engine: Engine, decoded: InferRequest, results: Mapping[str, np.ndarray], max_bytes: int
 ) -> web.Response:
-    """A V2 inference response: JSON, or JSON header + binary outputs when asked for."""
-    payload, header_length = encode_response(engine.name, engine.version, decoded, results)
+    """A V2 inference response: JSON, or JSON header + binary outputs when asked for; 413
+    over `max_bytes`."""
+    payload, header_length = encode_response(
+        engine.name, engine.version, decoded, results, max_bytes=max_bytes
+    )
     if header_length is None:
         return web.Response(body=payload, content_type=_JSON)
     return web.Response(
@@ -378,6 +416,24 @@ def _timeout(parameters: dict[str, Any] | None, default: float | None) -> float 
         raise InvalidInput("parameters.timeout must be a positive integer (microseconds)")
     seconds = requested / 1e6
     return seconds if default is None else min(seconds, default)
+
+
+def _waited(request: web.Request, lag: LoopLag) -> float:
+    """How long ago the client sent the request, as far as the server can tell: since its
+    first bytes were read (the wait behind the loop's backlog), plus the loop's smoothed lag
+    for the time they sat unread in the socket before that."""
+    protocol = request.protocol
+    arrived = getattr(protocol, "arrived_at", 0.0)
+    if not arrived:
+        return lag.smoothed_s
+    setattr(protocol, "arrived_at", 0.0)  # noqa: B010 (taken: the next request is timed afresh)
+    return max(0.0, time.monotonic() - arrived) + lag.smoothed_s
+
+
+def _remaining(timeout_s: float | None, waited_s: float) -> float | None:
+    """What is left of a deadline after the wait before the handler ran (at least 1 ms, so a
+    request the queue cannot serve at once is refused or cut off rather than never tried)."""
+    return None if timeout_s is None else max(timeout_s - waited_s, 0.001)
 
 
 def _cache_allowed(request: web.Request, parameters: dict[str, Any] | None) -> bool:
@@ -515,8 +571,21 @@ async def no_route(request: web.Request) -> web.Response:
 _CATCH_ALL = "/{tail}"
 
 
+def _body_precheck(request: web.Request) -> None:
+    state = request.app[STATE]
+    state.authorize(request)
+    length = request.content_length
+    if length is not None and length > state.max_body_bytes:
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds {state.max_body_bytes}")
+    check_content_encoding(request.headers)
+
+
 def add_routes(app: web.Application) -> None:
-    infer = InferEndpoint(app[REPOSITORY], app[STATE]).handle
+    endpoint = InferEndpoint(app[REPOSITORY], app[STATE])
+    infer = endpoint.handle
+    # `Expect: 100-continue` is answered after the checks the headers allow.
+    infer_expect = expect_handler(endpoint.admit, to_response)
+    body_expect = expect_handler(_body_precheck, to_response)
     get = app.router.add_get
     get("/v2", guarded(server_metadata))
     # Probes must work without credentials; metrics too unless the operator says otherwise.
@@ -527,8 +596,8 @@ def add_routes(app: web.Application) -> None:
         get(prefix, guarded(model_metadata))
         get(prefix + "/ready", guarded(model_ready))
         get(prefix + "/stats", guarded(model_statistics))
-        app.router.add_post(prefix + "/infer", infer)
-    post = app.router.add_post
+        app.router.add_post(prefix + "/infer", infer, expect_handler=infer_expect)
+    post = functools.partial(app.router.add_post, expect_handler=body_expect)
     post("/v2/repository/index", guarded(repository_index))
     post("/v2/repository/models/{name}/load", guarded(repository_load))
     post("/v2/repository/models/{name}/unload", guarded(repository_unload))

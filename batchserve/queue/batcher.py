@@ -24,6 +24,9 @@ Signature = tuple[tuple[int, ...], ...]
 DEADLINE_HEADROOM = 0.8
 # Runs the service-rate estimate remembers: its median ignores any minority of odd runs.
 RATE_WINDOW = 15
+# How far back the queue's recent waits count: dispatches older than this say nothing about
+# the queue now (an idle queue must not keep refusing on the waits of a past burst).
+SOJOURN_INTERVAL_S = 0.1
 Outputs = list[np.ndarray]
 
 
@@ -141,6 +144,11 @@ class Batcher:
         self._run_times: deque[float] = deque(maxlen=RATE_WINDOW)
         self._row_rate = 0.0
         self._run_s = 0.0
+        # (dispatch time, mean wait of its requests) of recent runs. Where the queue drains at
+        # the event loop's pace rather than the sessions' (a cheap model on a busy loop), rows
+        # ahead ÷ row rate sees only the compute, while what requests really waited shows
+        # the wait a new arrival will meet.
+        self._sojourns: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW)
 
     async def __aenter__(self) -> Batcher:
         self._loop = asyncio.get_running_loop()
@@ -202,28 +210,43 @@ class Batcher:
         self._schedule()
         return item
 
-    def check_room(self, deadline_s: float | None = None) -> None:
+    def check_room(self, deadline_s: float | None = None, waited_s: float = 0.0) -> None:
         """Refuse now, before the request is even read, when the queue is already full or its
-        expected wait already exceeds `deadline_s`."""
+        expected wait, after the `waited_s` the request already spent reaching us, already
+        exceeds `deadline_s`."""
         stats = self._stats
         if stats.queued_rows >= self._max_queue_rows:
             stats.rejected += 1
             raise Overloaded(
                 f"queue full ({stats.queued_rows} rows waiting, limit {self._max_queue_rows})"
             )
-        if deadline_s is not None and stats.queued_rows:
-            self._check_deadline(1, deadline_s)
+        if deadline_s is not None and (stats.queued_rows or waited_s):
+            self._check_deadline(1, deadline_s, waited_s)
 
     def expected_wait_s(self, rows: int) -> float:
         """Estimated time until `rows` more rows would be computed: the rows queued ahead
-        served at the measured rate by every session, plus one run. 0 before any run."""
+        served at the measured rate by every session, plus one run; or, when longer, what
+        requests dispatched in the last `SOJOURN_INTERVAL_S` waited in the queue (their
+        median), plus one run. 0 before any run."""
         if not self._row_rate:
             return 0.0
         sessions = max(1, self._runner.size)
-        return (self._stats.queued_rows + rows) / (self._row_rate * sessions) + self._run_s
+        ahead = (self._stats.queued_rows + rows) / (self._row_rate * sessions)
+        return max(ahead, self.recent_wait_s()) + self._run_s
 
-    def _check_deadline(self, rows: int, deadline_s: float) -> None:
-        wait = self.expected_wait_s(rows)
+    def recent_wait_s(self) -> float:
+        """The median queue wait of the runs dispatched in the last `SOJOURN_INTERVAL_S`
+        (0 when none were): a standing queue shows here however fast the sessions are."""
+        sojourns = self._sojourns
+        if not sojourns:
+            return 0.0
+        since = self._clock.now() - SOJOURN_INTERVAL_S
+        while sojourns and sojourns[0][0] < since:
+            sojourns.popleft()
+        return median_low([wait for _, wait in sojourns]) if sojourns else 0.0
+
+    def _check_deadline(self, rows: int, deadline_s: float, waited_s: float = 0.0) -> None:
+        wait = self.expected_wait_s(rows) + waited_s
         # A fifth of the deadline stays for what the estimate does not see: HTTP, scheduling
         # jitter, a run slower than the average.
         if wait > DEADLINE_HEADROOM * deadline_s:
@@ -388,11 +411,14 @@ class Batcher:
         stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
         self._batch_rows.observe(rows)
         observe = self._queue_wait.observe
+        total = 0.0
         for item in batch:
             item.batch_rows = rows
             wait = now - item.enqueued_at
-            stats.queue_wait_s += wait
+            total += wait
             observe(wait)
+        stats.queue_wait_s += total
+        self._sojourns.append((now, total / len(batch)))
 
     def _done(
         self, batch: list[Pending], rows: int, started: float, result: Outputs | BaseException

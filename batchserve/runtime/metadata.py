@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any, NoReturn
 
 import numpy as np
 
 from batchserve.datatypes import ORT_TO_V2, V2_TO_NUMPY, v2_name
-from batchserve.errors import InvalidInput, UnsupportedInput
+from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,8 @@ class ModelMetadata:
         return cls(inputs, outputs, batched)
 
     def validate(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
-        """Check names, dtypes and shapes; return the arrays in model order and their row count."""
+        """Check names, dtypes and shapes; return the arrays in model order and their row count.
+        BYTES inputs come back as object arrays of str, what ONNX Runtime takes (see `_as_text`)."""
         specs = self.inputs
         if len(feeds) != len(specs):
             self._names_error(feeds)
@@ -73,6 +75,8 @@ class ModelMetadata:
             if array is None:
                 self._names_error(feeds)
             _check_tensor(spec, array)
+            if spec.datatype == "BYTES":
+                array = _as_text(spec.name, array)
             if self.batched:
                 if rows < 0:
                     rows = array.shape[0]
@@ -110,6 +114,29 @@ class ModelMetadata:
                 ) from None
         return indexes
 
+    def output_bytes(self, rows: int) -> int:
+        """The least memory a run of `rows` rows allocates for the outputs (all of them: a run
+        computes every output), from their declared shapes. Only outputs whose dimensions are
+        all fixed but the batch one count: a free dimension may be 0, and an estimate above
+        what the run allocates would refuse requests that fit."""
+        total = 0
+        for spec in self.outputs:
+            dims = spec.shape[1:] if self.batched else spec.shape
+            if -1 not in dims:
+                total += (rows if self.batched else 1) * prod(dims) * spec.dtype.itemsize
+        return total
+
+    def check_output_bytes(self, rows: int, limit: int) -> None:
+        """PayloadTooLarge (413) before running when the outputs for `rows` rows would already
+        take more than `limit` bytes: a tiny request (`[20000000, 0]`, no elements) can ask
+        for a huge answer."""
+        estimate = self.output_bytes(rows)
+        if estimate > limit:
+            raise PayloadTooLarge(
+                f"{rows} rows would make at least {estimate} bytes of outputs, over the "
+                f"response limit of {limit}; send fewer rows per request"
+            )
+
 
 def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
     expected = spec.dtype
@@ -128,6 +155,35 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
             f"input {spec.name!r} has shape {list(shape)}, the model expects "
             f"{list(spec.shape)} (-1 = any size)"
         )
+
+
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    """A BYTES input as an object array of str. ONNX Runtime takes only str elements: it reads
+    an `S` array's buffer as garbage and turns a bytes object into its repr ("b'a'"). So `U`
+    arrays become str, bytes (`S` arrays, bytes objects) are decoded as UTF-8, and anything
+    else is refused. An `S` array has already lost its elements' trailing NUL bytes (numpy's
+    fixed-width strings strip them)."""
+    if array.dtype.kind == "U":
+        return array.astype(object)
+    if array.dtype.kind == "O" and all(type(v) is str for v in array.flat):
+        return array  # the common case: what the V2 decoder builds
+    text = np.empty(array.shape, dtype=object)
+    flat = text.reshape(-1)
+    for i, value in enumerate(array.flat):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(
+                    f"input {name!r}: BYTES element {i} is not UTF-8 (the model takes text)"
+                ) from None
+        elif not isinstance(value, str):
+            raise InvalidInput(
+                f"input {name!r}: BYTES element {i} is {type(value).__name__}, "
+                "expected str or UTF-8 bytes"
+            )
+        flat[i] = str(value)
+    return text
 
 
 def _v2(dtype: np.dtype[Any]) -> str:
