@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -142,3 +143,26 @@ async def wait_until(condition: Callable[[], object], what: str, timeout_s: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"still waiting after {timeout_s:g} s: {what}")
         await asyncio.sleep(0.005)
+
+
+def wait_for_exits(pids: Iterable[int], timeout_s: float = 30.0) -> set[int]:
+    """Wait, on the processes' own exit events (pidfds), until every one of `pids` has ended
+    or `timeout_s` passed; returns those still running. Works for processes that are not our
+    children (a killed server's workers), which `waitpid` cannot wait for."""
+    import select
+
+    fds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                fds[os.pidfd_open(pid)] = pid
+        deadline = time.monotonic() + timeout_s
+        while fds and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(list(fds), [], [], left)
+            for fd in ready:
+                fds.pop(fd)
+                os.close(fd)
+        return set(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -430,10 +430,9 @@ async def test_pool_times_out_a_server_that_never_answers() -> None:
         RawServer(until_client_hangs_up) as url,
         ConnectionPool(url, 1, timeout_s=0.4) as pool,
     ):
-        started = time.perf_counter()
+        # The behaviour is the RequestTimeout itself; asyncio.timeout(10) above only names a hang.
         with pytest.raises(RequestTimeout):
             await pool.post(encode_post(url + "/x", b"{}", {}))
-        assert time.perf_counter() - started < 5
 
 
 async def test_pool_reports_a_server_that_hangs_up() -> None:
@@ -545,58 +544,43 @@ def test_cli_concurrency_zero_is_rejected(mlp_server: str) -> None:
 # coordinated omission
 
 
-def test_open_loop_latency_counts_queueing_from_the_scheduled_time(
-    tmp_path: Path, slow_path: Path
+@pytest.mark.parametrize("max_outstanding", [1024, 1], ids=["uncapped", "capped"])
+async def test_open_loop_latency_counts_queueing_from_the_scheduled_time(
+    tmp_path: Path, max_outstanding: int
 ) -> None:
-    """Overload a slow model on purpose: the queue grows for the whole run, so the last requests
-    wait seconds even though each one is served in a fraction of that.
+    """Overload a server of fixed capacity on purpose: the backlog grows for the whole run, so
+    the last requests wait seconds even though each one is served in 50 ms.
 
-    Service time S is measured first (closed loop, 1 caller, p50). The open-loop rate is then
-    K / S, K times what the server can serve, for D seconds. Request i is scheduled at i·S/K and
-    done at about (i+1)·S, so its latency grows to about (K-1)·D at the end of the window:
-    with K = 4, D = 1 the top percentiles are about 3 s, whatever S is on this machine (and the
-    run costs about K·D = 4 s of server time). Asserting p99 > 4·S leaves room for S to be
-    mis-measured by 2x either way (the server may also run somewhat faster under steady load).
-    The rate is derived from S rather than fixed so the test stays short on a slow CPU and
-    still overloads a fast one.
-
-    Two variants:
-    - no client cap: the queue is in the server; latency must include it;
-    - `--max-outstanding 1`: the queue is in the client, one request on the wire at a time.
-      A load generator that timed requests from when they were *sent* would report about S for
-      every request here (coordinated omission); timing from the *scheduled* time reports the
-      same growing wait as the uncapped run.
+    The server answers one request at a time, each after at least 50 ms (at most 20 req/s);
+    it is offered 60 req/s for 1 s. Request i is scheduled at i/60 s and answered no earlier
+    than (i+1)·50 ms, so from its scheduled time it waits at least 50 ms + i·33 ms: about 2 s
+    for the last ones, whatever this machine's speed (a slower one only answers later). Two
+    variants, each a real `batchserve bench` run:
+    - uncapped: the backlog is in the server; latency must include it;
+    - `--max-outstanding 1`: the backlog is in the client, one request on the wire at a time.
+      A load generator that timed requests from when they were *sent* would report about
+      50 ms for every request here (coordinated omission); timing from the *scheduled* time
+      reports the same growing wait as the uncapped run.
     """
-    server = ServeProcess(
-        tmp_path / "slow.log",
-        slow_path,
-        "--name",
-        "slow",
-        "--max-queue-rows",
-        "1000000",  # never 429: the whole backlog must wait, not be shed
-        "--max-loop-lag-ms",
-        "0",
-    )
-    try:
-        common = (server.url, "-m", "slow", "--binary", "--rows", "512")
-        closed = bench_json(
-            tmp_path, *common, "--concurrency", "1", "--duration", "1", "--warmup", "0.3"
-        )["report"]
-        assert_clean(closed)
-        service_ms = closed["latency_ms"]["p50"]
-        rate = min(4000.0 / service_ms, 2000.0)
-        load = ("--rate", f"{rate:.3f}", "--duration", "1", "--warmup", "0")
-
-        queued = bench_json(tmp_path, *common, *load)["report"]
-        assert_clean(queued)
-        assert queued["latency_ms"]["p99"] > 4 * service_ms, (service_ms, queued)
-
-        capped = bench_json(tmp_path, *common, *load, "--max-outstanding", "1")["report"]
-        assert_clean(capped)
-        assert capped["delayed_by_cap"] > 0
-        assert capped["latency_ms"]["p99"] > 4 * service_ms, (service_ms, capped)
-    finally:
-        server.stop()
+    out = tmp_path / "bench.json"
+    # asyncio.timeout(120) is only a hang guard: the run takes about 3 s.
+    async with asyncio.timeout(120), Recording(delay_s=0.05, serial=True) as url:
+        process = await asyncio.create_subprocess_exec(
+            *CLI, "bench", url, "-m", "m", "--rate", "60", "--duration", "1", "--warmup", "0",
+            "--timeout", "30", "--max-outstanding", str(max_outstanding), "--json", str(out),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+        )  # fmt: skip
+        _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    report = json.loads(out.read_text())["report"]
+    assert_clean(report)
+    assert report["requests"] >= 60
+    # the top percentile is one of the last requests: at least 50 ms + 58 x 33 ms waited
+    assert report["latency_ms"]["p99"] > 1500.0, report
+    if max_outstanding == 1:
+        assert report["delayed_by_cap"] > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,25 +665,26 @@ async def test_open_loop_accounts_for_every_scheduled_request(max_outstanding: i
     of the 60 scheduled requests is in the report, the late ones as timeouts, and the
     percentiles include them at their timeout instead of dropping them."""
     config = {"rate": 60.0, "duration_s": 1.0, "warmup_s": 0.0, "timeout_s": 1.0}
+    # asyncio.timeout(30) is only a hang guard (the run takes about 2 s); nothing here bounds
+    # how fast this machine is.
     async with asyncio.timeout(30), Recording(delay_s=0.05, serial=True) as url:
         workload = plain_workload(url + "/v2/models/m/infer")
-        started = time.perf_counter()
         results = await load(workload, **config, max_outstanding=max_outstanding)
-        elapsed = time.perf_counter() - started
     result = summarize(results, LoadConfig(**config))
     assert 60 <= result.requests <= 61  # the constant schedule, counted, not the answers
     assert accounted(result) == result.requests
-    assert 15 <= result.ok <= 45, result  # about 20 req/s for the 2 s until the last deadline
+    # The server answers at most 20 req/s (each answer sleeps 50 ms, one at a time) for the
+    # 2 s until the last deadline: a slower machine only answers fewer, so these bounds hold
+    # whatever its speed.
+    assert result.ok <= 45, result
     assert result.timed_out >= 10, result
     assert result.errors_by_status == {}
     # late requests time out at their deadline (a slot's wait included), never "the server
-    # closed the connection", nor left for the end of the run to cancel
+    # closed the connection", nor left for the end of the run to cancel (that would be
+    # NotCompleted)
     assert result.errors_by_exception == {"RequestTimeout": result.requests - result.ok}
     assert result.timed_out == result.requests - result.ok
     assert result.latency_ms["p99"] >= 1000.0  # the backlog shows, at least at the timeout
-    assert result.latency_ms["max"] < 1000.0 + 2 * 250 + 200  # given up near the deadline
-    # last send at ~1 s, its deadline 1 s later: the run waits for it, not much longer
-    assert elapsed < 2.0 + 0.2 + 0.6 + 1.0
     if max_outstanding == 2:
         assert result.delayed_by_cap > 0
 
@@ -723,15 +708,15 @@ async def test_a_request_stuck_connecting_times_out_at_its_deadline(
     config = {**mode, "duration_s": 0.5, "warmup_s": 0.0, "timeout_s": 0.5}
     async with asyncio.timeout(20), RawServer(silent) as url:
         https = url.replace("http://", "https://") + "/v2/models/m/infer"
-        started = time.perf_counter()
         results = await load(plain_workload(https), **config)
-        elapsed = time.perf_counter() - started
     result = summarize(results, LoadConfig(**config))
     assert expected[0] <= result.requests <= expected[1]
+    # RequestTimeout for each, none NotCompleted: each was timed out at its own deadline, not
+    # cancelled when the run ended (asyncio.timeout(20) above is only a hang guard).
     assert result.errors_by_exception == {"RequestTimeout": result.requests}
     assert result.timed_out == result.requests
-    assert result.latency_ms["p50"] >= 500.0
-    assert elapsed < 0.2 + 0.5 + 0.5 + 0.35 + 1.0
+    # counted at their wait, the timeout; uvloop's millisecond timers may fire a little early
+    assert result.latency_ms["p50"] >= 500.0 - 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -801,12 +786,13 @@ async def test_pool_times_out_a_request_waiting_for_a_slot() -> None:
     ):
         raw = encode_post(url + "/x", b"{}", {})
         started = time.perf_counter()
-        holder = asyncio.create_task(pool.post(raw, started + 5))
+        holder = asyncio.create_task(pool.post(raw, started + 60))
         await asyncio.sleep(0)
         assert pool.saturated
         with pytest.raises(RequestTimeout, match="slot"):
             await pool.post(raw, started + 0.3)
-        assert time.perf_counter() - started < 0.3 + pool.sweep_interval + 0.5
+        # Timed out at its own deadline while the slot's holder is still out: had it waited
+        # for the slot, it would have come after the holder (whose deadline is a minute away).
         assert not holder.done()
         holder.cancel()
         with pytest.raises(asyncio.CancelledError):

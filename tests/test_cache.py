@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+import redis
 
 from batchserve import BatchConfig, CacheConfig, Engine, RuntimeConfig
 from batchserve.cache import cache_key, codec
@@ -316,7 +317,8 @@ async def test_a_second_engine_gets_hits_the_first_computed(
     mlp_path: Path, redis_server: RedisProcess
 ) -> None:
     x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
-    config = CacheConfig(size_mb=8, redis_url=redis_server.url, ttl_s=60)
+    # A generous call timeout: on a busy machine a 50 ms one could turn the hit into a miss.
+    config = CacheConfig(size_mb=8, redis_url=redis_server.url, ttl_s=60, redis_timeout_ms=5000)
     async with Engine(mlp_path, cache=config, name="mlp") as first:
         computed = await first.infer({"input": x})
         # The write to Redis happens off the request's path: wait for it, however long.
@@ -334,16 +336,14 @@ async def test_a_second_engine_gets_hits_the_first_computed(
 async def test_redis_hits_are_text_and_arrays_of_their_own(
     echo_path: Path, redis_server: RedisProcess
 ) -> None:
-    config = CacheConfig(size_mb=0, redis_url=redis_server.url, ttl_s=60)
+    config = CacheConfig(size_mb=0, redis_url=redis_server.url, ttl_s=60, redis_timeout_ms=5000)
     as_bytes = echo_inputs(8)
     text = as_bytes["x_BYTES"]
     as_bytes["x_BYTES"] = np.array([[v.encode() for v in text.flat]], dtype=object)
     async with Engine(echo_path, cache=config, name="echo") as first:
         computed = await first.infer(as_bytes)
-        for _ in range(500):  # the write to Redis happens off the request's path
-            if first.statistics().cache.redis.writes:  # type: ignore[union-attr]
-                break
-            await asyncio.sleep(0.01)
+        # The write to Redis happens off the request's path: wait for it, however long.
+        await wait_until(lambda: redis_writes(first) >= 1, "the write to Redis")
     assert computed["y_BYTES"].tolist() == text.tolist()
     as_text = {**as_bytes, "x_BYTES": text}
     async with Engine(echo_path, cache=config, name="echo") as second:
@@ -360,23 +360,33 @@ async def test_redis_hits_are_text_and_arrays_of_their_own(
 
 
 async def test_entries_expire_after_their_ttl(mlp_path: Path, redis_server: RedisProcess) -> None:
+    """Entries are written with the TTL (Redis holds the clock: asked, not timed here), and
+    once Redis has dropped one the answer is computed again."""
     x = np.ones((1, 64), np.float32)
-    config = CacheConfig(size_mb=0, redis_url=redis_server.url, ttl_s=0.3)
-    async with Engine(mlp_path, cache=config) as engine:
-        await engine.infer({"input": x})
-        await asyncio.sleep(0.1)
-        await engine.infer({"input": x})
-        assert engine.statistics().batcher.requests == 1  # a Redis hit
-        await asyncio.sleep(0.5)
-        await engine.infer({"input": x})
-        assert engine.statistics().batcher.requests == 2  # expired, computed again
+    config = CacheConfig(size_mb=0, redis_url=redis_server.url, ttl_s=0.3, redis_timeout_ms=5000)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        async with Engine(mlp_path, cache=config) as engine:
+            await engine.infer({"input": x})
+            await wait_until(lambda: redis_writes(engine) >= 1, "the write to Redis")
+            keys = client.keys("*")
+            assert len(keys) == 1
+            # set with a 300 ms expiry, or already expired on a busy machine (-2: gone)
+            assert client.pttl(keys[0]) in {-2, *range(1, 301)}
+            await wait_until(lambda: client.exists(keys[0]) == 0, "Redis to expire the entry")
+            await engine.infer({"input": x})
+            assert engine.statistics().batcher.requests == 2  # expired, computed again
+    finally:
+        client.close()
 
 
 async def test_redis_outage_degrades_to_local_tier_and_recovers(
     mlp_path: Path, redis_server: RedisProcess
 ) -> None:
     config = CacheConfig(
-        size_mb=0, redis_url=redis_server.url, ttl_s=60, redis_timeout_ms=50,
+        # Killed, Redis refuses connections at once: the outage needs no short call timeout,
+        # and a generous one keeps a busy machine's slow answers from reopening the breaker.
+        size_mb=0, redis_url=redis_server.url, ttl_s=60, redis_timeout_ms=5000,
         redis_retry_after_s=0.3,
     )  # fmt: skip
     rng = np.random.default_rng(5)
@@ -399,14 +409,23 @@ async def test_redis_outage_degrades_to_local_tier_and_recovers(
         assert stats.redis.errors >= 1
         assert stats.redis.circuit in {"open", "half_open"}
         redis_server.start()  # back: after the cool-down the breaker closes by itself
-        await asyncio.sleep(0.4)
-        await load(2)
-        await asyncio.sleep(0.2)
-        hits_before = engine.statistics().cache.redis.hits  # type: ignore[union-attr]
-        await load(1)
-        after = engine.statistics().cache.redis  # type: ignore[union-attr]
-    assert after.circuit == "closed"
-    assert after.hits >= hits_before + len(inputs)
+
+        def redis_stats() -> Any:
+            return engine.statistics().cache.redis  # type: ignore[union-attr]
+
+        await wait_until(lambda: redis_stats().circuit != "open", "the breaker's cool-down")
+        # Loads close the breaker (its probe succeeds) and write the answers back to Redis
+        # off their path; served again, every one is a Redis hit. Polled: no event says
+        # when the background writes have landed.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            hits_before = redis_stats().hits
+            await load(1)
+            after = redis_stats()
+            if after.circuit == "closed" and after.hits == hits_before + len(inputs):
+                break
+            assert asyncio.get_running_loop().time() < deadline, after
+            await asyncio.sleep(0.05)
 
 
 async def test_two_server_processes_share_hits_through_redis(
@@ -414,7 +433,8 @@ async def test_two_server_processes_share_hits_through_redis(
 ) -> None:
     from test_cli import Running
 
-    flags = ["--name", "mlp", "--cache-size-mb", "8", "--redis-url", redis_server.url]
+    flags = ["--name", "mlp", "--cache-size-mb", "8", "--redis-url", redis_server.url,
+             "--redis-timeout-ms", "5000"]  # fmt: skip
     first, second = Running(str(mlp_path), *flags), Running(str(mlp_path), *flags)
     try:
         x = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
@@ -423,10 +443,13 @@ async def test_two_server_processes_share_hits_through_redis(
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{first.url}/v2/models/mlp/infer", json=body) as r:
                 computed = await r.json()
-            for _ in range(600):  # bounded: the first server writes to Redis off the request's path
+            # The first server writes to Redis off the request's path: poll its statistics.
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
                 async with http.get(f"{first.url}/v2/models/mlp/stats") as r:
                     if (await r.json())["model_stats"][0]["cache"]["redis"]["writes"]:
                         break
+                assert asyncio.get_running_loop().time() < deadline, "no write to Redis"
                 await asyncio.sleep(0.05)
             async with http.post(f"{second.url}/v2/models/mlp/infer", json=body) as r:
                 shared = await r.json()

@@ -20,6 +20,8 @@ from batchserve import (
     RuntimeConfig,
 )
 
+from conftest import wait_until
+
 
 def reference(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -139,7 +141,9 @@ async def test_cancelled_request_is_removed_before_inference(slow_path: Path) ->
     waiting = np.ones((3, 1024), dtype=np.float32)
     async with Engine(slow_path, BatchConfig(max_batch_size=8192)) as engine:
         first = asyncio.create_task(engine.infer({"x": busy}))
-        await asyncio.sleep(0.01)  # let the first request take the only session
+        await wait_until(  # the first request has the only session (a run of about a second)
+            lambda: engine.statistics().batcher.in_flight_batches == 1, "the first batch"
+        )
         second = asyncio.create_task(engine.infer({"x": waiting}))
         await asyncio.sleep(0)  # queued behind the running batch
         assert engine.statistics().batcher.queued_rows == 3
@@ -158,7 +162,9 @@ async def test_full_queue_rejects_with_overloaded(slow_path: Path) -> None:
     config = BatchConfig(max_batch_size=8192, max_queue_rows=4)
     async with Engine(slow_path, config) as engine:
         first = asyncio.create_task(engine.infer({"x": np.zeros((4096, 1024), np.float32)}))
-        await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: engine.statistics().batcher.in_flight_batches == 1, "the first batch"
+        )
         queued = asyncio.create_task(engine.infer({"x": np.zeros((4, 1024), np.float32)}))
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="queue full"):

@@ -27,6 +27,8 @@ from batchserve.handlers.image import ImageClassificationHandler
 from batchserve.handlers.loader import check_handler, prepare_handler
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
 
+from conftest import wait_for_exits, wait_until
+
 MLP = ModelMetadata(
     (TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("probabilities", "FP32", (-1, 10)),), True
 )
@@ -117,9 +119,9 @@ def test_a_40000x1_png_is_answered_quickly_with_bounded_memory() -> None:
         with open("/proc/self/status") as status:
             size = next(int(l.split()[1]) for l in status if l.startswith("VmSize:")) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY))
-        started = time.perf_counter()
+        started = time.process_time()
         batch = handler.preprocess(RawRequest.from_body(data, "image/png"))["input"]
-        print(batch.shape, round(time.perf_counter() - started, 3))
+        print(batch.shape, round(time.process_time() - started, 3))
         """
     )
     tests = str(Path(__file__).parent)
@@ -133,7 +135,9 @@ def test_a_40000x1_png_is_answered_quickly_with_bounded_memory() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     shape, seconds = done.stdout.rsplit(" ", 1)
     assert shape == "(1, 3, 224, 224)"
-    assert float(seconds) < 1.0
+    # CPU seconds of the child alone (other work on the machine does not count), far under a
+    # full resize to 10 gigapixels: the work done is bounded, not merely the memory.
+    assert float(seconds) < 2.0, seconds
 
 
 @pytest.mark.parametrize("size", [(2000, 60), (60, 2000), (5000, 17), (4097, 256)])
@@ -203,12 +207,23 @@ def test_load_time_handler_faults_are_model_load_errors(
 async def test_close_lets_queued_calls_finish() -> None:
     executor = HandlerExecutor("thread", workers=1, max_pending=4)
     await executor.start()
-    running = asyncio.ensure_future(executor.run(time.sleep, 0.3))
+    release = threading.Event()
+    running = asyncio.ensure_future(executor.run(release.wait, 30))
     queued = asyncio.ensure_future(executor.run(sum, [1, 2, 3]))
-    await asyncio.sleep(0.05)
-    await executor.aclose(timeout_s=10)
-    assert await running is None
-    assert await queued == 6  # not cancelled: its request was in flight
+    try:
+        await wait_until(lambda: executor.statistics().pending == 2, "both calls submitted")
+        closing = asyncio.ensure_future(executor.aclose(timeout_s=60))
+        await asyncio.sleep(0)  # one loop turn: the close has begun (it takes no new calls)
+        with pytest.raises(NotReady):
+            await executor.run(sum, [1])
+        assert not queued.done()  # still waiting behind the running call
+        release.set()  # the running call ends while the executor is closing
+        async with asyncio.timeout(60):  # a hang guard only
+            await closing
+        assert await running is True
+        assert await queued == 6  # not cancelled: its request was in flight
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])
@@ -221,12 +236,13 @@ async def test_close_has_a_deadline_even_with_a_hung_call(kind: str) -> None:
         if kind == "thread"
         else asyncio.ensure_future(executor.run(time.sleep, 60))
     )
-    await asyncio.sleep(0.3)  # running (a process call needs the worker to pick it up)
+    await wait_until(lambda: executor.statistics().pending == 1, "the hung call submitted")
     queued = asyncio.ensure_future(executor.run(sum, [1]))
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
-    await executor.aclose(timeout_s=0.5)
-    assert time.monotonic() - started < 3.0
+    await wait_until(lambda: executor.statistics().pending == 2, "the queued call submitted")
+    # The hung call never ends by itself (a minute's sleep, or an event set only below): the
+    # close returns because of its own deadline. asyncio.timeout(30) is a hang guard only.
+    async with asyncio.timeout(30):
+        await executor.aclose(timeout_s=0.5)
     # Both callers get an answer: a clean 503, never a CancelledError that drops the connection.
     for call in (hung, queued):
         with pytest.raises(NotReady, match="stopped"):
@@ -285,9 +301,7 @@ def test_process_handler_workers_exit_when_their_server_is_killed(
         with contextlib.suppress(subprocess.TimeoutExpired):
             # Ends when the last holder of its stderr, a handler worker, is gone.
             server.process.communicate(timeout=10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(alive(p) for p in children):
-            time.sleep(0.1)
+        wait_for_exits(children, timeout_s=30)
         left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in children if alive(p)}
         assert left == {}
     finally:

@@ -52,6 +52,9 @@ from batchserve.handlers.pipeline import _preprocess
 from batchserve.protocol import decode_request, encode_response
 from batchserve.protocol.v2 import InferRequest
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
+from batchserve.testing import FakeClock
+
+from conftest import wait_until
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -405,16 +408,23 @@ async def test_concurrent_clients_share_runs(resnet50_path: Path) -> None:
 
 
 async def test_pipeline_deadline_covers_all_steps() -> None:
-    async with HandlerPipeline(HandlerConfig("image-classification"), RESNET_METADATA) as p:
+    """The fake clock makes inference take 31 s of a 30 s budget: inference is given what is
+    left after preprocessing, and the request fails with DeadlineExceeded before postprocess."""
+    clock = FakeClock()
+    config = HandlerConfig("image-classification")
+    given: list[float | None] = []
+    async with HandlerPipeline(config, RESNET_METADATA, clock=clock) as p:
 
         async def slow_infer(
             inputs: dict[str, np.ndarray], *, timeout_s: float | None
         ) -> dict[str, np.ndarray]:
-            await asyncio.sleep(0.3)
+            given.append(timeout_s)
+            clock.advance(31.0)
             return {"logits": np.zeros((1, 1000), np.float32)}
 
-        with pytest.raises(DeadlineExceeded):
-            await p.run(raw(encode(photo(64, 64), "PNG"), "image/png"), slow_infer, timeout_s=0.2)
+        with pytest.raises(DeadlineExceeded, match="during its handler"):
+            await p.run(raw(encode(photo(64, 64), "PNG"), "image/png"), slow_infer, timeout_s=30)
+    assert given == [30.0]  # the fake clock stood still while preprocessing ran
 
 
 # ------------------------------------------------------------------------- user handlers
@@ -613,8 +623,7 @@ async def test_cancelled_caller_frees_its_slot_before_the_work_starts() -> None:
     async with HandlerExecutor("thread", workers=1, max_pending=2) as executor:
         busy = asyncio.create_task(executor.run(_wait, gate))
         queued = asyncio.create_task(executor.run(record, "queued"))
-        await asyncio.sleep(0.01)
-        assert executor.statistics().pending == 2
+        await wait_until(lambda: executor.statistics().pending == 2, "both calls submitted")
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued

@@ -16,8 +16,9 @@ import pytest
 
 from batchserve import BatchConfig, CacheConfig, Engine
 from batchserve.http import STATE
+from batchserve.queue import BatcherStatistics
 
-from conftest import StartServer
+from conftest import StartServer, wait_until
 from models import ECHO_TYPES
 
 V2_DTYPES = {
@@ -412,24 +413,19 @@ async def test_client_disconnect_withdraws_queued_work(
         return {"Inference-Header-Content-Length": str(length)}
 
     busy = asyncio.create_task(_status(http, url, body(4096), headers(4096)))
-    for _ in range(200):  # bounded wait until the big request occupies the session
-        if engine.statistics().batcher.in_flight_batches:
-            break
-        await asyncio.sleep(0.005)
+
+    def stats() -> BatcherStatistics:
+        return engine.statistics().batcher
+
+    # the big request occupies the only session (a run of about a second)
+    await wait_until(lambda: stats().in_flight_batches == 1, "the big request running")
     gone = asyncio.create_task(_status(http, url, body(2), headers(2)))
-    for _ in range(200):
-        if engine.statistics().batcher.queued_rows == 2:
-            break
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: stats().queued_rows == 2, "the small request queued")
     gone.cancel()  # the client goes away while its request waits
-    for _ in range(400):
-        if engine.statistics().batcher.cancelled:
-            break
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: stats().cancelled == 1, "the server to withdraw it")
     assert await busy == 200
-    stats = engine.statistics().batcher
-    assert stats.cancelled == 1
-    assert stats.rows == 4096
+    assert stats().cancelled == 1
+    assert stats().rows == 4096  # the withdrawn rows never reached a session
 
 
 async def _status(

@@ -17,7 +17,7 @@ from batchserve.app import Server
 from batchserve.http import STATE
 from batchserve.http.connections import default_max_connections
 
-from conftest import StartServer
+from conftest import StartServer, wait_until
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
 JSON = (
@@ -132,20 +132,15 @@ async def test_past_max_connections_a_new_one_gets_503_and_the_others_keep_worki
     assert (await read_response(first_reader)).startswith(b"HTTP/1.1 200 ")
     first.close()
     await first.wait_closed()
-    for _ in range(1000):  # no event tells when the server has seen the close: bounded poll
-        if server.connections.statistics().open < 3:
-            break
-        await asyncio.sleep(0.01)
+    # no event tells when the server has seen the close: poll its statistics
+    await wait_until(lambda: server.connections.statistics().open < 3, "the close seen")
     reader, writer = await connect(server)  # a place is free again
     writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert (await read_to_eof(reader)).startswith(b"HTTP/1.1 200 ")
     writer.close()
     for _, other in held[1:]:
         other.close()
-    for _ in range(1000):
-        if server.connections.statistics().open == 0:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: server.connections.statistics().open == 0, "every close seen")
     async with http.get(f"{server.url}/metrics") as r:
         assert r.status == 200
         assert "batchserve_http_connections_refused_total 1.0" in await r.text()

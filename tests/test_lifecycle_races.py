@@ -32,6 +32,7 @@ from batchserve.repository.source import file_digest, scan_directory
 from batchserve.runtime.session import model_digest
 
 import models
+from conftest import wait_until
 
 HANDLER = """
 import threading
@@ -106,12 +107,8 @@ def factory(handler: HandlerConfig | None = None) -> Any:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait for a state change that has no event of its own (bounded)."""
-    for _ in range(2000):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+    """Wait for a state change that has no event of its own (bounded, generously)."""
+    await wait_until(condition, what)
 
 
 async def post(http: aiohttp.ClientSession, url: str, hold: bool = False) -> tuple[int, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -14,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batchserve import CacheConfig, Engine
 
-from conftest import StartServer
+from conftest import StartServer, wait_until
 
 EXPECTED = {
     "batchserve_requests": "counter",
@@ -120,10 +119,10 @@ async def test_access_log_lines_and_request_ids(
         async with http.post(url, json=body) as r:  # a cache hit, with a generated id
             generated = r.headers["X-Request-ID"]
     assert generated
-    for _ in range(100):  # the log is flushed off the request path, within 250 ms
-        if len(caplog.records) >= 2:
-            break
-        await asyncio.sleep(0.02)
+    # the log is flushed off the request path: poll for both lines
+    await wait_until(
+        lambda: sum(r.name == "batchserve.access" for r in caplog.records) >= 2, "two log lines"
+    )
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "batchserve.access"]
     assert [line["request_id"] for line in lines] == ["abc-123", generated]
     first, second = lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,18 +19,14 @@ from batchserve.queue import Batcher, BatchPolicy
 from batchserve.runtime.pool import HealthPolicy, NoHealthySession, SessionPool
 from batchserve.runtime.session import ManagedSession, SessionBuilder
 
-from conftest import StartServer
+from conftest import StartServer, wait_until
 
 GOOD = {"index": np.array([[3]], dtype=np.int64)}
 BAD = {"index": np.array([[7]], dtype=np.int64)}  # outside the 5-entry table: the run fails
 
 
-async def wait_for(condition: object, seconds: float = 10.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
+async def wait_for(condition: Callable[[], object]) -> None:
+    await wait_until(condition, "the pool's state")
 
 
 async def run(pool: SessionPool, inputs: dict[str, np.ndarray]) -> object:
@@ -174,7 +171,7 @@ async def test_a_stalled_run_fails_liveness_until_it_ends(
         http.post(f"{server.url}/v2/models/slow/infer", data=data, headers=headers)
     )
     seen: dict[str, object] = {}
-    for _ in range(500):  # bounded: until the long run counts as a stall
+    while not busy.done():  # polled until the long run counts as a stall (or ends: a failure)
         async with http.get(f"{server.url}/v2/health/live") as r:
             if r.status == 503:
                 seen = await r.json()

@@ -22,6 +22,7 @@ from batchserve.repository import HandlerLimits, ModelRepository, VersionPolicy,
 from batchserve.repository.config import parse_model_config
 
 import models
+from conftest import wait_until
 
 X = [[1.0, 2.0, 3.0, 4.0]]
 StartRepository = Callable[..., Awaitable[str]]
@@ -135,11 +136,7 @@ async def test_new_version_then_rollback_under_load_loses_no_request(
                 seen.append(check_version(answer))
 
     async def until(condition: Callable[[], bool]) -> None:
-        for _ in range(1000):  # bounded: 10 s
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("not reached in time")
+        await wait_until(condition, "the clients' answers")
 
     clients = [asyncio.create_task(client()) for _ in range(8)]
     try:

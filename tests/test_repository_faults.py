@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import shutil
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -34,19 +34,28 @@ from batchserve.repository import (
 )
 from batchserve.repository.config import parse_model_config, version_order
 
+from conftest import wait_until
+
 Serve = Callable[..., Awaitable[tuple[str, ModelRepository]]]
 
 HANDLER = """
-import time
+import threading
 
 import numpy as np
+
+# A request with the `gate` parameter sets `entered` when its preprocess begins and is held
+# there until `release` is set: the test decides when it ends, not a sleep's length.
+entered = threading.Event()
+release = threading.Event()
 
 
 class Slow:
     media_types = frozenset({"text/plain"})
 
     def preprocess(self, request):
-        time.sleep(float(request.parameters.get("pre", "0")))
+        if request.parameters.get("gate"):
+            entered.set()
+            release.wait(60)
         return {"x": np.ones((1, 4), np.float32)}
 
     def postprocess(self, outputs, request):
@@ -252,28 +261,38 @@ async def test_a_reload_waits_for_requests_in_preprocess_without_blocking_other_
     write_config(tmp_path, "slow", f'handler = "{handler_module}"\n')
     add_version(tmp_path, "slow", "1", 1.0)
     add_version(tmp_path, "other", "1", 1.0)
-    url, _repository = await serve(tmp_path, drain_timeout_s=20.0)
+    url, repository = await serve(tmp_path, drain_timeout_s=60.0)
+    gate = importlib.import_module(handler_module.partition(":")[0])  # the server's own module
+    gate.entered.clear()
+    gate.release.clear()
 
     async def slow_request() -> tuple[int, Any]:
         async with http.post(
-            f"{url}/v2/models/slow/infer?pre=1.5",
+            f"{url}/v2/models/slow/infer?gate=1",
             data=b"go",
             headers={"Content-Type": "text/plain"},
         ) as r:
             return r.status, await r.json()
 
     request = asyncio.create_task(slow_request())
-    await asyncio.sleep(0.3)  # in its preprocess now
-    reload = asyncio.create_task(http.post(f"{url}/v2/repository/models/slow/load"))
-    await asyncio.sleep(0.1)
-    started = time.monotonic()
-    async with http.post(f"{url}/v2/repository/models/other/load") as r:
-        assert r.status == 200
-    assert time.monotonic() - started < 1.0  # not held up by the slow model's drain
-    assert not request.done()
-    assert await request == (200, {"y": [1.0, 1.0, 1.0, 1.0]})
-    async with await reload as r:
-        assert r.status == 200
+    try:
+        async with asyncio.timeout(60):  # a hang guard only: nothing here waits on time
+            assert await asyncio.to_thread(gate.entered.wait, 30)  # in its preprocess now
+            old = repository.get("slow")
+            reload = asyncio.create_task(http.post(f"{url}/v2/repository/models/slow/load"))
+            # The new engine serves: the reload is now draining the old one, which the held
+            # request keeps busy for as long as the test wants.
+            await wait_until(lambda: repository.get("slow") is not old, "the reload's swap")
+            async with http.post(f"{url}/v2/repository/models/other/load") as r:
+                assert r.status == 200  # not held up by the slow model's drain
+            assert not request.done()
+            assert not reload.done()  # the reload waits for the request in its preprocess
+            gate.release.set()
+            assert await request == (200, {"y": [1.0, 1.0, 1.0, 1.0]})
+            async with await reload as r:
+                assert r.status == 200
+    finally:
+        gate.release.set()
 
 
 async def test_reloads_free_their_sessions_without_the_cyclic_collector(

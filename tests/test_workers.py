@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import signal
@@ -24,6 +25,8 @@ from batchserve.workers import (
     restart_delay,
     worker_argv,
 )
+
+from conftest import wait_for_exits, wait_until
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
 
@@ -92,23 +95,27 @@ async def test_two_workers_share_the_port_survive_a_crash_and_drain_on_sigterm(
 
             victim = worker_pids(server.process.pid)[0]
             os.kill(victim, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:  # bounded: until a new worker replaced it
+
+            def replaced() -> bool:
                 pids = worker_pids(server.process.pid)
-                if victim not in pids and len(pids) == 2:
-                    break
-                await asyncio.sleep(0.1)
-            assert victim not in worker_pids(server.process.pid)
+                return victim not in pids and len(pids) == 2
+
+            await wait_until(replaced, "a new worker in place of the killed one")
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-            statuses = []
-            for _ in range(40):  # fresh connections: both the old and the new worker serve
-                for _attempt in range(50):
+
+            async def post_on_a_fresh_connection() -> int:
+                deadline = time.monotonic() + 30  # generous: a busy machine only slows it
+                while True:
                     try:
                         async with http.post(url, json=BODY) as r:
-                            statuses.append(r.status)
-                            break
+                            return r.status
                     except aiohttp.ClientConnectionError:  # the new worker is still loading
-                        await asyncio.sleep(0.1)
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.05)
+
+            # fresh connections: both the old and the new worker serve
+            statuses = [await post_on_a_fresh_connection() for _ in range(40)]
             assert statuses == [200] * 40
         assert server.stop() == 0
     finally:
@@ -125,13 +132,10 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(mlp_path: Path) ->
         assert len(workers) == 2
         server.process.kill()  # no chance to forward anything
         server.process.communicate()  # reaps it and closes its pipe
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
-            time.sleep(0.1)
-        alive = [p for p in workers if Path(f"/proc/{p}").exists()]
+        alive = wait_for_exits(workers, timeout_s=30)
         for pid in alive:  # never leave a stray process behind, even when failing
             os.kill(pid, signal.SIGKILL)
-        assert alive == []
+        assert alive == set()
     finally:
         server.kill()
 
@@ -162,7 +166,9 @@ def test_restarts_are_scheduled_not_slept() -> None:
     first.wait()
     started = time.monotonic()
     supervisor._reap_and_restart(0, -1)
-    assert time.monotonic() - started < 1.0  # the reap loop never blocks on the backoff
+    # The reap loop never blocks on the backoff: waiting it out would take all of its 10 s
+    # (real time: the fake clock above does not move by itself); the pass itself takes ms.
+    assert time.monotonic() - started < RESTART_BACKOFF_S[-1]
     assert supervisor._children[0] is None
     now[0] += RESTART_BACKOFF_S[-1] - 0.1
     supervisor._reap_and_restart(0, -1)
@@ -180,15 +186,18 @@ def test_waiting_for_workers_has_a_deadline() -> None:
         def _spawn(
             self, argv: list[str], ready_fd: int, env: dict[str, str]
         ) -> subprocess.Popen[bytes]:
-            return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
 
-    supervisor = Hanging(WorkerPlan(1, (), "127.0.0.1", 0, 1.0, ready_timeout_s=0.3))
+    # A clock that moves a tenth of a second each time it is read: the deadline passes after a
+    # few checks whatever this machine's speed, and the worker (which never gets ready nor
+    # exits) cannot end the wait any other way.
+    ticks = itertools.count(100.0, 0.1)
+    plan = WorkerPlan(1, (), "127.0.0.1", 0, 1.0, ready_timeout_s=0.3)
+    supervisor = Hanging(plan, clock=lambda: next(ticks))
     read, write = os.pipe()
     try:
         supervisor._start(0, 0, write)
-        started = time.monotonic()
         assert supervisor._wait_ready(read, 0) is False
-        assert time.monotonic() - started < 5.0
     finally:
         assert supervisor._stop_all() in (0, 1)
         os.close(read)
