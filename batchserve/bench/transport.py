@@ -228,17 +228,28 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         # The sweep sees a connection only once it is made: connecting (a full backlog, a TLS
         # handshake the server never answers) needs its own timer, on this rare path only.
+        connect = asyncio.ensure_future(
+            loop.create_connection(
+                _Connection,
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._host if self._ssl else None,
+            )
+        )
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
-                _, connection = await loop.create_connection(
-                    _Connection,
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl else None,
-                )
-        except TimeoutError:
-            raise RequestTimeout("no connection within the timeout") from None
+            # The loop's timers run on its own clock (milliseconds under uvloop), which can
+            # fire a little before the request's perf_counter deadline: wait again until that
+            # deadline has really passed, so a request never ends early.
+            while not connect.done():
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise RequestTimeout("no connection within the timeout")
+                await asyncio.wait((connect,), timeout=left)
+        finally:
+            if not connect.done():
+                connect.cancel()
+        _, connection = connect.result()
         self._all.add(connection)
         return connection
 
