@@ -123,6 +123,7 @@ class Server(Lifecycle):
             header_timeout_s=config.header_timeout_s,
             keepalive_timeout_s=config.keepalive_timeout_s,
             max_connections=config.max_connections or default_max_connections(),
+            max_active_requests=config.max_active_requests,
         )
         self.connections = ConnectionGuard(limits, handler_kwargs)
         self.app[METRICS].register(ConnectionCollector(self.connections.statistics))

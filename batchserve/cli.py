@@ -37,6 +37,13 @@ def _env(flag: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
         raise SystemExit(EXIT_USAGE) from None
 
 
+def _max_active_requests(args: argparse.Namespace) -> int:
+    """Room for two full batches, so the cap never starves the batcher."""
+    if args.max_active_requests >= 0:
+        return int(args.max_active_requests)
+    return max(128, 2 * int(args.max_batch_size))
+
+
 def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value in {"1", "true", "yes", "on"}:
@@ -251,6 +258,12 @@ def _add_serve(commands: Any) -> None:
         "(0: soft RLIMIT_NOFILE - max(256, RLIMIT_NOFILE / 4))",
     )  # fmt: skip
     serve.add_argument(
+        "--max-active-requests", type=int, default=_env("max-active-requests", -1, int),
+        help="requests handled at once; a new one past it waits unread in its connection, "
+        "oldest first, until one finishes (0: no cap; default: 2 x the largest "
+        "--max-batch-size, at least 128)",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-inputs", type=int, default=_env("max-inputs", 64, int),
         help="input tensors one request may carry (400 above it)",
     )  # fmt: skip
@@ -455,6 +468,7 @@ def _serve(args: argparse.Namespace, serve_argv: Sequence[str] = ()) -> int:
             header_timeout_s=args.header_timeout_s,
             keepalive_timeout_s=args.keepalive_timeout_s,
             max_connections=args.max_connections,
+            max_active_requests=_max_active_requests(args),
             max_inputs=args.max_inputs,
             max_tensor_elements=args.max_tensor_elements,
             max_response_bytes=int(args.max_response_mb * 1024 * 1024),

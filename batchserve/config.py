@@ -218,6 +218,7 @@ class ServerConfig:
     header_timeout_s: float = 30.0  # a connection slower than this over its headers: 408
     keepalive_timeout_s: float = 75.0  # an idle connection between requests is closed
     max_connections: int = 0  # past it new connections get 503 (0: from RLIMIT_NOFILE)
+    max_active_requests: int = 128  # past it new requests wait unread, oldest first (0: no cap)
     max_inputs: int = 64  # input tensors per request
     max_tensor_elements: int = 1 << 24  # elements per input tensor (413 above)
     # A response body over this is refused (413): before the model runs when the outputs'
@@ -242,6 +243,7 @@ class ServerConfig:
         _positive("header_timeout_s", self.header_timeout_s)
         _positive("keepalive_timeout_s", self.keepalive_timeout_s)
         _non_negative("max_connections", self.max_connections)
+        _non_negative("max_active_requests", self.max_active_requests)
         _positive("max_inputs", self.max_inputs)
         _positive("max_tensor_elements", self.max_tensor_elements)
         _positive("max_response_bytes", self.max_response_bytes)

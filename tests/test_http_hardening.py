@@ -298,3 +298,77 @@ async def test_sigterm_with_a_new_connection_per_request_answers_every_accepted_
         print(f"SIGTERM, a new connection per request: {outcomes}")
         assert set(outcomes) <= {"200", "503", "refused"}, outcomes
         assert outcomes.get("200", 0) > 0
+
+
+LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def _one_request_in_progress(
+    server: Server,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose infer request is being handled, waiting for the rest of its body."""
+    reader, writer = await connect(server)
+    writer.write(infer_head() + JSON[:10])
+    await wait_until(lambda: server.connections.statistics().active == 1, "the handler started")
+    return reader, writer
+
+
+async def test_past_max_active_requests_a_new_request_waits_unread_then_is_answered(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), max_active_requests=1)
+    first_reader, first = await _one_request_in_progress(server)
+    reader, writer = await connect(server)
+    writer.write(LIVE)
+    await wait_until(lambda: server.connections.statistics().held == 1, "the request held")
+    answer = asyncio.create_task(read_response(reader))
+    first.write(JSON[10:])
+    assert (await read_response(first_reader)).startswith(b"HTTP/1.1 200 ")
+    assert (await answer).startswith(b"HTTP/1.1 200 ")  # let through once the first finished
+    writer.write(LIVE)  # the connection keeps working, below the cap now
+    assert (await read_response(reader)).startswith(b"HTTP/1.1 200 ")
+    stats = server.connections.statistics()
+    assert (stats.active, stats.held) == (0, 0)
+    for w in (first, writer):
+        w.close()
+
+
+async def test_a_held_connection_that_closes_gives_up_its_place(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), max_active_requests=1)
+    first_reader, first = await _one_request_in_progress(server)
+    _, quitter = await connect(server)
+    quitter.write(LIVE)
+    await wait_until(lambda: server.connections.statistics().held == 1, "the request held")
+    quitter.close()  # unread, its socket shows the close only once its turn comes
+    await quitter.wait_closed()
+    first.write(JSON[10:])
+    assert (await read_response(first_reader)).startswith(b"HTTP/1.1 200 ")
+    await wait_until(lambda: server.connections.statistics().open == 1, "the close seen")
+    await wait_until(lambda: server.connections.statistics().active == 0, "every place given back")
+    reader, writer = await connect(server)  # nothing counted for the one that left
+    writer.write(LIVE)
+    assert (await read_response(reader)).startswith(b"HTTP/1.1 200 ")
+    assert server.connections.statistics().held == 0
+    for w in (first, writer):
+        w.close()
+
+
+async def test_shutdown_answers_the_requests_held_back_by_the_cap(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    server = await start_server(Engine(mlp_path, name="mlp"), max_active_requests=1)
+    _, first = await _one_request_in_progress(server)
+    held = [await connect(server) for _ in range(3)]
+    for _, writer in held:
+        writer.write(LIVE)
+    await wait_until(lambda: server.connections.statistics().held == 3, "the requests held")
+    closing = asyncio.create_task(server.aclose())
+    for reader, _ in held:  # answered while the first request still holds the only place
+        answer = await read_to_eof(reader)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    first.close()  # (a body still arriving once shutdown began is not read: aiohttp's rule)
+    await closing
+    for _, writer in held:
+        writer.close()

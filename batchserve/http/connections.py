@@ -12,6 +12,7 @@ import socket
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,17 +47,22 @@ class ConnectionLimits:
     keepalive_timeout_s: an idle connection (between requests) is closed after this.
     max_connections: open connections past this are answered 503 with Retry-After and closed.
     refusal_linger_s: how long a refused connection may stay open for the client to read its 503.
+    max_active_requests: requests handled at once, all connections together (0: no cap); a new
+        request that arrives past it waits, unread, in its connection until one finishes.
     """
 
     header_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 1024
     refusal_linger_s: float = 1.0
+    max_active_requests: int = 0
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "keepalive_timeout_s", "max_connections"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_active_requests < 0:
+            raise ValueError(f"max_active_requests must be >= 0, got {self.max_active_requests}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,8 @@ class ConnectionStatistics:
     open: int
     refused: int  # connections answered 503 because max_connections were open
     header_timeouts: int  # connections closed with 408 because their headers came too slowly
+    active: int = 0  # requests read (or let through) and not yet answered
+    held: int = 0  # connections whose next request waits for `active` to drop below the cap
 
 
 def _raw_response(status: str, message: str, extra: str = "") -> bytes:
@@ -81,11 +89,21 @@ _MAX_LINGERING_REFUSALS = 64
 
 
 class ConnectionGuard:
-    """Counts the open connections and builds the protocol for each one the loop accepts."""
+    """Counts the open connections and builds the protocol for each one the loop accepts.
+
+    It also holds back new requests past `max_active_requests`: with closed-loop clients a
+    refusal costs the loop most of what an answer does and its client comes straight back, so
+    refusing turns the loop's time into refusals. A held connection's request stays unparsed
+    and its socket unread (the kernel keeps the rest) until a request finishes; connections are
+    let through in the order their requests arrived, so the oldest is served first."""
 
     def __init__(self, limits: ConnectionLimits, handler_kwargs: dict[str, Any]) -> None:
         self.limits = limits
         self._handler_kwargs = handler_kwargs
+        # A cap of 0 means none: a count that never reaches it keeps the check one compare.
+        self.max_active = limits.max_active_requests or sys.maxsize
+        self.active = 0
+        self._held: deque[GuardedRequestHandler] = deque()
         self.open = 0
         self.refused = 0
         self.header_timeouts = 0
@@ -114,7 +132,27 @@ class ConnectionGuard:
         return protocol
 
     def statistics(self) -> ConnectionStatistics:
-        return ConnectionStatistics(self.open, self.refused, self.header_timeouts)
+        return ConnectionStatistics(
+            self.open, self.refused, self.header_timeouts, self.active, len(self._held)
+        )
+
+    def hold(self, connection: GuardedRequestHandler) -> None:
+        self._held.append(connection)
+
+    def forget(self, connection: GuardedRequestHandler) -> None:
+        """A held connection closed: its place in line goes (rare, so a linear removal)."""
+        with contextlib.suppress(ValueError):
+            self._held.remove(connection)
+
+    def finished(self) -> None:
+        """A request finished (or a let-through connection closed without one): let the
+        oldest held requests through while there is room. Each one let through counts as
+        active at once, so one finish admits one request however fast the next arrives."""
+        self.active -= 1
+        held = self._held
+        while held and self.active < self.max_active:
+            self.active += 1
+            held.popleft().let_through()
 
 
 class _Refusal(asyncio.Protocol):
@@ -160,7 +198,7 @@ class GuardedRequestHandler(RequestHandler):
     answers a connection accepted before the listener closed instead of dropping it."""
 
     __slots__ = ("_answer_first", "_counted", "_first_answered", "_guard", "_header_timer",
-                 "arrived_at")  # fmt: skip
+                 "_held_data", "_token", "arrived_at")  # fmt: skip
 
     def __init__(self, manager: WebServer, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -173,6 +211,11 @@ class GuardedRequestHandler(RequestHandler):
         self._answer_first = False  # shutting down with no request read yet
         self._first_answered: asyncio.Future[None] | None = None
         self._counted = False
+        # The first bytes of a request held back by the guard's cap (None: none held).
+        self._held_data: bytes | None = None
+        # This connection's request counts in the guard's `active` (from when its first bytes
+        # were taken in, or it was let through, until it is answered or the connection closes).
+        self._token = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._guard.open += 1
@@ -183,13 +226,69 @@ class GuardedRequestHandler(RequestHandler):
         if self._counted:
             self._guard.open -= 1
             self._counted = False
+        if self._held_data is not None:
+            self._held_data = None
+            self._guard.forget(self)
+        self._give_back()
         self._cancel_header_timer()
         self._first_done()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._held_data is not None:  # a read already under way when reading was paused
+            self._held_data += data
+            return
         if not self._messages and not self._request_in_progress and self._header_timer is None:
             self.arrived_at = time.monotonic()  # a new request's first bytes
+            guard = self._guard
+            # Counted as it is read, not when its handler starts: one loop iteration reads
+            # every ready connection before any handler runs, and those reads are the backlog.
+            if data and not self._token and self._between_requests():
+                if guard.active >= guard.max_active:
+                    self._hold(data)
+                    return
+                guard.active += 1
+                self._token = True
+        self._receive(data)
+
+    def _give_back(self) -> None:
+        if self._token:
+            self._token = False
+            self._guard.finished()
+
+    def _between_requests(self) -> bool:
+        """No request of this connection is read, queued or handled: these bytes start a new
+        one. (Not "the handler waits for one": a client quick to send its next request would
+        otherwise slip past the line while the handler loop has yet to come round.)"""
+        return (
+            not self._request_in_progress
+            and not self._close
+            and not self._force_close
+            and self.transport is not None
+        )
+
+    def _hold(self, data: bytes) -> None:
+        # Neither parsed nor timed: it is the server, not the client, that is late. Its
+        # deadline still counts from `arrived_at`, when these bytes were read.
+        self._held_data = data
+        self._guard.hold(self)
+        self._pause_transport_reading()
+
+    def let_through(self) -> None:
+        """The guard's turn for this connection's request (already counted as active)."""
+        data, self._held_data = self._held_data, None
+        if data is None:
+            return
+        self._token = True
+        if not self._reading_paused and not self._buffer_paused:
+            self._resume_transport_reading()
+        self._receive(data)
+
+    def _process_keepalive(self) -> None:
+        if self._held_data is None:  # a held request is waiting for the server, not idle
+            super()._process_keepalive()
+
+    def _receive(self, data: bytes) -> None:
         super().data_received(data)
         # Waiting for headers: no parsed request queued, and either none was ever parsed on
         # this connection or the handler sits idle between requests. (While a request is
@@ -222,6 +321,13 @@ class GuardedRequestHandler(RequestHandler):
     def close(self) -> None:
         # aiohttp calls this on every connection once the listener is closed; a connection
         # accepted just before then has a request on its way: answer it (shutdown below).
+        # So is one whose request the cap holds back: it goes through now, past the cap.
+        if self._held_data is not None and self.transport is not None:
+            self._guard.forget(self)
+            self._guard.active += 1
+            self.let_through()
+            self._answer_first = True
+            return
         if self._request_count == 0 and self.transport is not None and not self._force_close:
             self._answer_first = True
             return
@@ -259,6 +365,10 @@ class GuardedRequestHandler(RequestHandler):
             if skip_body:
                 self._lingering_time = 0.0
             self._first_done()
+            # Answered: its place goes to the next in line. (A request that ends without an
+            # answer ends with its connection: `connection_lost` gives the place back. One
+            # pipelined behind another, read with it, is not counted: the cap is on reads.)
+            self._give_back()
 
 
 def _not_worth_reading(request: BaseRequest) -> bool:
@@ -393,6 +503,16 @@ class ConnectionCollector(Collector):
             "batchserve_http_connections_refused",
             "Connections answered 503 because --max-connections were open.",
             value=stats.refused,
+        )
+        yield GaugeMetricFamily(
+            "batchserve_http_requests_active",
+            "Requests read and not yet answered (capped by --max-active-requests).",
+            value=stats.active,
+        )
+        yield GaugeMetricFamily(
+            "batchserve_http_connections_held",
+            "Connections whose next request waits, unread, for --max-active-requests.",
+            value=stats.held,
         )
         yield CounterMetricFamily(
             "batchserve_http_header_timeouts",
