@@ -8,7 +8,7 @@ seconds. Reported: requests held
 time, how fast refusals were answered, any other error, and the server's memory.
 
     python benchmarks/overload.py            # writes docs/results/overload.json
-    python benchmarks/overload.py deadline --before /tmp/before_src   # see `deadline_main`
+    python benchmarks/overload.py deadline --before DIR   # see `deadline_main`
 
 Settings compared:
 * `bounded`: `--max-queue-rows Q --request-timeout-ms D` (admission control on);
@@ -37,6 +37,16 @@ import compare  # noqa: E402
 
 BUILD = REPO / "build"
 SETTINGS = ("bounded", "unbounded")
+
+
+def example_model(name: str) -> Path:
+    """The example model `name` under build/, written on first use."""
+    BUILD.mkdir(exist_ok=True)
+    path = BUILD / f"{name}.onnx"
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "batchserve", "example-model", name,
+                        "-o", str(path)], check=True, cwd=REPO)  # fmt: skip
+    return path
 
 
 def flags(name: str, args: argparse.Namespace) -> list[str]:
@@ -215,11 +225,7 @@ def deadline_main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", default=str(REPO / "docs" / "results" / "overload_deadline.json"))
     args = parser.parse_args(argv)
-    BUILD.mkdir(exist_ok=True)
-    model_path = BUILD / f"{args.model}.onnx"
-    if not model_path.exists():
-        subprocess.run([sys.executable, "-m", "batchserve", "example-model", args.model,
-                        "-o", str(model_path)], check=True, cwd=REPO)  # fmt: skip
+    model_path = example_model(args.model)
     rows: list[dict[str, Any]] = []
     for _ in range(args.rounds):
         for tree in (args.before, "after"):
@@ -333,11 +339,7 @@ def wrk_main(argv: list[str]) -> int:
     parser.add_argument("--trees", nargs="+", default=["before", "after"])
     parser.add_argument("--json", default=str(REPO / "docs" / "results" / "overload_deadline.json"))
     args = parser.parse_args(argv)
-    BUILD.mkdir(exist_ok=True)
-    model_path = BUILD / f"{args.model}.onnx"
-    if not model_path.exists():
-        subprocess.run([sys.executable, "-m", "batchserve", "example-model", args.model,
-                        "-o", str(model_path)], check=True, cwd=REPO)  # fmt: skip
+    model_path = example_model(args.model)
     args.body, args.header_length = _wrk_body(model_path)
     rows: list[dict[str, Any]] = []
     for _ in range(args.rounds):
@@ -403,11 +405,7 @@ def main() -> int:
     parser.add_argument("--capacity-duration", type=float, default=8.0)
     parser.add_argument("--json", default=str(REPO / "docs" / "results" / "overload.json"))
     args = parser.parse_args()
-    BUILD.mkdir(exist_ok=True)
-    model_path = BUILD / f"{args.model}.onnx"
-    if not model_path.exists():
-        subprocess.run([sys.executable, "-m", "batchserve", "example-model", args.model,
-                        "-o", str(model_path)], check=True, cwd=REPO)  # fmt: skip
+    model_path = example_model(args.model)
     rows: list[dict[str, Any]] = []
     capacity = measure_capacity(model_path, args.model, args)
     print(f"capacity (closed loop): {capacity:,.0f} req/s", flush=True)

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -133,13 +134,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
     server.kill()
 
 
-async def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
-    """Poll `condition` (where no event exists to await) until it holds; a generous bound, so
-    a machine busy with other work only makes it slower, never fails it."""
+async def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30.0) -> Any:
+    """Poll `condition` (where no event exists to await: another process, a background write)
+    until it gives a true value, which is returned; it may be a coroutine function (an HTTP
+    check). A generous bound, so a machine busy with other work only makes it slower."""
     import asyncio
+    import inspect
 
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
         if time.monotonic() > deadline:
             raise AssertionError(f"still waiting after {timeout_s:g} s: {what}")
         await asyncio.sleep(0.005)

@@ -414,18 +414,17 @@ async def test_redis_outage_degrades_to_local_tier_and_recovers(
             return engine.statistics().cache.redis  # type: ignore[union-attr]
 
         await wait_until(lambda: redis_stats().circuit != "open", "the breaker's cool-down")
+
         # Loads close the breaker (its probe succeeds) and write the answers back to Redis
         # off their path; served again, every one is a Redis hit. Polled: no event says
         # when the background writes have landed.
-        deadline = asyncio.get_running_loop().time() + 30
-        while True:
+        async def all_redis_hits() -> bool:
             hits_before = redis_stats().hits
             await load(1)
             after = redis_stats()
-            if after.circuit == "closed" and after.hits == hits_before + len(inputs):
-                break
-            assert asyncio.get_running_loop().time() < deadline, after
-            await asyncio.sleep(0.05)
+            return bool(after.circuit == "closed" and after.hits == hits_before + len(inputs))
+
+        await wait_until(all_redis_hits, "every input served from Redis again")
 
 
 async def test_two_server_processes_share_hits_through_redis(
@@ -443,14 +442,13 @@ async def test_two_server_processes_share_hits_through_redis(
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{first.url}/v2/models/mlp/infer", json=body) as r:
                 computed = await r.json()
+
             # The first server writes to Redis off the request's path: poll its statistics.
-            deadline = asyncio.get_running_loop().time() + 30
-            while True:
+            async def written() -> int:
                 async with http.get(f"{first.url}/v2/models/mlp/stats") as r:
-                    if (await r.json())["model_stats"][0]["cache"]["redis"]["writes"]:
-                        break
-                assert asyncio.get_running_loop().time() < deadline, "no write to Redis"
-                await asyncio.sleep(0.05)
+                    return int((await r.json())["model_stats"][0]["cache"]["redis"]["writes"])
+
+            await wait_until(written, "the first server's write to Redis")
             async with http.post(f"{second.url}/v2/models/mlp/infer", json=body) as r:
                 shared = await r.json()
             async with http.get(f"{second.url}/v2/models/mlp/stats") as r:
