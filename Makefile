@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-micro install clean
+.PHONY: demo test test-fast test-busy lint bench bench-micro install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ demo: $(STAMP)
 ## Lint, type-check, then every test.
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+## The tests not marked slow (no server processes, no load, no long searches): under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## The full suite RUNS times in a row (default 5), every core kept busy by another process.
+RUNS ?= 5
+test-busy: $(STAMP)
+	PYTHON=$(BIN)/python tests/stress.sh $(RUNS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,16 @@
-"""batchserve: a high-throughput ONNX model server speaking the Open Inference Protocol."""
+"""batchserve: a high-throughput ONNX model server speaking the Open Inference Protocol.
+
+The engine is imported on first use (`from batchserve import Engine`), not with the package:
+the CLI's other commands (`cost`, `bench`) and `__version__` must not pay for loading ONNX
+Runtime and redis.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from batchserve.config import BatchConfig, CacheConfig, Device, RuntimeConfig, ServerConfig
-from batchserve.engine import Engine, EngineStatistics
 from batchserve.errors import (
     BatchserveError,
     DeadlineExceeded,
@@ -15,8 +24,13 @@ from batchserve.errors import (
     PayloadTooLarge,
     UnsupportedInput,
 )
+from batchserve.version import __version__
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from batchserve.engine import Engine, EngineStatistics
+
+# Exported names whose modules load heavy dependencies: imported when first looked up.
+_LAZY = {"Engine": "batchserve.engine", "EngineStatistics": "batchserve.engine"}
 
 __all__ = [
     "BatchConfig",
@@ -39,3 +53,16 @@ __all__ = [
     "UnsupportedInput",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,4 +1,5 @@
-"""Composition root: wires the model repository into an aiohttp application and runs it."""
+"""Composition root: builds the engines, the model repository and the HTTP server from one
+`ServeSettings` (`build_server`), and runs the server until a signal."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from batchserve.config import ServerConfig
+from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig, ServerConfig
+from batchserve.engine import Engine
+from batchserve.handlers.config import ExecutorKind, HandlerConfig
 from batchserve.http import METRICS, REPOSITORY, STATE, ServerState, add_routes
 from batchserve.http.connections import (
     ConnectionCollector,
@@ -24,28 +29,117 @@ from batchserve.http.connections import (
 )
 from batchserve.lifecycle import Lifecycle
 from batchserve.metrics import BatchserveCollector, build_registry
-from batchserve.protocol import DecodeLimits
-from batchserve.repository import ModelRepository
+from batchserve.repository import EngineFactory, ModelConfig, ModelRepository
+from batchserve.settings import ServeSettings
 
 log = logging.getLogger("batchserve.server")
+
+
+def build_server(settings: ServeSettings) -> Server:
+    """The server one process runs for `settings`: its engines, its repository, its front end.
+    Nothing starts until the server is entered (`async with server`)."""
+    return Server(build_repository(settings), settings.server)
+
+
+def build_repository(settings: ServeSettings) -> ModelRepository:
+    grace = settings.server.shutdown_grace_s
+    # A server sharing its port with other workers shares its models with them: its own
+    # load/unload API cannot reach the others, so it refuses that API.
+    shared = settings.server.reuse_port
+    handler = settings.handler_config()
+    if settings.model_repository is not None:
+        limits = HandlerLimits.of(settings.handler_run())
+        factory = engine_factory(
+            settings.batch, settings.runtime, settings.cache, handler, handler_limits=limits
+        )
+        return ModelRepository.from_directory(
+            Path(settings.model_repository),
+            factory,
+            poll_s=settings.repository_poll_s,
+            drain_timeout_s=grace,
+            shared=shared,
+        )
+    assert settings.model is not None  # ServeSettings holds exactly one of the two
+    engine = Engine(settings.model, settings.batch, settings.runtime, name=settings.name,
+                    cache=settings.cache, handler=handler)  # fmt: skip
+    return ModelRepository([engine], drain_timeout_s=grace, shared=shared)
+
+
+# HandlerConfig's defaults, so that HandlerLimits does not restate them.
+_HANDLER = HandlerConfig("-")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerLimits:
+    """How the handler a model's config.toml names is run: the server's --handler-executor,
+    --handler-workers and --handler-max-pending (config.toml picks the handler and its
+    options; these flags say how every handler runs), and its grace and size limits."""
+
+    executor: ExecutorKind = _HANDLER.executor
+    workers: int = _HANDLER.workers
+    max_pending: int = _HANDLER.max_pending
+    drain_timeout_s: float = _HANDLER.drain_timeout_s
+    max_elements: int = _HANDLER.max_elements  # for tensors preprocess makes
+    max_answer_bytes: int = _HANDLER.max_answer_bytes  # for postprocess answers
+
+    def __post_init__(self) -> None:
+        self.apply("-", ())  # validates
+
+    @classmethod
+    def of(cls, handler: HandlerConfig) -> HandlerLimits:
+        return cls(
+            handler.executor,
+            handler.workers,
+            handler.max_pending,
+            handler.drain_timeout_s,
+            handler.max_elements,
+            handler.max_answer_bytes,
+        )
+
+    def apply(self, spec: str, options: tuple[tuple[str, str], ...]) -> HandlerConfig:
+        return HandlerConfig(
+            spec,
+            options,
+            self.executor,
+            self.workers,
+            self.max_pending,
+            self.drain_timeout_s,
+            max_elements=self.max_elements,
+            max_answer_bytes=self.max_answer_bytes,
+        )
+
+
+def engine_factory(
+    batch: BatchConfig,
+    runtime: RuntimeConfig,
+    cache: CacheConfig,
+    handler: HandlerConfig | None = None,
+    *,
+    handler_limits: HandlerLimits | None = None,
+) -> EngineFactory:
+    """Engines with the server's settings, overridden by each model's config.toml (a model's
+    `handler` key replaces the server's `--handler`, and runs with `handler_limits`: by default
+    those of `handler`)."""
+    if handler_limits is None:
+        handler_limits = HandlerLimits.of(handler) if handler is not None else HandlerLimits()
+    limits = handler_limits
+
+    def build(name: str, version: str, path: Path, config: ModelConfig) -> Engine:
+        model_cache = replace(cache, cacheable=False) if config.cache is False else cache
+        model_handler = handler
+        if config.handler is not None:
+            model_handler = limits.apply(config.handler, config.handler_options)
+        return Engine(path, config.batch(batch), config.runtime(runtime), name=name,
+                      version=version, cache=model_cache, handler=model_handler)  # fmt: skip
+
+    return build
 
 
 def create_app(repository: ModelRepository, config: ServerConfig) -> web.Application:
     """The aiohttp application; its startup loads every model, its cleanup drains them."""
     app = web.Application(client_max_size=config.max_body_bytes)
     app[REPOSITORY] = repository
-    state = app[STATE] = ServerState(
-        config.max_body_bytes,
-        config.access_log,
-        api_key=config.api_key,
-        timeout_s=config.request_timeout_s,
-        metrics_public=config.metrics_public,
-        body_timeout_s=config.body_timeout_s,
-        limits=DecodeLimits(config.max_inputs, config.max_tensor_elements),
-        max_loop_lag_s=config.max_loop_lag_ms / 1000.0,
-        max_json_bytes=config.max_json_bytes,
-        max_response_bytes=config.max_response_bytes,
-    )
+    state = app[STATE] = ServerState(config)
     collector = BatchserveCollector(
         repository,
         state.requests.snapshot,

@@ -8,41 +8,41 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import orjson
 
-from batchserve.cache import cache_key
-from batchserve.cache.lru import ByteLRU
-from batchserve.cache.redis_tier import RedisTier
-from batchserve.cache.tiered import CacheStatistics, ResponseCache
+from batchserve.cache import ByteLRU, CacheStatistics, RedisTier, ResponseCache, cache_key
+from batchserve.call import Call, Result
 from batchserve.clock import Clock, MonotonicClock
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.errors import DeadlineExceeded, InferenceFailed, InvalidInput, NotReady
-from batchserve.handlers.base import RawRequest
-from batchserve.handlers.config import HandlerConfig
-from batchserve.handlers.pipeline import HandlerPipeline
+from batchserve.handlers import (
+    HandlerConfig,
+    HandlerPipeline,
+    RawRequest,
+    answer_body,
+    choose_route,
+    handler_request,
+    v2_outputs,
+    wants_handler,
+)
 from batchserve.lifecycle import Lifecycle
 from batchserve.queue import Batcher, BatcherStatistics, BatchPolicy
-from batchserve.runtime import ModelMetadata, SessionPool
-from batchserve.runtime.binding import capture_rows
-from batchserve.runtime.pool import HealthPolicy, PoolStatistics
-from batchserve.runtime.session import SessionBuilder, sample_inputs
+from batchserve.runtime import (
+    HealthPolicy,
+    ModelMetadata,
+    PoolStatistics,
+    SessionBuilder,
+    SessionPool,
+    capture_rows,
+    sample_inputs,
+)
 
 log = logging.getLogger("batchserve.engine")
-
-
-class RequestInfo:
-    """Filled in by `Engine.infer` for the caller's access log: how the request was served."""
-
-    __slots__ = ("batch_rows", "cache")
-
-    def __init__(self) -> None:
-        self.batch_rows = 0  # rows of the ONNX Runtime run it shared (0: not run)
-        self.cache = "off"  # off, hit, or miss
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,8 @@ class Engine(Lifecycle):
 
     >>> async with Engine("mlp.onnx", BatchConfig(max_batch_size=32)) as engine:
     ...     outputs = await engine.infer({"input": array})
+
+    Front ends serve through `call`, which takes a model's handler into account.
     """
 
     def __init__(
@@ -120,7 +122,7 @@ class Engine(Lifecycle):
             replace_after_failures=runtime.replace_after_failures,
             stall_after_s=runtime.stall_timeout_s,
         )
-        pool = SessionPool(sessions, metadata.input_names, factory=builder.rebuild, health=health)
+        pool = SessionPool(sessions, metadata.input_names, rebuild=builder.rebuild, health=health)
         async with contextlib.AsyncExitStack() as stack:
             if self.cache_config.enabled:
                 self._cache = await stack.enter_async_context(self._build_cache())
@@ -223,33 +225,93 @@ class Engine(Lifecycle):
     def ready(self) -> bool:
         return self._ready
 
+    def call(self, call: Call) -> Result:
+        """Serve one call, the one entry point of front ends; returns a `Result` at once, to be
+        awaited (it returns itself once served).
+
+        A model with a handler takes through it a raw payload (`call.body`) and V2 tensors that
+        carry a BYTES input the model itself does not take as BYTES (an encoded image for an
+        FP32 model): preprocess → the batched run → postprocess, one deadline for all three.
+        Every other call goes straight to the model (`infer`). Raises at once (InvalidInput)
+        for V2 tensors bound for the handler that ask for an output besides `predictions`."""
+        result = Result()
+        pipeline = self.pipeline
+        if call.body is None and (
+            pipeline is None or not wants_handler(call.inputs, self.metadata)
+        ):
+            result.running = self._infer(call, result)
+        else:
+            result.running = self._handle(handler_request(call), call, result)
+        return result
+
+    def takes_raw(self, content_type: str | None) -> bool:
+        """Whether a body of this media type is a raw payload for the model's handler (an
+        image) rather than a V2 request; UnsupportedMediaType (415) for a raw payload type
+        (image, audio, video) the handler does not take. A model without a handler takes none:
+        every body is a V2 request."""
+        pipeline = self.pipeline
+        return pipeline is not None and choose_route(content_type, pipeline.media_types) == "raw"
+
+    @property
+    def raw_bytes(self) -> bool:
+        """Whether BYTES inputs sent as binary data are to stay bytes (encoded images for the
+        model's handler) rather than be read as UTF-8 text: when there is a handler and the
+        model itself takes no text."""
+        if self.pipeline is None:
+            return False
+        return not any(t.datatype == "BYTES" for t in self.metadata.inputs)
+
     async def infer_request(
         self,
         request: RawRequest,
         *,
         cache: bool = True,
-        info: RequestInfo | None = None,
         timeout_s: float | None = None,
         max_output_bytes: int | None = None,
-    ) -> Any:
+    ) -> orjson.Fragment:
         """One request through the model's handler: preprocess, the batched run, postprocess
-        (one deadline for all three); the handler's response body. `max_output_bytes`: as
-        for `infer`, on the tensors the handler's preprocessing makes."""
+        (one deadline for all three); the handler's response body, JSON already.
+        `max_output_bytes`: as for `infer`, on the tensors the handler's preprocessing makes."""
+        call = Call(cache=cache, timeout_s=timeout_s, max_output_bytes=max_output_bytes)
+        return await self._through_handler(request, call, Result())
+
+    async def _handle(self, request: RawRequest, call: Call, result: Result) -> Result:
+        """A call through the handler, its answer in the call's form: JSON for a raw payload,
+        the `predictions` output for V2 tensors."""
+        answer = await self._through_handler(request, call, result)
+        if call.body is None:
+            result.outputs = v2_outputs(answer)
+        else:
+            result.outputs = {}
+            result.answer = answer_body(answer, call.max_output_bytes)
+        return result
+
+    async def _through_handler(
+        self, request: RawRequest, call: Call, result: Result
+    ) -> orjson.Fragment:
         pipeline = self.pipeline
         if pipeline is None:
             if self.handler_config is not None:  # closed: its handler is gone with it
                 raise NotReady(f"model {self.name!r} is not ready")
             raise InvalidInput(f"model {self.name!r} has no handler")
-        infer = functools.partial(
-            self.infer, cache=cache, info=info, max_output_bytes=max_output_bytes
-        )
+        infer = functools.partial(self._model_outputs, call, result)
         # The whole pipeline counts as one call: a retired engine waits for preprocessing
         # too before it closes, so the request is answered by the engine that took it.
         self._calls += 1
         try:
-            return await pipeline.run(request, infer, timeout_s=timeout_s)
+            return await pipeline.run(request, infer, timeout_s=call.timeout_s)
         finally:
             self._calls -= 1
+
+    async def _model_outputs(
+        self, call: Call, result: Result, inputs: dict[str, np.ndarray], *, timeout_s: float | None
+    ) -> dict[str, np.ndarray]:
+        """The batched run between a handler's two steps, under the call's cache choice and
+        output limit, with what is left of its deadline."""
+        model_call = Call(
+            inputs, cache=call.cache, timeout_s=timeout_s, max_output_bytes=call.max_output_bytes
+        )
+        return (await self._infer(model_call, result)).outputs
 
     def retire(self) -> None:
         """Mark the engine as no longer routed to (a new version replaced it or it is being
@@ -257,7 +319,8 @@ class Engine(Lifecycle):
         self.retired = True
 
     async def quiesce(self, timeout_s: float) -> None:
-        """Wait (up to `timeout_s`) until no `infer` or `infer_request` call is in progress."""
+        """Wait (up to `timeout_s`) until no call (`call`, `infer`, `infer_request`) is in
+        progress."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         # Polled rather than signalled: an event set per request would cost the hot path.
@@ -290,11 +353,11 @@ class Engine(Lifecycle):
         outputs: Sequence[str] | None = None,
         *,
         cache: bool = True,
-        info: RequestInfo | None = None,
         timeout_s: float | None = None,
         max_output_bytes: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run the model on `inputs`; returns the requested outputs (all when None).
+        """Run the model on `inputs` (never its handler); returns the requested outputs (all
+        when None).
 
         `max_output_bytes`: PayloadTooLarge (413) before running when the model's outputs for
         this many rows would take more memory than this, as far as their declared shapes tell
@@ -307,65 +370,55 @@ class Engine(Lifecycle):
         With a response cache configured, `cache=False` computes (and stores nothing).
         `timeout_s`: past it the request is withdrawn from the queue (no inference is spent on
         it) and DeadlineExceeded (504) is raised."""
+        call = Call(
+            inputs, outputs, cache=cache, timeout_s=timeout_s, max_output_bytes=max_output_bytes
+        )
+        return (await self._infer(call, Result())).outputs
+
+    async def _infer(self, call: Call, result: Result) -> Result:
+        """`infer` for one call, filling in `result`: the hot path of every front end."""
         batcher = self._batcher
         metadata = self._metadata
         if batcher is None or metadata is None or not self._ready:
             raise NotReady(f"model {self.name!r} is not ready")
-        selected = metadata.select_outputs(outputs)
-        arrays, rows = metadata.validate(inputs)
-        if max_output_bytes is not None:
-            metadata.check_output_bytes(rows, max_output_bytes)
-        answer = self._answer(
-            batcher, metadata, arrays, rows, selected, outputs, cache, info, timeout_s
-        )
-        if isinstance(answer, dict):
-            return answer  # a local cache hit: nothing to wait for
+        selected = metadata.select_outputs(call.outputs)
+        arrays, rows = metadata.validate(call.inputs)
+        if call.max_output_bytes is not None:
+            metadata.check_output_bytes(rows, call.max_output_bytes)
+        timeout_s = call.timeout_s
+        response_cache = self._cache
+        if response_cache is None or not call.cache:
+            answer = self._run(batcher, metadata, arrays, rows, selected, result, timeout_s)
+        else:
+            named = dict(zip(metadata.input_names, arrays, strict=True))
+            key = cache_key(self.name, self._cache_version, named, call.outputs)
+            hit = response_cache.local_hit(key)
+            if hit is not None:
+                result.cache = "hit"
+                result.outputs = hit  # decoded from the entry's bytes: arrays of this caller's own
+                return result  # nothing to wait for
+            result.cache = "miss"
+            answer = response_cache.get_or_compute(
+                key,
+                lambda: self._run(batcher, metadata, arrays, rows, selected, result, timeout_s),
+                checked_local=True,
+            )
         # Counted while it waits, so an engine being unloaded can let it finish first.
         self._calls += 1
         try:
             if timeout_s is None:
-                return await answer
-            try:
-                async with asyncio.timeout(timeout_s):
-                    return await answer
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"no answer within the request's deadline of {timeout_s * 1000:g} ms"
-                ) from None
+                result.outputs = await answer
+            else:
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        result.outputs = await answer
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"no answer within the request's deadline of {timeout_s * 1000:g} ms"
+                    ) from None
         finally:
             self._calls -= 1
-
-    def _answer(
-        self,
-        batcher: Batcher,
-        metadata: ModelMetadata,
-        arrays: list[np.ndarray],
-        rows: int,
-        selected: list[int],
-        outputs: Sequence[str] | None,
-        cache: bool,
-        info: RequestInfo | None,
-        timeout_s: float | None,
-    ) -> dict[str, np.ndarray] | Coroutine[Any, Any, dict[str, np.ndarray]]:
-        """The outputs at once (local cache hit), or the coroutine that will produce them.
-        Not itself a coroutine: the hot path awaits one coroutine less."""
-        response_cache = self._cache
-        if response_cache is None or not cache:
-            return self._run(batcher, metadata, arrays, rows, selected, info, timeout_s)
-        named = dict(zip(metadata.input_names, arrays, strict=True))
-        key = cache_key(self.name, self._cache_version, named, outputs)
-        hit = response_cache.local_hit(key)
-        if hit is not None:
-            if info is not None:
-                info.cache = "hit"
-            return hit  # decoded from the entry's bytes: arrays of this caller's own
-        if info is not None:
-            info.cache = "miss"
-        return response_cache.get_or_compute(
-            key,
-            lambda: self._run(batcher, metadata, arrays, rows, selected, info, timeout_s),
-            checked_local=True,
-        )
+        return result
 
     @staticmethod
     async def _run(
@@ -374,8 +427,8 @@ class Engine(Lifecycle):
         arrays: list[np.ndarray],
         rows: int,
         selected: list[int],
-        info: RequestInfo | None = None,
-        timeout_s: float | None = None,
+        result: Result,
+        timeout_s: float | None,
     ) -> dict[str, np.ndarray]:
         signature = tuple([a.shape[1:] for a in arrays])
         empty = not rows
@@ -390,8 +443,7 @@ class Engine(Lifecycle):
             batcher.withdraw(item)
             raise
         finally:
-            if info is not None:
-                info.batch_rows = item.batch_rows
+            result.batch_rows = item.batch_rows
         names = metadata.output_names
         if empty:
             _check_no_rows(results)

@@ -8,8 +8,8 @@ its own `/metrics` (one process per port), so no multiprocess mode is needed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -20,11 +20,37 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from batchserve.engine import Engine
 from batchserve.histogram import HistogramSnapshot
-from batchserve.http.stats import ModelRequestStatistics
-from batchserve.repository import ModelRepository
 
 CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+class RequestCounts(Protocol):
+    """One model's requests as the front end counted them (read-only snapshot)."""
+
+    @property
+    def statuses(self) -> Mapping[int, int]: ...
+
+    @property
+    def latency(self) -> HistogramSnapshot: ...
+
+    @property
+    def request_bytes(self) -> int: ...
+
+    @property
+    def response_bytes(self) -> int: ...
+
+
+class ServedModels(Protocol):
+    """What the collector reads of the model repository."""
+
+    def __iter__(self) -> Iterator[Engine]: ...
+
+    def index(self) -> list[dict[str, str]]: ...
+
+    @property
+    def load_failures(self) -> Mapping[str, int]: ...
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], snap: HistogramSnapshot) -> None:
@@ -34,8 +60,8 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], snap: Histogram
 class BatchserveCollector(Collector):
     def __init__(
         self,
-        repository: ModelRepository,
-        requests: Callable[[], dict[str, ModelRequestStatistics]],
+        repository: ServedModels,
+        requests: Callable[[], Mapping[str, RequestCounts]],
         in_flight: Callable[[], int],
         loop_lag: Callable[[], tuple[float, int]] = lambda: (0.0, 0),
     ) -> None:

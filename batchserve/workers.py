@@ -90,11 +90,15 @@ class Supervisor:
         try:
             for index in range(plan.workers):
                 self._start(index, port, ready_write)
-            if not self._wait_ready(ready_read, port):
+            ready = self._wait_ready(ready_read, port)
+            # A stop signal while workers start is a stop like any other: a worker already
+            # listening may be serving, and drains.
+            if not ready and not self._stopping:
                 self._stop_all()
                 return 2
-            host = f"[{plan.host}]" if ":" in plan.host else plan.host
-            log.info("listening on http://%s:%d (%d workers)", host, port, plan.workers)
+            if ready:
+                host = f"[{plan.host}]" if ":" in plan.host else plan.host
+                log.info("listening on http://%s:%d (%d workers)", host, port, plan.workers)
             while not self._stopping:
                 self._reap_and_restart(port, ready_write)
                 time.sleep(0.2)

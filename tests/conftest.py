@@ -1,14 +1,9 @@
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -19,6 +14,7 @@ from batchserve.examples import write_example
 from batchserve.repository import ModelRepository
 
 import models
+from helpers import RedisProcess, ServerProcess, StartServer, StartServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +57,6 @@ def gather_path(model_dir: Path) -> Path:
     return models.gather(model_dir / "gather.onnx")
 
 
-StartServer = Callable[..., Awaitable[Server]]
-
-
 @pytest.fixture
 async def start_server() -> AsyncIterator[StartServer]:
     """Start a real server on 127.0.0.1, an ephemeral port; stopped at the end of the test."""
@@ -82,43 +75,28 @@ async def start_server() -> AsyncIterator[StartServer]:
 
 
 @pytest.fixture
+def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServerProcess]:
+    """Start `batchserve serve ARGS` child processes, each returned once ready (see
+    helpers.ServerProcess); any still running at the end of the test is killed by PID and
+    waited for. Their logs go to a directory of their own, never into the test's tmp_path
+    (which may be a model repository)."""
+    logs = tmp_path_factory.mktemp("serve")
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: Mapping[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess.start(*args, log_dir=logs, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.kill()
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-class RedisProcess:
-    """A real `redis-server` on 127.0.0.1 and a free port, in a temp dir; can be killed and
-    restarted on the same port to simulate an outage."""
-
-    def __init__(self, binary: str, directory: Path) -> None:
-        self.binary = binary
-        self.directory = directory
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture
@@ -132,45 +110,3 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
     server.start()
     yield server
     server.kill()
-
-
-async def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30.0) -> Any:
-    """Poll `condition` (where no event exists to await: another process, a background write)
-    until it gives a true value, which is returned; it may be a coroutine function (an HTTP
-    check). A generous bound, so a machine busy with other work only makes it slower."""
-    import asyncio
-    import inspect
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting after {timeout_s:g} s: {what}")
-        await asyncio.sleep(0.005)
-
-
-def wait_for_exits(pids: Iterable[int], timeout_s: float = 30.0) -> set[int]:
-    """Wait, on the processes' own exit events (pidfds), until every one of `pids` has ended
-    or `timeout_s` passed; returns those still running. Works for processes that are not our
-    children (a killed server's workers), which `waitpid` cannot wait for."""
-    import select
-
-    fds: dict[int, int] = {}
-    try:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):  # already gone
-                fds[os.pidfd_open(pid)] = pid
-        deadline = time.monotonic() + timeout_s
-        while fds and (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select(list(fds), [], [], left)
-            for fd in ready:
-                fds.pop(fd)
-                os.close(fd)
-        return set(fds.values())
-    finally:
-        for fd in fds:
-            os.close(fd)

@@ -99,9 +99,9 @@ async def test_mismatched_result_rows_fail_the_batch() -> None:
         runner.finish()
         await settle()
         runner.finish(lambda arr: arr[:1])  # a broken model: one row for two requests
-        with pytest.raises(Exception, match="returned shapes"):
+        with pytest.raises(InferenceFailed, match="returned shapes"):
             await a.future
-        with pytest.raises(Exception, match="returned shapes"):
+        with pytest.raises(InferenceFailed, match="returned shapes"):
             await b.future
         await blocker.future
 
@@ -109,7 +109,7 @@ async def test_mismatched_result_rows_fail_the_batch() -> None:
 async def test_closing_refuses_new_requests_and_drains_old_ones() -> None:
     runner = ManualRunner()
     batcher = Batcher(runner, BatchPolicy(8, 0.0), FakeClock(), max_queue_rows=100)
-    await batcher.__aenter__()
+    await batcher.start()
     item = batcher.submit(rows(1, 1), 1, ((2,),))
     closing = asyncio.create_task(batcher.aclose())
     await settle()

@@ -9,7 +9,6 @@ import datetime
 import ipaddress
 import json
 import os
-import re
 import socket
 import ssl
 import subprocess
@@ -23,8 +22,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from batchserve.bench.command import BenchError, get_json, listening_url, request_headers, sweep
+from batchserve.bench.errors import BenchError
 from batchserve.bench.loadgen import LoadConfig, RawResult, callers_of, run_load, send_times
+from batchserve.bench.measure import get_json, listening_url, request_headers, sweep
 from batchserve.bench.report import Report, summarize
 from batchserve.bench.transport import (
     Aborted,
@@ -35,55 +35,18 @@ from batchserve.bench.transport import (
 )
 from batchserve.bench.workload import Body, Workload
 
+from helpers import ServerProcess, block_until, wait_until
+
 CLI = [sys.executable, "-m", "batchserve"]
 
 # --------------------------------------------------------------------------------------------
 # helpers
 
 
-class ServeProcess:
-    """`batchserve serve` on 127.0.0.1:0; its log goes to a file (a pipe nobody drains could
-    fill up and stall the server), polled for the "listening on" line."""
-
-    def __init__(self, log: Path, model: Path, *args: str) -> None:
-        with log.open("w") as out:
-            self.process = subprocess.Popen(
-                [*CLI, "serve", str(model), *args, "--host", "127.0.0.1", "--port", "0"],
-                stdout=subprocess.DEVNULL,
-                stderr=out,
-            )
-        self.log = log
-        try:
-            self.url = self._wait_for_url(timeout=60)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_for_url(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = re.search(r"listening on (http://\S+)", self.log.read_text())
-            if found:
-                return found.group(1)
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)  # bounded polling
-        raise AssertionError("server did not start:\n" + self.log.read_text())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # SIGTERM to this PID
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def mlp_server(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("mlp_server") / "serve.log"
-    server = ServeProcess(log, mlp_path)  # model name: the file stem, "mlp"
+    logs = tmp_path_factory.mktemp("mlp_server")
+    server = ServerProcess.start(str(mlp_path), log_dir=logs)  # model name: the file stem, "mlp"
     yield server.url
     server.stop()
 
@@ -369,6 +332,7 @@ def test_encode_post_bytes() -> None:
     )
 
 
+@pytest.mark.slow
 async def test_pool_posts_to_a_real_server(mlp_server: str) -> None:
     raw = mlp_request(mlp_server)
     async with asyncio.timeout(20), ConnectionPool(mlp_server, 4, timeout_s=10) as pool:
@@ -458,6 +422,7 @@ def assert_clean(report: dict[str, Any]) -> None:
     assert report["errors_by_exception"] == {}
 
 
+@pytest.mark.slow
 def test_cli_closed_loop_json(tmp_path: Path, mlp_server: str) -> None:
     out = bench_json(tmp_path, mlp_server, "-m", "mlp", "--concurrency", "4", *SHORT)
     assert out["model"] == "mlp"
@@ -470,6 +435,7 @@ def test_cli_closed_loop_json(tmp_path: Path, mlp_server: str) -> None:
     assert report["server"]["runs"] > 0
 
 
+@pytest.mark.slow
 def test_cli_closed_loop_binary(tmp_path: Path, mlp_server: str) -> None:
     out = bench_json(tmp_path, mlp_server, "-m", "mlp", "--concurrency", "4", "--binary", *SHORT)
     assert out["binary"] is True
@@ -477,6 +443,7 @@ def test_cli_closed_loop_binary(tmp_path: Path, mlp_server: str) -> None:
     assert out["report"]["server"]["mean_batch_rows"] >= 1
 
 
+@pytest.mark.slow
 def test_cli_open_loop(tmp_path: Path, mlp_server: str) -> None:
     out = bench_json(tmp_path, mlp_server, "-m", "mlp", "--rate", "200", *SHORT)
     report = out["report"]
@@ -487,6 +454,7 @@ def test_cli_open_loop(tmp_path: Path, mlp_server: str) -> None:
     assert report["server"]["mean_batch_rows"] >= 1
 
 
+@pytest.mark.slow
 def test_cli_noop(tmp_path: Path) -> None:
     out = bench_json(tmp_path, "--noop", "--concurrency", "2", *SHORT)
     assert out["model"] == "noop"
@@ -502,6 +470,7 @@ def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_unknown_model(mlp_server: str) -> None:
     line = one_error_line(run_cli("bench", mlp_server, "-m", "nope", *SHORT))
     assert "404" in line
@@ -512,6 +481,7 @@ def test_cli_unreachable_url(refusing_port: int) -> None:
     assert "cannot reach" in line
 
 
+@pytest.mark.slow
 def test_cli_noop_invalid_load_is_a_one_line_error() -> None:
     # BUG: `_bench` in batchserve/cli.py catches only BenchError on the --noop path (the URL
     # path catches BenchError and ValueError), so LoadConfig's ValueError escapes as a
@@ -520,8 +490,9 @@ def test_cli_noop_invalid_load_is_a_one_line_error() -> None:
     assert "rate must be > 0" in line
 
 
+@pytest.mark.slow
 def test_cli_concurrency_zero_is_rejected(mlp_server: str) -> None:
-    # BUG: batchserve/bench/runner.py builds `concurrency=args.concurrency or 64`, so an
+    # BUG: batchserve/bench/command.py builds `concurrency=args.concurrency or 64`, so an
     # explicit `--concurrency 0` silently runs 64 callers instead of being rejected.
     line = one_error_line(
         run_cli(
@@ -544,6 +515,7 @@ def test_cli_concurrency_zero_is_rejected(mlp_server: str) -> None:
 # coordinated omission
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_outstanding", [1024, 1], ids=["uncapped", "capped"])
 async def test_open_loop_latency_counts_queueing_from_the_scheduled_time(
     tmp_path: Path, max_outstanding: int
@@ -657,6 +629,7 @@ def accounted(result: Report) -> int:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_outstanding", [2, 1024])
 async def test_open_loop_accounts_for_every_scheduled_request(max_outstanding: int) -> None:
     """A server that answers 20 req/s, one at a time, offered 60 req/s for 1 s with a 1 s
@@ -694,6 +667,7 @@ async def test_open_loop_accounts_for_every_scheduled_request(max_outstanding: i
     [({"rate": 20.0}, (10, 11)), ({"concurrency": 2}, (2, 2))],
     ids=["open", "closed"],
 )
+@pytest.mark.slow
 async def test_a_request_stuck_connecting_times_out_at_its_deadline(
     mode: dict[str, Any], expected: tuple[int, int]
 ) -> None:
@@ -749,6 +723,7 @@ def test_closed_loop_callers_are_split_with_global_ids() -> None:
     assert [list(callers_of(config, p)) for p in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [{"rate": 200.0}, {"concurrency": 4}], ids=["open", "closed"])
 async def test_several_processes_never_send_the_same_body_position(mode: dict[str, Any]) -> None:
     """4,096 distinct bodies and fewer requests than that: each body goes out at most once,
@@ -787,8 +762,7 @@ async def test_pool_times_out_a_request_waiting_for_a_slot() -> None:
         raw = encode_post(url + "/x", b"{}", {})
         started = time.perf_counter()
         holder = asyncio.create_task(pool.post(raw, started + 60))
-        await asyncio.sleep(0)
-        assert pool.saturated
+        await wait_until(lambda: pool.saturated, "the first request to take the only slot")
         with pytest.raises(RequestTimeout, match="slot"):
             await pool.post(raw, started + 0.3)
         # Timed out at its own deadline while the slot's holder is still out: had it waited
@@ -840,8 +814,9 @@ def test_request_headers_rejects(pair: str) -> None:
         request_headers([pair])
 
 
+@pytest.mark.slow
 def test_cli_against_a_server_with_an_api_key(tmp_path: Path, mlp_path: Path) -> None:
-    server = ServeProcess(tmp_path / "key.log", mlp_path, "--api-key", "s3cret")
+    server = ServerProcess.start(str(mlp_path), "--api-key", "s3cret", log_dir=tmp_path)
     try:
         line = one_error_line(run_cli("bench", server.url, "-m", "mlp", *SHORT))
         assert "401" in line
@@ -902,6 +877,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+@pytest.mark.slow
 async def test_cli_over_tls_sends_the_headers_on_every_request(tmp_path: Path) -> None:
     """An https:// server with a self-signed certificate the client is told to trust: the
     metadata and statistics GETs and every POST go over TLS with the extra headers; the key
@@ -1036,11 +1012,7 @@ def test_a_started_server_logging_a_lot_is_never_blocked_on_its_pipe(tmp_path: P
     try:
         assert process.stderr is not None
         assert listening_url(process.stderr, 30, "the server") == "http://127.0.0.1:1"
-        for _ in range(3000):  # no event crosses processes: poll the marker, bounded
-            if marker.exists():
-                break
-            time.sleep(0.01)
-        assert marker.exists()
+        block_until(marker.exists, "the child to write all of its log")
         assert process.poll() is None
     finally:
         process.kill()

@@ -21,7 +21,7 @@ from batchserve.cache.tiered import ResponseCache
 from batchserve.errors import Overloaded
 from batchserve.testing import FakeClock
 
-from conftest import RedisProcess, StartServer, wait_until
+from helpers import RedisProcess, StartServer, StartServerProcess, wait_until
 from models import ECHO_TYPES
 
 V2 = {
@@ -110,6 +110,7 @@ def test_lru_is_bounded_by_bytes_and_evicts_least_recent() -> None:
     assert lru.get(b"big" * 11) is None
 
 
+@pytest.mark.slow
 def test_the_local_tier_holds_no_more_memory_than_its_size() -> None:
     # Many tiny distinct answers, as one-row requests to a small classifier make: per-entry
     # overhead, not array bytes, is what fills the memory. Measured as what dropping the
@@ -427,14 +428,13 @@ async def test_redis_outage_degrades_to_local_tier_and_recovers(
         await wait_until(all_redis_hits, "every input served from Redis again")
 
 
+@pytest.mark.slow
 async def test_two_server_processes_share_hits_through_redis(
-    mlp_path: Path, redis_server: RedisProcess
+    mlp_path: Path, redis_server: RedisProcess, serve_process: StartServerProcess
 ) -> None:
-    from test_cli import Running
-
     flags = ["--name", "mlp", "--cache-size-mb", "8", "--redis-url", redis_server.url,
              "--redis-timeout-ms", "5000"]  # fmt: skip
-    first, second = Running(str(mlp_path), *flags), Running(str(mlp_path), *flags)
+    first, second = serve_process(str(mlp_path), *flags), serve_process(str(mlp_path), *flags)
     try:
         x = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
         body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
@@ -484,11 +484,11 @@ async def test_http_requests_can_opt_out(start_server: StartServer, mlp_path: Pa
 async def test_a_leader_refused_for_its_own_deadline_does_not_refuse_its_duplicates() -> None:
     cache = ResponseCache(ByteLRU(1 << 20))
     answer = {"y": np.ones(2, np.float32)}
-    started = asyncio.Event()
+    started, refuse = asyncio.Event(), asyncio.Event()
 
     async def refused() -> dict[str, np.ndarray]:  # what the queue does to a short deadline
         started.set()
-        await asyncio.sleep(0.01)
+        await refuse.wait()
         raise Overloaded("the queue's expected wait exceeds the request's deadline (1 ms)")
 
     async def computed() -> dict[str, np.ndarray]:
@@ -497,6 +497,8 @@ async def test_a_leader_refused_for_its_own_deadline_does_not_refuse_its_duplica
     leader = asyncio.create_task(cache.get_or_compute(b"k", refused))
     await started.wait()
     follower = asyncio.create_task(cache.get_or_compute(b"k", computed))
+    await wait_until(lambda: cache.statistics().coalesced == 1, "the duplicate to wait")
+    refuse.set()  # the leader is refused only once its duplicate waits for it
     with pytest.raises(Overloaded):
         await leader
     result = await follower  # computed with its own (absent) deadline instead

@@ -537,6 +537,7 @@ def run(*argv: str) -> int:
     return run_cost(parser.parse_args(["cost", *argv]))
 
 
+@pytest.mark.slow
 def test_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sweep = sweep_file(tmp_path / "sweep.json")
     out, chart, sim_chart = tmp_path / "cost.json", tmp_path / "cost.png", tmp_path / "sim.png"

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from batchserve import Engine
 from batchserve.cli import build_parser
 
-from conftest import StartServer
+from helpers import StartServer
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"
@@ -126,6 +126,7 @@ def every_rendering() -> Iterator[tuple[str, list[Manifest]]]:
         yield name, render(K8S / "cluster" / name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_core_objects_validate_against_the_kubernetes_schemas(version: str) -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="pip install '.[deploy]'")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import orjson
 import pytest
 
 from batchserve import (
     BatchConfig,
+    CacheConfig,
     Engine,
     InferenceFailed,
     InvalidInput,
@@ -19,8 +21,12 @@ from batchserve import (
     Overloaded,
     RuntimeConfig,
 )
+from batchserve.call import Call
+from batchserve.errors import UnsupportedMediaType
+from batchserve.handlers import HandlerConfig
 
-from conftest import wait_until
+import models
+from helpers import wait_until
 
 
 def reference(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -136,6 +142,7 @@ async def test_a_failing_run_fails_its_batch_and_the_engine_goes_on(gather_path:
     np.testing.assert_array_equal(good["value"], [[20.0]])
 
 
+@pytest.mark.slow
 async def test_cancelled_request_is_removed_before_inference(slow_path: Path) -> None:
     busy = np.zeros((4096, 1024), dtype=np.float32)
     waiting = np.ones((3, 1024), dtype=np.float32)
@@ -145,8 +152,9 @@ async def test_cancelled_request_is_removed_before_inference(slow_path: Path) ->
             lambda: engine.statistics().batcher.in_flight_batches == 1, "the first batch"
         )
         second = asyncio.create_task(engine.infer({"x": waiting}))
-        await asyncio.sleep(0)  # queued behind the running batch
-        assert engine.statistics().batcher.queued_rows == 3
+        await wait_until(  # queued behind the running batch
+            lambda: engine.statistics().batcher.queued_rows == 3, "the second request queued"
+        )
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
             await second
@@ -158,6 +166,7 @@ async def test_cancelled_request_is_removed_before_inference(slow_path: Path) ->
     assert stats.rows == 4096  # the cancelled rows never reached a session
 
 
+@pytest.mark.slow
 async def test_full_queue_rejects_with_overloaded(slow_path: Path) -> None:
     config = BatchConfig(max_batch_size=8192, max_queue_rows=4)
     async with Engine(slow_path, config) as engine:
@@ -166,7 +175,9 @@ async def test_full_queue_rejects_with_overloaded(slow_path: Path) -> None:
             lambda: engine.statistics().batcher.in_flight_batches == 1, "the first batch"
         )
         queued = asyncio.create_task(engine.infer({"x": np.zeros((4, 1024), np.float32)}))
-        await asyncio.sleep(0)
+        await wait_until(
+            lambda: engine.statistics().batcher.queued_rows == 4, "the second request queued"
+        )
         with pytest.raises(Overloaded, match="queue full"):
             await engine.infer({"x": np.zeros((1, 1024), np.float32)})
         await asyncio.gather(first, queued)
@@ -178,7 +189,10 @@ async def test_close_drains_queued_requests_then_refuses(mlp_path: Path) -> None
     engine = Engine(mlp_path, runtime=RuntimeConfig(instances=2))
     await engine.start()
     pending = [asyncio.create_task(engine.infer({"input": x})) for _ in range(100)]
+    # One loop turn, not a wait: each request runs up to its place in the queue, and the close
+    # comes before the runs could empty it.
     await asyncio.sleep(0)
+    assert engine.statistics().batcher.requests == 100
     await engine.aclose()
     results = await asyncio.gather(*pending)
     assert len(results) == 100
@@ -204,3 +218,78 @@ async def test_missing_and_invalid_model_files(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not a model")
     with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
         await Engine(junk).start()
+
+
+async def test_a_call_says_how_it_was_served(mlp_path: Path) -> None:
+    x = np.ones((2, 64), dtype=np.float32)
+    async with Engine(mlp_path, cache=CacheConfig(size_mb=4)) as engine:
+        assert not engine.takes_raw("image/jpeg")  # no handler: every body is a V2 request
+        miss = await engine.call(Call({"input": x}))
+        hit = await engine.call(Call({"input": x.copy()}))
+        uncached = await engine.call(Call({"input": x}, cache=False))
+    expected = reference(mlp_path, {"input": x})[0]
+    for result in (miss, hit, uncached):
+        np.testing.assert_allclose(result.outputs["probabilities"], expected, rtol=1e-5, atol=1e-6)
+        assert result.answer is None
+    assert (miss.cache, miss.batch_rows) == ("miss", 2)
+    assert (hit.cache, hit.batch_rows) == ("hit", 0)
+    assert (uncached.cache, uncached.batch_rows) == ("off", 2)
+
+
+async def test_a_failed_call_still_says_how_far_it_got(gather_path: Path) -> None:
+    async with Engine(gather_path, cache=CacheConfig(size_mb=4)) as engine:
+        served = engine.call(Call({"index": np.array([[9]], dtype=np.int64)}))
+        with pytest.raises(InferenceFailed, match="out of data bounds"):
+            await served
+    assert (served.cache, served.batch_rows) == ("miss", 1)
+
+
+CSV_HANDLER = '''
+import numpy as np
+
+
+class Csv:
+    """A text/csv body, or a V2 BYTES input `csv`, of four numbers -> `x` [1, 4]."""
+
+    media_types = frozenset({"text/csv"})
+
+    def preprocess(self, request):
+        text = request.body if request.inputs is None else request.inputs["csv"][0]
+        values = (text.decode() if isinstance(text, bytes) else text).split(",")
+        return {"x": np.array([values]).astype(np.float32)}
+
+    def postprocess(self, outputs, request):
+        return {"y": outputs["y"].tolist()}
+'''
+
+
+@pytest.fixture
+def csv_handler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HandlerConfig:
+    name = f"csv_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(CSV_HANDLER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return HandlerConfig(f"{name}:Csv", workers=1)
+
+
+async def test_a_model_with_a_handler_is_served_by_call_alone(
+    tmp_path: Path, csv_handler: HandlerConfig
+) -> None:
+    model = models.scaled(tmp_path / "scaled.onnx", 2.0)
+    text = np.array([b"1,2,3,4"], dtype=object)
+    async with Engine(model, handler=csv_handler) as engine:
+        assert engine.takes_raw("Text/CSV; charset=utf-8")
+        assert not engine.takes_raw("application/json")
+        with pytest.raises(UnsupportedMediaType, match="image/png"):
+            engine.takes_raw("image/png")
+        assert engine.raw_bytes  # the model takes no text: encoded payloads stay bytes
+        raw = await engine.call(Call(body=b"1,2,3,4", content_type="text/csv"))
+        v2 = await engine.call(Call({"csv": text}))
+        direct = await engine.call(Call({"x": np.ones((1, 4), np.float32)}))
+        with pytest.raises(InvalidInput, match="one output, 'predictions'"):
+            engine.call(Call({"csv": text}, ["y"]))  # refused before anything runs
+    assert raw.answer is not None
+    assert orjson.loads(raw.answer) == {"y": [[2.0, 4.0, 6.0, 8.0]]}
+    assert (raw.batch_rows, raw.cache) == (1, "off")
+    assert list(v2.outputs) == ["predictions"]
+    assert orjson.loads(v2.outputs["predictions"][0]) == {"y": [[2.0, 4.0, 6.0, 8.0]]}
+    np.testing.assert_array_equal(direct.outputs["y"], [[2.0, 2.0, 2.0, 2.0]])

@@ -69,6 +69,7 @@ def test_unknown_name_raises_value_error_listing_choices() -> None:
         assert name in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FLOAT_INPUT_MODELS)
 def test_model_metadata(built: dict[str, bytes], name: str) -> None:
     model = onnx.load_from_string(_model(built, name))
@@ -103,6 +104,7 @@ def test_mlp_passes_full_check() -> None:
     onnx.checker.check_model(onnx.load_from_string(build_example("mlp")), full_check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "wide-mlp"])
 def test_deterministic_per_seed(built: dict[str, bytes], name: str) -> None:
     default = _model(built, name)
@@ -273,6 +275,7 @@ def test_bert_config_rejects_bad_shapes(changes: dict[str, int]) -> None:
         BertConfig(**changes)
 
 
+@pytest.mark.slow
 def test_bert_base_is_built_by_name(built: dict[str, bytes]) -> None:
     data = _model(built, "bert-base")  # about 6 s: 110 M weights drawn and serialized
     model = onnx.load_from_string(data)

@@ -42,12 +42,14 @@ def decodes_or_rejects(body: bytes, header_length: int | None = None) -> None:
         assert isinstance(array, np.ndarray)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=256))
 def test_arbitrary_bytes(body: bytes) -> None:
     decodes_or_rejects(body)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(json_values)
 def test_arbitrary_json_documents(document: object) -> None:
@@ -61,6 +63,7 @@ def test_arbitrary_json_documents(document: object) -> None:
     datatype=datatypes,
     data=json_values,
 )
+@pytest.mark.slow
 def test_arbitrary_tensors(name: str, shape: list[object], datatype: object, data: object) -> None:
     body = {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
     decodes_or_rejects(json.dumps(body).encode())
@@ -74,6 +77,7 @@ def test_arbitrary_tensors(name: str, shape: list[object], datatype: object, dat
     blob=st.binary(max_size=80),
     header_length=st.integers(min_value=-5, max_value=400) | st.none(),
 )
+@pytest.mark.slow
 def test_arbitrary_binary_requests(
     shape: list[int], datatype: object, declared: int, blob: bytes, header_length: int | None
 ) -> None:
@@ -84,6 +88,7 @@ def test_arbitrary_binary_requests(
     decodes_or_rejects(header + blob, length)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.text(max_size=6), min_size=1, max_size=5), st.binary(max_size=40))
 def test_bytes_tensors_with_corrupt_lengths(values: list[str], noise: bytes) -> None:
@@ -99,6 +104,7 @@ def test_bytes_tensors_with_corrupt_lengths(values: list[str], noise: bytes) -> 
     st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=20),
     st.booleans(),
 )
+@pytest.mark.slow
 def test_valid_requests_round_trip(values: list[float], binary: bool) -> None:
     array = np.asarray(values, dtype=np.float32).reshape(1, -1)
     body, header_length = encode_request({"x": array}, binary=binary)
@@ -155,6 +161,7 @@ def within_limits(body: bytes, header_length: int | None, limits: DecodeLimits) 
         assert extent <= limits.max_elements
 
 
+@pytest.mark.slow
 @FUZZ
 @given(shape=sized_shapes, datatype=datatypes, limits=limits)
 def test_zero_and_huge_dimensions_in_json(
@@ -164,6 +171,7 @@ def test_zero_and_huge_dimensions_in_json(
     within_limits(json.dumps(body).encode(), None, limits)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(shape=sized_shapes, datatype=datatypes, limits=limits, blob=st.binary(max_size=16))
 def test_zero_and_huge_dimensions_in_binary(

@@ -164,6 +164,7 @@ def requests(draw: st.DrawFn) -> bytes:
     return head.encode() + b"\r\n" + payload
 
 
+@pytest.mark.slow
 @FUZZ
 @given(batch=st.lists(requests(), min_size=1, max_size=3))
 def test_pipelined_requests_get_well_formed_answers_below_500(
@@ -174,6 +175,7 @@ def test_pipelined_requests_get_well_formed_answers_below_500(
     assert live(port)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=requests(), keep=st.floats(0.0, 0.99), half_close=st.booleans())
 def test_truncated_requests_are_answered_or_closed_never_hung(

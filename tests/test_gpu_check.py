@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import pytest
 
 from batchserve.cli import build_parser
+
+from helpers import block_until
 
 pytest.importorskip("onnx")
 
@@ -236,6 +237,7 @@ def test_targets(gc: ModuleType) -> None:
 # --------------------------------------------------------------------------- dry run
 
 
+@pytest.mark.slow
 def test_smallest_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
     """The real script on CPU: a small BERT, one instance count, one load generator process."""
     command = [sys.executable, str(SCRIPT), "--cpu-dry-run", "--out", str(tmp_path)]
@@ -276,38 +278,33 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_keeps_partial_results_and_leaves_no_server(tmp_path: Path) -> None:
     command = [sys.executable, str(SCRIPT), "--cpu-dry-run", "--out", str(tmp_path)]
     command += ["--models", "bert-base", "--instances", "1", "--processes", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "check.log"  # a file, never a pipe that could fill up unread
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    def serving() -> list[int]:  # the raw step is done (and saved) once serving begins
+        return _processes(1, process.pid) if "serve --instances 1" in log.read_text() else []
+
     try:
-        assert process.stdout is not None
-        for line in process.stdout:  # the raw step is done (and saved) once serving begins
-            if "serve --instances 1" in line:
-                break
-        server = None
-        deadline = time.monotonic() + 30  # generous: a busy machine only makes it slower
-        while server is None and time.monotonic() < deadline:  # no event crosses processes
-            servers = _processes(1, process.pid)
-            if servers:
-                server = servers[0]
-            else:
-                time.sleep(0.02)
-        assert server is not None, "no server was started"
+        # No event crosses processes: the check's output and its server child are polled for.
+        server = block_until(serving, "the check's server")[0]
         process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 143
+    assert process.returncode == 143, log.read_text()
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(summary["models"]["bert-base"]["raw_rows_per_s"]) == {"1", "8"}
     assert any("stopped by a signal" in note for note in summary["notes"]), summary["notes"]
     assert "## bert-base" in (tmp_path / "gpu_check.md").read_text()
-    deadline = time.monotonic() + 30  # the server and its whole process group were killed
-    while _processes(2, server) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The server and its whole process group were killed:
+    block_until(lambda: not _processes(2, server), "the server's process group to end")
     assert not _alive(server)
     assert _processes(2, server) == []
 
@@ -319,4 +316,4 @@ def test_a_cuda_run_not_on_cuda_stops_the_check(gc: ModuleType, tmp_path: Path) 
         gc.require_device(["CPUExecutionProvider"], "cuda", "smoke test")
     smoke = gc.smoke_test("cpu", tmp_path)
     assert smoke["providers"] == ["CPUExecutionProvider"]
-    assert smoke["seconds"] < 10
+    assert smoke["seconds"] > 0  # how long it took is the report's figure, not a check here

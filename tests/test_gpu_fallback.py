@@ -7,7 +7,6 @@ every session that is built is a real CPU one."""
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import os
@@ -263,7 +262,6 @@ async def test_run_in_turn_runs_each_session_alone_on_its_own_thread(mlp_path: P
     assert log == [
         entry for i in range(3) for entry in [(i, f"batchserve-session-{i}_0"), (i, "done")]
     ]
-    await asyncio.sleep(0)
 
 
 # -- FP16 cache ----------------------------------------------------------------------------

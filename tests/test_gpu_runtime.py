@@ -325,7 +325,7 @@ async def test_bound_sessions_are_released_when_the_pool_closes(mlp_path: Path) 
         mlp_path, RuntimeConfig(instances=2, io_binding=True)
     ).load()
     assert all(isinstance(s, ManagedSession) for s in sessions)
-    assert all(isinstance(s.runner, CpuBinding) for s in sessions)
+    assert all(isinstance(s.binding, CpuBinding) for s in sessions)
     async with SessionPool(sessions, metadata.input_names) as pool:
         await pool.run_each([rows_of(2, 0)])
     assert all(s.session is None for s in sessions)
@@ -414,12 +414,12 @@ async def test_cuda_graphs_are_captured_at_load_for_every_bucket_and_never_later
 ) -> None:
     runtime = RuntimeConfig(instances=2, device=Device("cuda", 0), cuda_graphs=True)
     async with Engine(mlp_path, BatchConfig(max_batch_size=12), runtime) as engine:
-        sessions = [w.session for w in engine._pool._workers]  # type: ignore[union-attr]
-        runners = [s.runner for s in sessions]
-        assert all(isinstance(r, CudaBinding) for r in runners)
-        assert [r.graphs() for r in runners] == [[1, 2, 4, 8, 16]] * 2
+        sessions = [slot.session for slot in engine._pool._slots]  # type: ignore[union-attr]
+        bindings = [s.binding for s in sessions]
+        assert all(isinstance(b, CudaBinding) for b in bindings)
+        assert [b.graphs() for b in bindings] == [[1, 2, 4, 8, 16]] * 2
         await asyncio.gather(*(engine.infer({"input": rows_of(n, n)}) for n in (3, 30, 1)))
-        assert [r.graphs() for r in runners] == [[1, 2, 4, 8, 16]] * 2  # 30 rows: no capture
+        assert [b.graphs() for b in bindings] == [[1, 2, 4, 8, 16]] * 2  # 30 rows: no capture
 
 
 @needs_cuda

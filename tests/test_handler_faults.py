@@ -4,7 +4,6 @@ stop with calls queued or stuck, and handler worker processes whose server was k
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -18,7 +17,6 @@ import numpy as np
 import orjson
 import pytest
 from PIL import Image
-from test_handlers import RESNET_METADATA, encode, photo, raw
 
 from batchserve.errors import InferenceFailed, InvalidInput, ModelLoadError, NotReady
 from batchserve.handlers import HandlerConfig, HandlerPipeline, RawRequest, encode_body, imaging
@@ -27,7 +25,16 @@ from batchserve.handlers.image import ImageClassificationHandler
 from batchserve.handlers.loader import check_handler, prepare_handler
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
 
-from conftest import wait_for_exits, wait_until
+from helpers import (
+    RESNET_METADATA,
+    StartServerProcess,
+    encode,
+    photo,
+    raw,
+    reference_preprocess,
+    wait_for_exits,
+    wait_until,
+)
 
 MLP = ModelMetadata(
     (TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("probabilities", "FP32", (-1, 10)),), True
@@ -100,6 +107,7 @@ async def fake_infer(
 # ------------------------------------------------------------------------- image bombs
 
 
+@pytest.mark.slow
 def test_a_40000x1_png_is_answered_quickly_with_bounded_memory() -> None:
     """A ~100-byte PNG far under max_pixels, whose short side scaled to 256 would make a
     10-gigapixel image: preprocessed in a child process capped at 1 GiB more address space."""
@@ -109,7 +117,7 @@ def test_a_40000x1_png_is_answered_quickly_with_bounded_memory() -> None:
         from PIL import Image
         from batchserve.handlers import RawRequest
         from batchserve.handlers.image import ImageClassificationHandler
-        from test_handlers import RESNET_METADATA
+        from helpers import RESNET_METADATA
         buffer = io.BytesIO()
         Image.new("RGB", (40000, 1), (200, 10, 10)).save(buffer, "PNG")
         data = buffer.getvalue()
@@ -226,6 +234,7 @@ async def test_close_lets_queued_calls_finish() -> None:
         release.set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["thread", "process"])
 async def test_close_has_a_deadline_even_with_a_hung_call(kind: str) -> None:
     executor = HandlerExecutor(kind, workers=1, max_pending=4)  # type: ignore[arg-type]
@@ -286,28 +295,22 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_process_handler_workers_exit_when_their_server_is_killed(
-    faulty: str, mlp_path: Path
+    faulty: str, mlp_path: Path, serve_process: StartServerProcess
 ) -> None:
-    from test_cli import Running
-
-    server = Running(str(mlp_path), "--name", "m", "--handler", f"{faulty}:Faulty",
-                     "--handler-executor", "process", "--handler-workers", "2")  # fmt: skip
+    server = serve_process(str(mlp_path), "--name", "m", "--handler", f"{faulty}:Faulty",
+                           "--handler-executor", "process", "--handler-workers", "2")  # fmt: skip
     children: set[int] = set()
     try:
         children = descendants(server.process.pid)
         assert len(children) >= 2  # the handler workers (and multiprocessing's tracker)
-        server.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            # Ends when the last holder of its stderr, a handler worker, is gone.
-            server.process.communicate(timeout=10)
+        server.kill()  # SIGKILL: no chance to stop its handler workers itself
         wait_for_exits(children, timeout_s=30)
         left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in children if alive(p)}
         assert left == {}
     finally:
         server.kill()
-        if server.process.stderr is not None:
-            server.process.stderr.close()
         for pid in children:  # never leave a stray process behind, even when failing
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -315,8 +318,6 @@ def test_process_handler_workers_exit_when_their_server_is_killed(
 
 def test_a_png_of_a_normal_photo_still_matches_the_reference() -> None:
     """Ordinary aspect ratios keep the exact full-resize path."""
-    from test_handlers import reference_preprocess
-
     handler = ImageClassificationHandler()
     handler.setup(RESNET_METADATA, {})
     data = encode(photo(1600, 400), "PNG")  # 4:1, still the exact path

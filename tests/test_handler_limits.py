@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import textwrap
 import threading
 import weakref
@@ -15,7 +16,6 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
-from test_handlers import RESNET_METADATA, encode, photo, raw
 
 from batchserve import BatchConfig, Engine, RuntimeConfig
 from batchserve.errors import DeadlineExceeded, InferenceFailed, InvalidInput, PayloadTooLarge
@@ -24,7 +24,7 @@ from batchserve.handlers.executor import HandlerExecutor
 from batchserve.handlers.image import ImageClassificationHandler
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
 
-from conftest import StartServer
+from helpers import RESNET_METADATA, StartServer, encode, photo, raw, wait_until
 
 MLP = ModelMetadata(
     (TensorSpec("input", "FP32", (-1, 64)),), (TensorSpec("probabilities", "FP32", (-1, 10)),), True
@@ -78,18 +78,17 @@ def _wait(event: threading.Event, payload: object) -> str:
     return "done"
 
 
-def _sleep_then(event_file: str, payload: object) -> str:
-    # A process worker cannot share a threading.Event: it waits for a file instead.
-    import time
-
-    while not Path(event_file).exists():
-        time.sleep(0.01)
+def _read_then(fifo: str, payload: object) -> str:
+    # A process worker cannot share a threading.Event: it blocks reading a FIFO instead.
+    with open(fifo, "rb") as gate:
+        gate.read(1)
     return "done"
 
 
 # ------------------------------------------------------------------------- executor queue
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["thread", "process"])
 async def test_calls_that_timed_out_in_the_queue_release_their_data(
     kind: str, tmp_path: Path
@@ -97,12 +96,14 @@ async def test_calls_that_timed_out_in_the_queue_release_their_data(
     """A caller whose deadline passed while its call waited gets 504 and its slot back; the
     call's arguments (a request body, in the server) must go with it, or callers with short
     deadlines pile data up behind a busy worker without bound."""
-    gate, flag = threading.Event(), tmp_path / "go"
-    busy_fn, busy_arg = (_wait, gate) if kind == "thread" else (_sleep_then, str(flag))
+    gate, fifo = threading.Event(), tmp_path / "go"
+    os.mkfifo(fifo)
+    release = os.open(fifo, os.O_RDWR)  # held open: the worker's open needs no other writer
+    busy_fn, busy_arg = (_wait, gate) if kind == "thread" else (_read_then, str(fifo))
     executor = HandlerExecutor(kind, workers=1, max_pending=3)  # type: ignore[arg-type]
     async with executor:
         busy = asyncio.create_task(executor.run(busy_fn, busy_arg, None))
-        await asyncio.sleep(0)  # one loop turn: the busy call is submitted, and has the worker
+        await wait_until(lambda: executor.statistics().pending == 1, "the busy call submitted")
         refs = []
         for _ in range(20):
             payload = np.zeros(1000)
@@ -115,8 +116,9 @@ async def test_calls_that_timed_out_in_the_queue_release_their_data(
         held = sum(ref() is not None for ref in refs)
         stats = executor.statistics()
         gate.set()
-        flag.touch()
+        os.write(release, b"1")
         assert await busy == "done"
+    os.close(release)
     assert held == 0  # no queued call outlived its caller
     assert stats.timed_out == 20
     assert stats.pending == 1  # only the busy call

@@ -7,18 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import io
 import textwrap
 import threading
-import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import orjson
 import pytest
-from PIL import Image
 
 from batchserve import BatchConfig, Engine, RuntimeConfig
 from batchserve.errors import (
@@ -54,15 +50,18 @@ from batchserve.protocol.v2 import InferRequest
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
 from batchserve.testing import FakeClock
 
-from conftest import wait_until
-
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-RESNET_METADATA = ModelMetadata(
-    (TensorSpec("input", "FP32", (-1, 3, 224, 224)),),
-    (TensorSpec("logits", "FP32", (-1, 1000)),),
-    True,
+from helpers import (
+    MEAN,
+    RESNET_METADATA,
+    STD,
+    encode,
+    photo,
+    png_header,
+    raw,
+    reference_preprocess,
+    reference_top_k,
+    wait_until,
+    with_jpeg_size,
 )
 
 # ------------------------------------------------------------------------- fixtures, helpers
@@ -89,71 +88,10 @@ def _image_handler(**options: str) -> ImageClassificationHandler:
     return handler
 
 
-def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A photo-like RGB image: smooth gradients, a bright square off centre, some noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
-    image[height // 5 : height // 3, width // 4 : width // 2] = (250, 30, 200)
-    image += rng.normal(0, 12, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def encode(pixels: np.ndarray, fmt: str, **params: Any) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt, **params)
-    return buffer.getvalue()
-
-
-def reference_preprocess(data: bytes, size: int = 224, resize: int = 256) -> np.ndarray:
-    """torchvision's Resize(256) + CenterCrop(224) + ToTensor + Normalize, written out with
-    Pillow's own crop and a plain division."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = image.size
-    if w <= h:
-        new_w, new_h = resize, int(resize * h / w)
-    else:
-        new_w, new_h = int(resize * w / h), resize
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))  # noqa: RUF046
-    image = image.crop((left, top, left + size, top + size))
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    return ((x - MEAN) / STD).transpose(2, 0, 1)
-
-
-def reference_top_k(logits: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    order = sorted(range(len(p)), key=lambda i: (-z[i], i))[:k]
-    return [(i, float(p[i])) for i in order]
-
-
-def raw(data: bytes, content_type: str = "image/jpeg", **parameters: str) -> RawRequest:
-    return RawRequest.from_body(data, content_type, {"X-Trace": "1"}, parameters)
-
-
 def v2(*images: bytes | str) -> RawRequest:
     array = np.empty(len(images), dtype=object)
     array[:] = list(images)
     return RawRequest.from_v2({"images": array})
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose IHDR declares width x height, followed by nothing a decoder could use."""
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    crc = zlib.crc32(b"IHDR" + ihdr).to_bytes(4, "big")
-    return b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + b"IHDR" + ihdr + crc
-
-
-def with_jpeg_size(data: bytes, width: int, height: int) -> bytes:
-    """A real JPEG with its frame header rewritten to claim another size."""
-    at = data.index(b"\xff\xc0")
-    patched = bytearray(data)
-    patched[at + 5 : at + 7] = height.to_bytes(2, "big")
-    patched[at + 7 : at + 9] = width.to_bytes(2, "big")
-    return bytes(patched)
 
 
 # ------------------------------------------------------------------------- preprocessing
@@ -364,6 +302,7 @@ def test_v2_outputs_fit_the_v2_encoder() -> None:
 # ------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 async def test_end_to_end_equals_direct_ort(
     resnet50_path: Path, resnet50_session: ort.InferenceSession
 ) -> None:
@@ -389,6 +328,7 @@ async def test_end_to_end_equals_direct_ort(
     assert first[0]["score"] == pytest.approx(batched[0]["score"], rel=1e-4)
 
 
+@pytest.mark.slow
 async def test_concurrent_clients_share_runs(resnet50_path: Path) -> None:
     images = [encode(photo(320, 240, seed), "JPEG") for seed in range(8)]
     engine = Engine(
@@ -589,7 +529,7 @@ async def test_executor_back_pressure() -> None:
     gate = threading.Event()
     async with HandlerExecutor("thread", workers=1, max_pending=2) as executor:
         running = [asyncio.create_task(executor.run(_wait, gate)) for _ in range(2)]
-        await asyncio.sleep(0)
+        await wait_until(lambda: executor.statistics().pending == 2, "both calls submitted")
         with pytest.raises(Overloaded) as caught:
             await executor.run(_wait, gate)
         assert caught.value.status == 429
@@ -630,7 +570,7 @@ async def test_cancelled_caller_frees_its_slot_before_the_work_starts() -> None:
         stats = executor.statistics()
         assert (stats.pending, stats.cancelled) == (1, 1)
         late = asyncio.create_task(executor.run(record, "late"))  # the freed slot takes it
-        await asyncio.sleep(0)
+        await wait_until(lambda: executor.statistics().pending == 2, "the late call submitted")
         gate.set()
         assert await busy == "done"
         assert await late == "late"

@@ -13,14 +13,21 @@ import aiohttp
 import numpy as np
 import onnxruntime as ort
 import pytest
-from test_handlers import encode, photo, reference_preprocess, reference_top_k, with_jpeg_size
 
 from batchserve import BatchConfig, Engine, RuntimeConfig
 from batchserve.examples import write_example
 from batchserve.handlers import HandlerConfig
 
 import models
-from conftest import StartServer
+from helpers import (
+    StartServer,
+    StartServerProcess,
+    encode,
+    photo,
+    reference_preprocess,
+    reference_top_k,
+    with_jpeg_size,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +48,7 @@ async def classifier(start_server: StartServer, resnet50: Path) -> str:
     return f"{server.url}/v2/models/resnet50"
 
 
+@pytest.mark.slow
 async def test_a_posted_jpeg_or_png_gets_labels_equal_to_a_direct_run(
     classifier: str, resnet50: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -60,6 +68,7 @@ async def test_a_posted_jpeg_or_png_gets_labels_equal_to_a_direct_run(
         assert labels[0]["score"] == pytest.approx(expected[0][1], rel=1e-4)
 
 
+@pytest.mark.slow
 async def test_concurrent_image_posts_share_onnx_runtime_runs(
     classifier: str, http: aiohttp.ClientSession
 ) -> None:
@@ -79,6 +88,7 @@ async def test_concurrent_image_posts_share_onnx_runtime_runs(
     assert stats["execution_count"] < 8  # preprocessed requests from several clients batched
 
 
+@pytest.mark.slow
 async def test_v2_requests_with_encoded_images_go_through_the_handler(
     classifier: str, http: aiohttp.ClientSession
 ) -> None:
@@ -114,6 +124,7 @@ async def test_v2_requests_with_encoded_images_go_through_the_handler(
         assert (await r.json())["outputs"][0]["name"] == "logits"
 
 
+@pytest.mark.slow
 async def test_bad_images_get_clean_json_errors(
     classifier: str, http: aiohttp.ClientSession
 ) -> None:
@@ -133,11 +144,10 @@ async def test_bad_images_get_clean_json_errors(
         assert r.status == 200  # still serving
 
 
+@pytest.mark.slow
 async def test_a_user_handler_in_a_temporary_module_is_loaded_by_the_command(
-    tmp_path: Path,
+    tmp_path: Path, serve_process: StartServerProcess
 ) -> None:
-    from test_cli import Running
-
     model = models.scaled(tmp_path / "scaled.onnx", 3.0)
 
     (tmp_path / "doubling.py").write_text(
@@ -152,11 +162,10 @@ async def test_a_user_handler_in_a_temporary_module_is_loaded_by_the_command(
     )
     import os
 
-    os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    try:
-        server = Running(str(model), "--name", "scaled", "--handler", "doubling:Doubler")
-    finally:
-        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    path = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    server = serve_process(
+        str(model), "--name", "scaled", "--handler", "doubling:Doubler", env={"PYTHONPATH": path}
+    )
     try:
         async with aiohttp.ClientSession() as http, http.post(
             f"{server.url}/v2/models/scaled/infer", data=b"1,2,3,4.5",

@@ -18,7 +18,7 @@ from batchserve import BatchConfig, CacheConfig, Engine
 from batchserve.http import STATE
 from batchserve.queue import BatcherStatistics
 
-from conftest import StartServer, wait_until
+from helpers import StartServer, wait_until
 from models import ECHO_TYPES
 
 V2_DTYPES = {
@@ -397,6 +397,7 @@ async def test_a_failing_run_gives_500_with_the_reason(
     assert answer["outputs"][0]["data"] == [30.0]
 
 
+@pytest.mark.slow
 async def test_client_disconnect_withdraws_queued_work(
     start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
 ) -> None:

@@ -17,7 +17,7 @@ from batchserve.app import Server
 from batchserve.http import STATE
 from batchserve.http.connections import default_max_connections
 
-from conftest import StartServer, wait_until
+from helpers import StartServer, StartServerProcess, wait_until
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
 JSON = (
@@ -98,6 +98,7 @@ async def test_headers_trickled_byte_by_byte_still_time_out(
     writer.close()
 
 
+@pytest.mark.slow
 async def test_idle_keepalive_connections_are_closed(
     start_server: StartServer, mlp_path: Path
 ) -> None:
@@ -189,6 +190,7 @@ async def test_content_codings_unsupported_415_corrupt_400_never_a_traceback(
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
 
 
+@pytest.mark.slow
 async def test_a_gzip_bomb_gets_413_and_the_connection_closes_without_inflating_it(
     start_server: StartServer, mlp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -251,10 +253,10 @@ SLOW_BODY = {
 }
 
 
-async def _sigterm_with_fresh_connections(slow_path: Path, clients: int) -> dict[str, int]:
-    from test_cli import Running
-
-    server = Running(str(slow_path), "--name", "slow", "--shutdown-grace-s", "20")
+async def _sigterm_with_fresh_connections(
+    serve_process: StartServerProcess, slow_path: Path, clients: int
+) -> dict[str, int]:
+    server = serve_process(str(slow_path), "--name", "slow", "--shutdown-grace-s", "20")
     outcomes: dict[str, int] = {}
     url = f"{server.url}/v2/models/slow/infer"
 
@@ -287,14 +289,15 @@ async def _sigterm_with_fresh_connections(slow_path: Path, clients: int) -> dict
     return outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_sigterm_with_a_new_connection_per_request_answers_every_accepted_one(
-    slow_path: Path,
+    slow_path: Path, serve_process: StartServerProcess
 ) -> None:
     """Every request is answered 200 or 503, or refused at connect; none is reset after its
     connection was accepted and none hangs. The race is rare: the scenario runs three times."""
     for _ in range(3):
-        outcomes = await _sigterm_with_fresh_connections(slow_path, clients=200)
+        outcomes = await _sigterm_with_fresh_connections(serve_process, slow_path, clients=200)
         print(f"SIGTERM, a new connection per request: {outcomes}")
         assert set(outcomes) <= {"200", "503", "refused"}, outcomes
         assert outcomes.get("200", 0) > 0

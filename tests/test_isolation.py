@@ -16,7 +16,7 @@ import numpy as np
 from batchserve import BatchConfig, Engine
 from batchserve.errors import InferenceFailed
 
-from conftest import StartServer
+from helpers import StartServer
 
 MAX_ROWS = 16
 

@@ -21,18 +21,18 @@ import pytest
 
 import batchserve.repository.repository as repository_module
 from batchserve import BatchConfig, CacheConfig, RuntimeConfig
-from batchserve.app import Server
+from batchserve.app import Server, engine_factory
 from batchserve.config import ServerConfig
 from batchserve.engine import Engine
 from batchserve.errors import NotReady
 from batchserve.handlers.config import HandlerConfig
 from batchserve.http.routes import REPOSITORY
-from batchserve.repository import ModelRepository, engine_factory
+from batchserve.repository import ModelRepository
 from batchserve.repository.source import file_digest, scan_directory
 from batchserve.runtime.session import model_digest
 
 import models
-from conftest import wait_until
+from helpers import wait_until
 
 HANDLER = """
 import threading

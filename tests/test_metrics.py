@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batchserve import CacheConfig, Engine
 
-from conftest import StartServer, wait_until
+from helpers import StartServer, wait_until
 
 EXPECTED = {
     "batchserve_requests": "counter",

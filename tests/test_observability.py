@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batchserve import CacheConfig, Engine
 
-from conftest import RedisProcess, StartServer
+from helpers import RedisProcess, StartServer
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 METRIC = re.compile(r"\b((?:batchserve|process)_[a-z0-9_]+)\b")

@@ -6,15 +6,9 @@ bounded memory."""
 from __future__ import annotations
 
 import copy
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +27,8 @@ from schemathesis.core.failures import ServerError
 from batchserve import Engine, ServerConfig, __version__
 from batchserve.app import create_app
 from batchserve.repository import ModelRepository
+
+from helpers import ServerProcess
 
 DOCUMENT = Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml"
 MODEL = "mlp"  # the served model (tests/conftest.py `mlp_path`)
@@ -129,54 +125,25 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
-@dataclass
-class LiveServer:
-    """`batchserve serve` as a subprocess on 127.0.0.1 and an ephemeral port; its stderr is
-    drained by a thread (a full pipe would stall the server) and kept for the checks."""
+class LiveServer(ServerProcess):
+    """`batchserve serve` as a subprocess (see helpers.ServerProcess), and what the fuzz run
+    sent it."""
 
-    process: subprocess.Popen[str]
-    url: str
-    log: list[str]
-    drain: threading.Thread
-    baseline_rss: int = 0
-    statuses: Counter[int] = field(default_factory=Counter)
-    phases: Counter[str] = field(default_factory=Counter)
-
-    def stop(self, signum: int = signal.SIGKILL, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        code = self.process.wait(timeout=timeout)
-        self.drain.join(timeout=timeout)  # it ends with the pipe
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        return code
+    def __init__(self, args: Sequence[str], log_dir: Path, env: Mapping[str, str]) -> None:
+        super().__init__(args, log_dir, env)
+        self.baseline_rss = 0
+        self.statuses: Counter[int] = Counter()
+        self.phases: Counter[str] = Counter()
 
 
-def start_server(model_path: Path) -> LiveServer:
+def start_server(model_path: Path, log_dir: Path) -> LiveServer:
     # The response cache and the access log are on so that their code runs under the fuzzer.
     # Load shedding on event-loop lag is off: on a busy test machine it would answer the
     # correctness checks with 429 (the fuzzed requests accept a 429 either way).
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchserve", "serve", str(model_path), "--name", MODEL,
-         "--host", "127.0.0.1", "--port", "0", "--cache-size-mb", "4", "--access-log"],
-        env={**os.environ, "BATCHSERVE_MAX_LOOP_LAG_MS": "0"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    return LiveServer.start(
+        str(model_path), "--name", MODEL, "--cache-size-mb", "4", "--access-log",
+        log_dir=log_dir, env={"BATCHSERVE_MAX_LOOP_LAG_MS": "0"},
     )  # fmt: skip
-    assert process.stderr is not None
-    log: list[str] = []
-    for line in process.stderr:  # blocks until the server says where it listens, or exits
-        log.append(line)
-        found = re.search(r"listening on (http://\S+)", line)
-        if found:
-            drain = threading.Thread(target=lambda: log.extend(process.stderr or ()), daemon=True)
-            drain.start()
-            return LiveServer(process, found.group(1), log, drain)
-    process.kill()
-    process.wait()
-    process.stderr.close()
-    raise AssertionError("server did not start:\n" + "".join(log))
 
 
 def sample_rows(rows: int, seed: int = 7) -> np.ndarray:
@@ -196,8 +163,8 @@ def infer(session: requests.Session, url: str, inputs: np.ndarray) -> np.ndarray
 
 
 @pytest.fixture(scope="module")
-def live_server(mlp_path: Path) -> Iterator[LiveServer]:
-    server = start_server(mlp_path)
+def live_server(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = start_server(mlp_path, tmp_path_factory.mktemp("live_server"))
     try:
         with requests.Session() as session:
             for seed in range(20):  # warm-up, so first-run allocations count in the baseline
@@ -205,7 +172,7 @@ def live_server(mlp_path: Path) -> Iterator[LiveServer]:
         server.baseline_rss = rss_bytes(server.process.pid)
         yield server
     finally:
-        server.stop()
+        server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +275,7 @@ def filter_failure(context: Any, failure: Any, case: schemathesis.Case, response
 @schema.hooks.apply(flatmap_path_parameters)
 # Unload is destructive by design (the model stops serving until a load): tested on its own in
 # tests/test_repository.py, left out of the fuzz run so every other case reaches a live model.
+@pytest.mark.slow
 @schema.exclude(operation_id="repositoryUnload").parametrize()
 @FUZZ
 def test_fuzz_the_live_server(
@@ -319,6 +287,7 @@ def test_fuzz_the_live_server(
     case.validate_response(response, checks=CHECKS)
 
 
+@pytest.mark.slow
 def test_the_server_survived_the_fuzz_run(
     live_server: LiveServer, http_session: requests.Session, mlp_path: Path
 ) -> None:
@@ -342,5 +311,6 @@ def test_the_server_survived_the_fuzz_run(
     assert rss < RSS_GROWTH * baseline + RSS_SLACK_BYTES
 
     assert live_server.stop(signal.SIGTERM) == 0
-    errors = [line for line in live_server.log if " ERROR " in line or "Traceback" in line]
-    assert errors == [], "".join(errors)
+    log = live_server.log.splitlines()
+    errors = [line for line in log if " ERROR " in line or "Traceback" in line]
+    assert errors == [], "\n".join(errors)

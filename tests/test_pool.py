@@ -10,7 +10,6 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-from test_reliability import slow_body
 
 from batchserve import BatchConfig, Engine, RuntimeConfig
 from batchserve.clock import MonotonicClock
@@ -19,7 +18,7 @@ from batchserve.queue import Batcher, BatchPolicy
 from batchserve.runtime.pool import HealthPolicy, NoHealthySession, SessionPool
 from batchserve.runtime.session import ManagedSession, SessionBuilder
 
-from conftest import StartServer, wait_until
+from helpers import StartServer, slow_body, wait_until
 
 GOOD = {"index": np.array([[3]], dtype=np.int64)}
 BAD = {"index": np.array([[7]], dtype=np.int64)}  # outside the 5-entry table: the run fails
@@ -41,7 +40,7 @@ async def test_a_session_that_keeps_failing_is_rebuilt(gather_path: Path) -> Non
     sessions, metadata = builder.load()
     session = ManagedSession(sessions[0])
     health = HealthPolicy(replace_after_failures=3)
-    pool = SessionPool([session], metadata.input_names, factory=builder.rebuild, health=health)
+    pool = SessionPool([session], metadata.input_names, rebuild=builder.rebuild, health=health)
     async with pool:
         await pool.run_each([GOOD["index"]])  # the warm-up: inputs known to compute
         session.close()  # the session breaks: every run fails from now on
@@ -78,16 +77,19 @@ async def test_with_every_session_lost_queued_requests_fail_instead_of_waiting(
     builder = SessionBuilder(gather_path, RuntimeConfig())
     sessions, metadata = builder.load()
 
-    def broken_factory() -> object:
+    def broken_rebuild() -> object:
         raise ModelLoadError("the model file is gone")
 
     health = HealthPolicy(replace_after_failures=1, rebuild_attempts=1, rebuild_backoff_s=0.01)
-    pool = SessionPool(sessions, metadata.input_names, factory=broken_factory, health=health)
+    pool = SessionPool(sessions, metadata.input_names, rebuild=broken_rebuild, health=health)
     policy = BatchPolicy(8, 0.0)
     async with pool, Batcher(pool, policy, MonotonicClock(), max_queue_rows=100) as batcher:
         pool.on_capacity = batcher.wake
         first = batcher.submit([BAD["index"]], 1, ((1,),))
-        await asyncio.sleep(0)  # dispatched alone
+        # One loop turn, not a wait: the batcher dispatches it alone, and the next one is queued
+        # while its run is still out (a wait could let the run fail first).
+        await asyncio.sleep(0)
+        assert batcher.statistics().queued_rows == 0
         waiting = batcher.submit([GOOD["index"]], 1, ((1,),))  # queued behind the failure
         with pytest.raises(InferenceFailed, match="out of data bounds"):
             await first.future
@@ -106,11 +108,11 @@ async def test_a_session_that_cannot_be_rebuilt_is_lost_and_requests_fail_fast(
     builder = SessionBuilder(gather_path, RuntimeConfig())
     sessions, metadata = builder.load()
 
-    def broken_factory() -> object:
+    def broken_rebuild() -> object:
         raise ModelLoadError("the model file is gone")
 
     health = HealthPolicy(replace_after_failures=1, rebuild_attempts=2, rebuild_backoff_s=0.01)
-    pool = SessionPool(sessions, metadata.input_names, factory=broken_factory, health=health)
+    pool = SessionPool(sessions, metadata.input_names, rebuild=broken_rebuild, health=health)
     async with pool:
         results: list[object] = []
         assert pool.try_run([BAD["index"]], results.append)
@@ -141,11 +143,11 @@ async def test_closing_during_a_rebuild_does_not_hang(gather_path: Path) -> None
     builder = SessionBuilder(gather_path, RuntimeConfig())
     sessions, metadata = builder.load()
 
-    def slow_factory() -> object:
+    def slow_rebuild() -> object:
         raise ModelLoadError("not now")
 
     health = HealthPolicy(replace_after_failures=1, rebuild_attempts=100, rebuild_backoff_s=0.05)
-    pool = SessionPool(sessions, metadata.input_names, factory=slow_factory, health=health)
+    pool = SessionPool(sessions, metadata.input_names, rebuild=slow_rebuild, health=health)
     async with pool:
         results: list[object] = []
         pool.try_run([BAD["index"]], results.append)
@@ -154,6 +156,7 @@ async def test_closing_during_a_rebuild_does_not_hang(gather_path: Path) -> None
     assert pool.statistics().lost == 1
 
 
+@pytest.mark.slow
 async def test_a_stalled_run_fails_liveness_until_it_ends(
     start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -170,13 +173,13 @@ async def test_a_stalled_run_fails_liveness_until_it_ends(
     busy = asyncio.create_task(
         http.post(f"{server.url}/v2/models/slow/infer", data=data, headers=headers)
     )
-    seen: dict[str, object] = {}
-    while not busy.done():  # polled until the long run counts as a stall (or ends: a failure)
+
+    async def stalled() -> dict[str, object] | None:  # or the long run ended first: a failure
+        assert not busy.done(), "the run ended before it counted as a stall"
         async with http.get(f"{server.url}/v2/health/live") as r:
-            if r.status == 503:
-                seen = await r.json()
-                break
-        await asyncio.sleep(0.01)
+            return dict(await r.json()) if r.status == 503 else None
+
+    seen = await wait_until(stalled, "the long run to count as a stall")
     assert seen.get("live") is False
     assert "stall limit" in str(seen.get("error"))
     async with http.get(f"{server.url}/metrics") as r:

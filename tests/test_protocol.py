@@ -23,7 +23,7 @@ from batchserve.protocol.v2 import (
 )
 
 import models
-from conftest import StartServer
+from helpers import StartServer
 
 ALL_DATATYPES = list(V2_TO_NUMPY)
 NUMERIC_DATATYPES = [name for name in ALL_DATATYPES if name != "BYTES"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import re
 import time
@@ -17,20 +16,9 @@ import pytest
 from batchserve import BatchConfig, DeadlineExceeded, Engine
 
 import models
-from conftest import StartServer, wait_until
+from helpers import StartServer, StartServerProcess, slow_body, wait_until
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
-
-
-def slow_body(rows: int, **parameters: object) -> tuple[io.BytesIO, dict[str, str]]:
-    x = np.zeros((rows, 1024), np.float32)
-    tensor = {"name": "x", "shape": [rows, 1024], "datatype": "FP32",
-              "parameters": {"binary_data_size": x.nbytes}}  # fmt: skip
-    request: dict[str, object] = {"inputs": [tensor]}
-    if parameters:
-        request["parameters"] = parameters
-    header = json.dumps(request).encode()
-    return io.BytesIO(header + x.tobytes()), {"Inference-Header-Content-Length": str(len(header))}
 
 
 async def test_api_key_protects_everything_but_probes_and_metrics(
@@ -66,6 +54,7 @@ async def test_metrics_can_be_protected_too(
         assert r.status == 200
 
 
+@pytest.mark.slow
 async def test_a_request_past_its_deadline_gets_504_and_no_inference(
     start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -97,6 +86,7 @@ async def test_bad_timeouts_are_400(
             assert r.status == 400, value
 
 
+@pytest.mark.slow
 async def test_the_server_default_deadline_applies(
     start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -111,12 +101,14 @@ async def test_the_server_default_deadline_applies(
         assert "deadline" in (await r.json())["error"]
 
 
+@pytest.mark.slow
 async def test_engine_deadline_raises(slow_path: Path) -> None:
     async with Engine(slow_path, BatchConfig(max_batch_size=8192)) as engine:
         with pytest.raises(DeadlineExceeded, match="deadline"):
             await engine.infer({"x": np.zeros((4096, 1024), np.float32)}, timeout_s=0.001)
 
 
+@pytest.mark.slow
 async def test_shed_requests_get_429_with_retry_after(
     start_server: StartServer, slow_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -140,12 +132,13 @@ async def test_shed_requests_get_429_with_retry_after(
         response.release()
 
 
-async def test_sigterm_under_load_loses_nothing(mlp_path: Path) -> None:
+@pytest.mark.slow
+async def test_sigterm_under_load_loses_nothing(
+    mlp_path: Path, serve_process: StartServerProcess
+) -> None:
     """Every request either completes with 200 or is refused before admission (503 or a
     refused connection); none fails or goes unanswered."""
-    from test_cli import Running
-
-    server = Running(str(mlp_path), "--name", "mlp", "--shutdown-grace-s", "20")
+    server = serve_process(str(mlp_path), "--name", "mlp", "--shutdown-grace-s", "20")
     outcomes: dict[str, int] = {}
     stop_sending = asyncio.Event()
     served = asyncio.Event()  # enough answers that SIGTERM lands in the middle of a load
@@ -258,18 +251,18 @@ async def test_a_blocked_event_loop_sheds_new_requests_until_it_catches_up(
     # The loop stays behind for a while, as it would behind a flood of requests (a single
     # stall is not enough: a burst or a collection pause is not overload).
     for _ in range(4):
-        time.sleep(0.06)  # noqa: ASYNC251
-        await asyncio.sleep(0.001)
+        time.sleep(0.06)  # noqa: ASYNC251 (the blocked loop is what is tested)
+        await asyncio.sleep(0.001)  # a yield between stalls: the lag probe's late tick runs
     async with http.post(url, json=BODY) as r:
         assert r.status == 429
         assert r.headers["Retry-After"] == "1"
         assert "event loop" in (await r.json())["error"]
-    for _ in range(100):  # bounded: the smoothed lag decays within a few dozen ticks
-        await asyncio.sleep(0.02)
+
+    async def served() -> bool:  # the smoothed lag decays within a few dozen ticks
         async with http.post(url, json=BODY) as r:
-            if r.status == 200:
-                break
-    assert r.status == 200
+            return r.status == 200
+
+    await wait_until(served, "the loop to catch up: requests served again")
     async with http.get(f"{server.url}/metrics") as r:
         shed = re.search(r"^batchserve_lag_shed_requests_total (\S+)$", await r.text(), re.M)
     assert shed is not None
@@ -283,19 +276,18 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 async def test_overload_sheds_the_excess_and_answers_everything_else_correctly(
-    tmp_path: Path,
+    tmp_path: Path, serve_process: StartServerProcess
 ) -> None:
     """A real server process offered far more than it holds (64 callers back to back against
     32 rows per run and 8 queued rows): every answer is 200 with the right output, 429 with
     `Retry-After` and the reason, or 504 past the deadline; nothing else, and memory stays
     bounded. How many of each, and how fast, depends on the machine: those figures come from
     benchmarks/overload.py, not from here."""
-    from test_cli import Running
-
     path = models.slow(tmp_path / "heavy.onnx", width=1024, layers=4)
-    server = Running(str(path), "--name", "heavy", "--max-batch-size", "32",
-                     "--max-queue-rows", "8", "--request-timeout-ms", "500")  # fmt: skip
+    server = serve_process(str(path), "--name", "heavy", "--max-batch-size", "32",
+                           "--max-queue-rows", "8", "--request-timeout-ms", "500")  # fmt: skip
     url = f"{server.url}/v2/models/heavy/infer"
     x = np.full((1, 1024), 0.5, np.float32)
     header = json.dumps({"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32",
@@ -336,6 +328,7 @@ async def test_overload_sheds_the_excess_and_answers_everything_else_correctly(
     assert after - before < 100, (before, after)
 
 
+@pytest.mark.slow
 async def test_a_request_that_waited_for_the_event_loop_counts_that_wait_in_its_deadline(
     start_server: StartServer, mlp_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -368,9 +361,9 @@ async def test_a_request_that_waited_for_the_event_loop_counts_that_wait_in_its_
     finally:
         hogging = False
         await hogger
-    for _ in range(200):  # bounded: the lag fades within a few ticks once the loop catches up
+
+    async def served() -> bool:  # the lag fades within a few ticks once the loop catches up
         async with http.post(f"{strict.url}/v2/models/mlp/infer", json=BODY) as r:
-            if r.status == 200:
-                break
-        await asyncio.sleep(0.01)
-    assert r.status == 200
+            return r.status == 200
+
+    await wait_until(served, "the loop to catch up: requests within their deadline again")

@@ -15,33 +15,25 @@ import aiohttp
 import pytest
 
 from batchserve import BatchConfig, CacheConfig, RuntimeConfig
-from batchserve.app import Server
+from batchserve.app import HandlerLimits, Server, engine_factory
 from batchserve.config import ServerConfig
 from batchserve.errors import ModelLoadError
-from batchserve.repository import HandlerLimits, ModelRepository, VersionPolicy, engine_factory
+from batchserve.repository import ModelRepository, VersionPolicy
 from batchserve.repository.config import parse_model_config
 
 import models
-from conftest import wait_until
+from helpers import (
+    StartServerProcess,
+    X,
+    add_version,
+    check_version,
+    infer,
+    run_cli,
+    wait_until,
+    write_config,
+)
 
-X = [[1.0, 2.0, 3.0, 4.0]]
 StartRepository = Callable[..., Awaitable[str]]
-
-
-def add_version(root: Path, model: str, version: str, factor: float) -> None:
-    """Write a version as the repository would see it appear: complete, in one rename."""
-    staging = root / model / f".staging-{version}"
-    models.scaled(staging / "model.onnx", factor)
-    staging.rename(root / model / version)
-
-
-def write_config(root: Path, model: str, text: str) -> None:
-    (root / model).mkdir(parents=True, exist_ok=True)
-    (root / model / "config.toml").write_text(text)
-
-
-def body(x: list[list[float]] = X) -> dict[str, Any]:
-    return {"inputs": [{"name": "x", "shape": [len(x), 4], "datatype": "FP32", "data": x}]}
 
 
 @pytest.fixture
@@ -59,20 +51,6 @@ async def start_repository() -> AsyncIterator[StartRepository]:
     yield start
     for server in reversed(servers):
         await server.aclose()
-
-
-async def infer(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any]]:
-    async with http.post(url, json=body(), headers=headers) as r:
-        return r.status, await r.json()
-
-
-def check_version(answer: dict[str, Any]) -> str:
-    """The version that answered, checked against its outputs (version N multiplies by N)."""
-    version = answer["model_version"]
-    assert answer["outputs"][0]["data"] == [v * int(version) for v in X[0]], answer
-    return str(version)
 
 
 async def test_two_models_and_two_versions_are_served_at_once(
@@ -160,6 +138,7 @@ async def test_new_version_then_rollback_under_load_loses_no_request(
         assert [(e["version"], e["state"]) for e in await r.json()] == [("1", "READY")]
 
 
+@pytest.mark.slow
 async def test_a_90_10_split_lands_within_bounds_and_sticky_keys_stay_put(
     tmp_path: Path, start_repository: StartRepository, http: aiohttp.ClientSession
 ) -> None:
@@ -293,12 +272,13 @@ def test_version_policies_and_config_validation() -> None:
             parse_model_config(raw)
 
 
-async def test_the_command_serves_a_repository_directory(tmp_path: Path) -> None:
-    from test_cli import Running, run_cli
-
+@pytest.mark.slow
+async def test_the_command_serves_a_repository_directory(
+    tmp_path: Path, serve_process: StartServerProcess
+) -> None:
     add_version(tmp_path, "alpha", "1", 1.0)
     add_version(tmp_path, "alpha", "2", 2.0)
-    server = Running("--model-repository", str(tmp_path), "--repository-poll-s", "0.1")
+    server = serve_process("--model-repository", str(tmp_path), "--repository-poll-s", "0.1")
     try:
         async with aiohttp.ClientSession() as http:
             status, answer = await infer(http, f"{server.url}/v2/models/alpha/infer")

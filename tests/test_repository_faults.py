@@ -16,25 +16,17 @@ from typing import Any
 import aiohttp
 import onnxruntime as ort
 import pytest
-from test_repository import add_version, check_version, infer, write_config
 
 import batchserve.repository.repository as repository_module
 from batchserve import BatchConfig, CacheConfig, RuntimeConfig
-from batchserve.app import Server
+from batchserve.app import HandlerLimits, Server, engine_factory
 from batchserve.config import ServerConfig
 from batchserve.engine import Engine
 from batchserve.handlers.config import HandlerConfig
-from batchserve.repository import (
-    EngineFactory,
-    HandlerLimits,
-    ModelConfig,
-    ModelRepository,
-    VersionPolicy,
-    engine_factory,
-)
+from batchserve.repository import EngineFactory, ModelConfig, ModelRepository, VersionPolicy
 from batchserve.repository.config import parse_model_config, version_order
 
-from conftest import wait_until
+from helpers import add_version, check_version, infer, wait_until, write_config
 
 Serve = Callable[..., Awaitable[tuple[str, ModelRepository]]]
 
@@ -295,6 +287,7 @@ async def test_a_reload_waits_for_requests_in_preprocess_without_blocking_other_
         gate.release.set()
 
 
+@pytest.mark.slow
 async def test_reloads_free_their_sessions_without_the_cyclic_collector(
     tmp_path: Path, serve: Serve
 ) -> None:

@@ -12,7 +12,7 @@ import tritonclient.http as httpclient
 
 from batchserve import Engine
 
-from conftest import StartServer
+from helpers import StartServer
 
 
 def drive(url: str, x: np.ndarray, binary: bool) -> tuple[bool, dict[str, object], np.ndarray]:

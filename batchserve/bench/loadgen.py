@@ -268,9 +268,10 @@ def _event_loop_run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def _worker(
+def _process_main(
     workload: Workload, config: LoadConfig, index: int, start: float, counter: Any, out: Any
 ) -> None:
+    """One load generator process: its share of the callers, its result put on `out`."""
     try:
         result = _event_loop_run(_run_process(workload, config, index, start, counter))
     except Exception as err:  # reported by the parent in one line; don't hang it
@@ -299,17 +300,19 @@ def run_load(
         ]
     start = time.perf_counter() + 2.0  # time for the spawned interpreters to import
     queue = context.Queue()
-    workers = [
-        context.Process(target=_worker, args=(workload, config, i, start, counters[i], queue))
+    processes = [
+        context.Process(target=_process_main, args=(workload, config, i, start, counters[i], queue))
         for i in range(config.processes)
     ]
-    for worker in workers:
-        worker.start()
+    for process in processes:
+        process.start()
 
     def collect() -> list[RawResult]:
         deadline = start + config.warmup_s + config.duration_s + config.timeout_s + 30
         try:
-            results = [queue.get(timeout=max(1.0, deadline - time.perf_counter())) for _ in workers]
+            results = [
+                queue.get(timeout=max(1.0, deadline - time.perf_counter())) for _ in processes
+            ]
         except Empty:
             raise BenchError(
                 f"a load generator process did not report within "
@@ -324,10 +327,10 @@ def run_load(
         collected: list[RawResult] = _with_progress(collect, counters, config, start, show)
         return collected
     finally:
-        for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
 
 
 def _with_progress(

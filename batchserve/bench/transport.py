@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from batchserve.lifecycle import Lifecycle
+
 SCHEMES = {"http": 80, "https": 443}
 
 
@@ -163,7 +165,7 @@ class _Slots:
                 waiter.set_exception(RequestTimeout("no free connection slot within the timeout"))
 
 
-class ConnectionPool:
+class ConnectionPool(Lifecycle):
     """Keep-alive connections to one host, at most `limit` open; LIFO reuse keeps them warm.
     https:// URLs use TLS with `ssl_context` (default: the system's trust store)."""
 
@@ -180,11 +182,11 @@ class ConnectionPool:
         self._slots = _Slots(limit)
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> ConnectionPool:
+    async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep())
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def aclose(self) -> None:
+        """Stop timing requests out and drop every connection."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         for connection in self._all:

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from batchserve.bench.command import (
+from batchserve.bench.loadgen import LoadConfig
+from batchserve.bench.measure import (
     Target,
     at_rate,
     listening_url,
@@ -22,7 +23,6 @@ from batchserve.bench.command import (
     model_metadata,
     sweep,
 )
-from batchserve.bench.loadgen import LoadConfig
 from batchserve.bench.report import Report
 from batchserve.bench.workload import build_workload
 
@@ -141,7 +141,7 @@ def tune(
     return sorted(trials, key=lambda t: t.rate, reverse=True)
 
 
-def table(trials: list[Trial]) -> str:
+def trials_table(trials: list[Trial]) -> str:
     lines = [
         "| settings | best rate under SLO | p50 ms | p99 ms | mean batch rows |",
         "|---|---:|---:|---:|---:|",

@@ -13,6 +13,7 @@ MAGIC = b"BSC1"
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
+# A model's answer: its outputs by name (what the engine returns and the cache stores).
 Outputs = dict[str, np.ndarray]
 
 

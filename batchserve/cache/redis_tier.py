@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from types import TracebackType
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -21,11 +20,11 @@ from redis.exceptions import RedisError
 
 from batchserve.cache import codec
 from batchserve.cache.breaker import CircuitBreaker, CircuitState
+from batchserve.cache.codec import Outputs
 from batchserve.clock import Clock
+from batchserve.lifecycle import Lifecycle
 
 log = logging.getLogger("batchserve.cache")
-
-Outputs = codec.Outputs
 
 
 @dataclass(slots=True)
@@ -40,7 +39,7 @@ class RedisStatistics:
     circuit_opened: int = 0
 
 
-class RedisTier:
+class RedisTier(Lifecycle):
     def __init__(
         self,
         url: str,
@@ -73,16 +72,9 @@ class RedisTier:
         self._max_pending = max_pending_writes
         self._stats = RedisStatistics()
 
-    async def __aenter__(self) -> RedisTier:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    async def start(self) -> None:
+        """Nothing to wait for: the client connects on first use, and a Redis that is down
+        must not keep the server from starting."""
 
     async def get(self, key: bytes) -> tuple[bytes, Outputs] | None:
         """The stored value and the arrays decoded from it, or None (a miss, an error, a

@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from types import TracebackType
 
 from batchserve.cache import codec
 from batchserve.cache.codec import Outputs
 from batchserve.cache.lru import ByteLRU, LRUStatistics
 from batchserve.cache.redis_tier import RedisStatistics, RedisTier
 from batchserve.errors import DeadlineExceeded, Overloaded
+from batchserve.lifecycle import Lifecycle
 
 
 class _LeaderGone(Exception):
@@ -31,7 +31,7 @@ class CacheStatistics:
     coalesced: int  # requests that waited for an identical one in flight instead of computing
 
 
-class ResponseCache:
+class ResponseCache(Lifecycle):
     """`get_or_compute(key, compute)`: a hit from either tier, or the result of the single
     computation of that key in flight (single-flight), which then fills both tiers."""
 
@@ -42,15 +42,12 @@ class ResponseCache:
         self._in_flight: dict[bytes, asyncio.Future[bytes]] = {}
         self._coalesced = 0
 
-    async def __aenter__(self) -> ResponseCache:
-        return self
+    async def start(self) -> None:
+        if self._redis is not None:
+            await self._redis.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Close the Redis tier (its pending writes get a moment to finish)."""
         if self._redis is not None:
             await self._redis.aclose()
 

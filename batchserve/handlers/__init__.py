@@ -16,8 +16,10 @@ from batchserve.handlers.loader import (
 )
 from batchserve.handlers.negotiate import (
     PREDICTIONS,
+    answer_body,
     choose_route,
     encode_body,
+    handler_request,
     media_type,
     v2_outputs,
     wants_handler,
@@ -36,9 +38,11 @@ __all__ = [
     "HandlerPipeline",
     "InferFn",
     "RawRequest",
+    "answer_body",
     "check_handler",
     "choose_route",
     "encode_body",
+    "handler_request",
     "load_handler",
     "media_type",
     "parse_option",

@@ -44,10 +44,6 @@ class RawRequest:
     inputs: Mapping[str, np.ndarray] | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def is_v2(self) -> bool:
-        return self.inputs is not None
-
     @classmethod
     def from_body(
         cls,

@@ -1,16 +1,21 @@
-"""Which path a request to a model's infer URL takes (raw body to the handler, or V2), and the
-shape of a handler's answer in each protocol. Pure functions: the HTTP layer calls them."""
+"""Which path a call to a model with a handler takes (a raw payload or V2 tensors to the
+handler, or V2 tensors straight to the model), the request the handler gets, and the shape of
+its answer in each protocol. Pure functions: the engine calls them, below every front end."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import orjson
 
-from batchserve.errors import UnsupportedMediaType
+from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from batchserve.handlers.base import RawRequest
 from batchserve.runtime.metadata import ModelMetadata
+
+if TYPE_CHECKING:
+    from batchserve.call import Call
 
 # The one output of a V2 response to a request that went through a handler: a BYTES tensor of
 # shape [1] holding the handler's JSON body.
@@ -60,10 +65,36 @@ def wants_handler(inputs: Mapping[str, np.ndarray], metadata: ModelMetadata) -> 
     )
 
 
+def handler_request(call: Call) -> RawRequest:
+    """The request a handler takes from a call: its raw payload, or its V2 tensors. V2 tensors
+    through a handler have one output, `predictions` (InvalidInput, 400, for any other)."""
+    if call.body is not None:
+        return RawRequest.from_body(
+            call.body, media_type(call.content_type), call.headers, call.parameters
+        )
+    if call.outputs and set(call.outputs) != {PREDICTIONS}:
+        raise InvalidInput(
+            f"a request through the handler has one output, {PREDICTIONS!r}; "
+            f"asked for {list(call.outputs)}"
+        )
+    return RawRequest.from_v2(call.inputs, call.parameters, call.headers)
+
+
 def encode_body(value: Any) -> bytes:
     """A handler's answer as a JSON body (numpy arrays and scalars allowed; an
     `orjson.Fragment`, what `HandlerPipeline` returns, is JSON already and copied as is)."""
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def answer_body(value: Any, max_bytes: int | None) -> bytes:
+    """`encode_body`, bounded: PayloadTooLarge (413) when the JSON takes more than `max_bytes`
+    (None: no limit)."""
+    body = encode_body(value)
+    if max_bytes is not None and len(body) > max_bytes:
+        raise PayloadTooLarge(
+            f"the handler's answer takes {len(body)} bytes, over the limit of {max_bytes}"
+        )
+    return body
 
 
 def v2_outputs(value: Any) -> dict[str, np.ndarray]:

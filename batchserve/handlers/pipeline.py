@@ -23,13 +23,13 @@ from batchserve.handlers.base import Handler, RawRequest
 from batchserve.handlers.config import HandlerConfig
 from batchserve.handlers.executor import ExecutorStatistics, HandlerExecutor
 from batchserve.handlers.loader import check_handler, check_inputs, prepare_handler
-from batchserve.handlers.negotiate import encode_body
+from batchserve.handlers.negotiate import answer_body
 from batchserve.lifecycle import Lifecycle
 from batchserve.runtime.metadata import ModelMetadata
 
 
 class InferFn(Protocol):
-    """The batched model call, e.g. `functools.partial(engine.infer, cache=..., info=...)`."""
+    """The batched model call, e.g. `functools.partial(engine.infer, cache=False)`."""
 
     def __call__(
         self, inputs: dict[str, np.ndarray], *, timeout_s: float | None
@@ -219,16 +219,11 @@ def _encode_answer(answer: object, max_bytes: int) -> bytes:
     its event loop) as one bytes object of known size instead of a Python structure of any
     size, pickled, rebuilt and encoded there."""
     try:
-        body = encode_body(answer)
+        return answer_body(answer, max_bytes)
     except (TypeError, ValueError) as err:  # orjson.JSONEncodeError is a TypeError
         raise InferenceFailed(
             f"handler postprocess returned an answer that is not JSON: {err}"
         ) from None
-    if len(body) > max_bytes:
-        raise PayloadTooLarge(
-            f"the handler's answer takes {len(body)} bytes, over the limit of {max_bytes}"
-        )
-    return body
 
 
 class _Worker:

@@ -7,11 +7,9 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -19,7 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from batchserve import __version__
 from batchserve.cache.tiered import CacheStatistics
-from batchserve.engine import Engine, RequestInfo
+from batchserve.call import Call, Result
+from batchserve.config import ServerConfig
+from batchserve.engine import Engine
 from batchserve.errors import (
     BatchserveError,
     BodyTimeout,
@@ -29,16 +29,6 @@ from batchserve.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from batchserve.handlers.base import RawRequest
-from batchserve.handlers.negotiate import (
-    PREDICTIONS,
-    choose_route,
-    encode_body,
-    media_type,
-    v2_outputs,
-    wants_handler,
-)
-from batchserve.handlers.pipeline import HandlerPipeline
 from batchserve.http.access import AccessLog, RequestIds, trace_id, wall_clock
 from batchserve.http.bodies import (
     UnsupportedContentEncoding,
@@ -49,7 +39,6 @@ from batchserve.http.bodies import (
 from batchserve.http.lag import LoopLag
 from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.protocol import (
-    DEFAULT_LIMITS,
     HEADER_LENGTH,
     DecodeLimits,
     InferRequest,
@@ -82,36 +71,25 @@ class ServerState:
         "timeout_s",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        max_body_bytes: int,
-        access_log: bool = False,
-        api_key: str | None = None,
-        timeout_s: float | None = None,
-        metrics_public: bool = True,
-        body_timeout_s: float = 30.0,
-        limits: DecodeLimits = DEFAULT_LIMITS,
-        max_loop_lag_s: float = 0.0,
-        max_json_bytes: int | None = None,
-        max_response_bytes: int = 64 * 1024 * 1024,
-    ) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.accepting = False
-        self.max_response_bytes = max_response_bytes  # 413 for a larger answer
+        self.max_response_bytes = config.max_response_bytes  # 413 for a larger answer
         # JSON costs ~14x its size in memory and holds the loop while it is parsed: big
         # tensors belong in the binary extension, whose decode is zero-copy.
-        self.max_json_bytes = max_body_bytes if max_json_bytes is None else max_json_bytes
+        self.max_json_bytes = config.max_json_bytes
+        timeout_s = config.request_timeout_s
         # Measured whenever there is a deadline: the wait before a handler runs counts in it.
-        self.lag = LoopLag(max_loop_lag_s, measure=timeout_s is not None)
+        self.lag = LoopLag(config.max_loop_lag_ms / 1000.0, measure=timeout_s is not None)
         self.lag_shed = 0  # requests refused because the event loop ran late
-        self.limits = limits
-        self.body_timeout_s = body_timeout_s
-        self.max_body_bytes = max_body_bytes
+        self.limits = DecodeLimits(config.max_inputs, config.max_tensor_elements)
+        self.body_timeout_s = config.body_timeout_s
+        self.max_body_bytes = config.max_body_bytes
         self.requests = RequestStatistics()
-        self.access_log = AccessLog(access_log)
+        self.access_log = AccessLog(config.access_log)
         self.request_ids = RequestIds()
-        self.api_key = api_key.encode() if api_key else None
+        self.api_key = config.api_key.encode() if config.api_key else None
         self.timeout_s = timeout_s  # server default deadline per request, None = no deadline
-        self.metrics_public = metrics_public
+        self.metrics_public = config.metrics_public
 
     def authorize(self, request: web.Request) -> None:
         """Bearer-token check (constant-time) when an API key is configured."""
@@ -265,7 +243,8 @@ class InferEndpoint:
         stats = state.requests
         stats.in_flight += 1
         model, received = UNKNOWN_MODEL, 0
-        info = RequestInfo() if state.access_log.enabled else None
+        served: Result | None = None
+        decoded: InferRequest | None  # None: a raw payload for the model's handler
         match = request.match_info
         waited = _waited(request, state.lag)
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
@@ -279,23 +258,19 @@ class InferEndpoint:
             received = len(body)
             if engine.retired:  # unloaded or replaced while the body arrived: route again
                 engine = self._repository.get(match["name"], match.get("version"), request.headers)
-            if engine.pipeline is not None:
-                response = await _through_handler(engine, engine.pipeline, request, body, info)
-            else:
+            if engine.pipeline is None:  # every body is a V2 request: the hot path, inline
                 decoded = _decode(request, body, state)
                 parameters = decoded.parameters
-                results = await engine.infer(
-                    decoded.inputs,
-                    decoded.outputs,
-                    cache=_cache_allowed(request, parameters),
-                    info=info,
-                    timeout_s=_remaining(
-                        _timeout(parameters, state.timeout_s) if parameters else state.timeout_s,
-                        waited,
-                    ),
+                timeout_s = _timeout(parameters, state.timeout_s) if parameters else state.timeout_s
+                call = Call(
+                    decoded.inputs, decoded.outputs, cache=_cache_allowed(request, parameters),
+                    timeout_s=_remaining(timeout_s, waited),
                     max_output_bytes=state.max_response_bytes,
-                )
-                response = _v2_response(engine, decoded, results, state.max_response_bytes)
+                )  # fmt: skip
+            else:
+                call, decoded = _handler_model_call(engine, request, body, state)
+            served = engine.call(call)  # kept: a failed call still says how far it got
+            response = _respond(engine, decoded, await served, state.max_response_bytes)
         except asyncio.CancelledError:
             if _cancelled_by_caller():
                 raise  # the client went away or the server stops: nobody to answer
@@ -312,15 +287,31 @@ class InferEndpoint:
         elapsed = time.perf_counter() - started
         sent = len(response.body) if isinstance(response.body, bytes) else 0
         stats.record(model, response.status, elapsed, received, sent)
-        headers = request.headers
-        request_id = headers.get("X-Request-ID") or state.request_ids.next()
+        request_id = request.headers.get("X-Request-ID") or state.request_ids.next()
         response.headers["X-Request-ID"] = request_id
-        if info is not None:
-            state.access_log.record(
-                (wall_clock(), request_id, trace_id(headers.get("traceparent")), model,
-                 response.status, elapsed, info.batch_rows, info.cache, received, sent)
-            )  # fmt: skip
+        if state.access_log.enabled:
+            _log_access(state, request, request_id, model, response.status, elapsed, served,
+                        received, sent)  # fmt: skip
         return response
+
+
+def _log_access(
+    state: ServerState,
+    request: web.Request,
+    request_id: str,
+    model: str,
+    status: int,
+    elapsed: float,
+    served: Result | None,
+    received: int,
+    sent: int,
+) -> None:
+    # A call that failed still says how far it got (a cache miss, the batch that failed).
+    rows, cache = (served.batch_rows, served.cache) if served is not None else (0, "off")
+    state.access_log.record(
+        (wall_clock(), request_id, trace_id(request.headers.get("traceparent")), model,
+         status, elapsed, rows, cache, received, sent)
+    )  # fmt: skip
 
 
 def _cancelled_by_caller() -> bool:
@@ -328,66 +319,39 @@ def _cancelled_by_caller() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def _through_handler(
-    engine: Engine,
-    pipeline: HandlerPipeline,
-    request: web.Request,
-    body: bytes,
-    info: RequestInfo | None,
-) -> web.Response:
-    """A model with a handler: a raw body its handler takes (an image) or a V2 request with a
-    BYTES input the model does not take goes preprocess → batched run → postprocess; any other
-    V2 request goes straight to the model."""
-    state = request.app[STATE]
-    route = choose_route(request.headers.get("Content-Type"), pipeline.media_types)
-    if route == "raw":
-        raw = RawRequest.from_body(
-            body, media_type(request.headers.get("Content-Type")), request.headers, request.query
-        )
-        result = await engine.infer_request(
-            raw, cache=_cache_allowed(request, None), info=info, timeout_s=state.timeout_s,
-            max_output_bytes=state.max_response_bytes,
+def _handler_model_call(
+    engine: Engine, request: web.Request, body: bytes, state: ServerState
+) -> tuple[Call, InferRequest | None]:
+    """The call for a model with a handler, and the V2 request it was decoded from (None for a
+    raw payload: the body as it is, when the handler takes its Content-Type)."""
+    content_type = request.headers.get("Content-Type")
+    if engine.takes_raw(content_type):
+        call = Call(
+            body=body, content_type=content_type, parameters=request.query,
+            headers=request.headers, cache=_cache_allowed(request, None),
+            timeout_s=state.timeout_s, max_output_bytes=state.max_response_bytes,
         )  # fmt: skip
-        body = encode_body(result)
-        if len(body) > state.max_response_bytes:  # a handler's answer: any JSON, measured
-            raise PayloadTooLarge(
-                f"the handler's answer takes {len(body)} bytes, over the limit of "
-                f"{state.max_response_bytes}"
-            )
-        return web.Response(body=body, content_type=_JSON)
-    # Encoded images in a binary BYTES input stay bytes: they are for the handler, not text.
-    # (Unless the model itself takes text: then BYTES stay text, as for every other model.)
-    text_inputs = any(t.datatype == "BYTES" for t in engine.metadata.inputs)
-    decoded = _decode(request, body, state, raw_bytes=not text_inputs)
+        return call, None
+    decoded = _decode(request, body, state, raw_bytes=engine.raw_bytes)
     parameters = decoded.parameters
-    timeout_s = _timeout(parameters, state.timeout_s) if parameters else state.timeout_s
-    if wants_handler(decoded.inputs, engine.metadata):
-        if decoded.outputs and set(decoded.outputs) != {PREDICTIONS}:
-            raise InvalidInput(
-                f"a request through the handler has one output, {PREDICTIONS!r}; "
-                f"asked for {decoded.outputs}"
-            )
-        v2 = RawRequest.from_v2(decoded.inputs, parameters, request.headers)
-        value = await engine.infer_request(
-            v2, cache=_cache_allowed(request, parameters), info=info, timeout_s=timeout_s,
-            max_output_bytes=state.max_response_bytes,
-        )  # fmt: skip
-        results = v2_outputs(value)
-    else:
-        results = await engine.infer(
-            decoded.inputs, decoded.outputs, cache=_cache_allowed(request, parameters),
-            info=info, timeout_s=timeout_s, max_output_bytes=state.max_response_bytes,
-        )  # fmt: skip
-    return _v2_response(engine, decoded, results, state.max_response_bytes)
+    call = Call(
+        decoded.inputs, decoded.outputs, parameters=parameters, headers=request.headers,
+        cache=_cache_allowed(request, parameters),
+        timeout_s=_timeout(parameters, state.timeout_s) if parameters else state.timeout_s,
+        max_output_bytes=state.max_response_bytes,
+    )  # fmt: skip
+    return call, decoded
 
 
-def _v2_response(
-    engine: Engine, decoded: InferRequest, results: Mapping[str, np.ndarray], max_bytes: int
+def _respond(
+    engine: Engine, decoded: InferRequest | None, result: Result, max_bytes: int
 ) -> web.Response:
     """A V2 inference response: JSON, or JSON header + binary outputs when asked for; 413
-    over `max_bytes`."""
+    over `max_bytes`. To a raw payload (`decoded` None): the handler's JSON answer."""
+    if decoded is None:
+        return web.Response(body=result.answer, content_type=_JSON)
     payload, header_length = encode_response(
-        engine.name, engine.version, decoded, results, max_bytes=max_bytes
+        engine.name, engine.version, decoded, result.outputs, max_bytes=max_bytes
     )
     if header_length is None:
         return web.Response(body=payload, content_type=_JSON)

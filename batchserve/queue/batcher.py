@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from statistics import median_high, median_low
-from types import TracebackType
 from typing import Protocol
 
 import numpy as np
@@ -18,6 +17,7 @@ import numpy as np
 from batchserve.clock import Clock
 from batchserve.errors import InferenceFailed, NotReady, Overloaded
 from batchserve.histogram import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, HistogramSnapshot
+from batchserve.lifecycle import Lifecycle
 from batchserve.queue.policy import ArrivalRate, BatchPolicy, QueueState
 
 Signature = tuple[tuple[int, ...], ...]
@@ -27,7 +27,8 @@ RATE_WINDOW = 15
 # How far back the queue's recent waits count: dispatches older than this say nothing about
 # the queue now (an idle queue must not keep refusing on the waits of a past burst).
 SOJOURN_INTERVAL_S = 0.1
-Outputs = list[np.ndarray]
+# One run's outputs in the model's output order (a request's rows of them, once split).
+RunOutputs = list[np.ndarray]
 
 
 class Runner(Protocol):
@@ -40,7 +41,7 @@ class Runner(Protocol):
     def size(self) -> int: ...
 
     def try_run(
-        self, arrays: list[np.ndarray], done: Callable[[Outputs | BaseException], None]
+        self, arrays: list[np.ndarray], done: Callable[[RunOutputs | BaseException], None]
     ) -> bool: ...
 
 
@@ -54,7 +55,7 @@ class Pending:
         arrays: list[np.ndarray],
         rows: int,
         signature: Signature,
-        future: asyncio.Future[Outputs],
+        future: asyncio.Future[RunOutputs],
         now: float,
         seq: int = 0,
     ) -> None:
@@ -88,7 +89,7 @@ class BatcherStatistics:
     batch_rows_histogram: HistogramSnapshot | None = None
 
 
-class Batcher:
+class Batcher(Lifecycle):
     """Merges requests with the same non-batch shapes into runs of at most `max_rows` rows.
 
     Requests are served FIFO across shape groups. A request with more rows than `max_rows` runs
@@ -150,19 +151,11 @@ class Batcher:
         # the wait a new arrival will meet.
         self._sojourns: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW)
 
-    async def __aenter__(self) -> Batcher:
+    async def start(self) -> None:
+        """Bind to the running loop; requests are accepted from now on."""
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- the caller's side -------------------------------------------------------------------
 
@@ -421,7 +414,7 @@ class Batcher:
         self._sojourns.append((now, total / len(batch)))
 
     def _done(
-        self, batch: list[Pending], rows: int, started: float, result: Outputs | BaseException
+        self, batch: list[Pending], rows: int, started: float, result: RunOutputs | BaseException
     ) -> None:
         self._stats.in_flight_batches -= 1
         elapsed = self._clock.now() - started
@@ -458,7 +451,7 @@ class Batcher:
             return
         self._fail(batch, InferenceFailed(f"inference failed: {_describe(error)}"))
 
-    def _split(self, batch: list[Pending], rows: int, outputs: Outputs) -> None:
+    def _split(self, batch: list[Pending], rows: int, outputs: RunOutputs) -> None:
         bad = [o.shape for o in outputs if not o.shape or o.shape[0] != rows]
         if bad:
             self._fail(batch, InferenceFailed(f"model returned shapes {bad} for {rows} rows"))
@@ -524,7 +517,7 @@ class Batcher:
         )
 
 
-def _resolve(future: asyncio.Future[Outputs], outputs: Outputs) -> None:
+def _resolve(future: asyncio.Future[RunOutputs], outputs: RunOutputs) -> None:
     if not future.done():
         future.set_result(outputs)
 

@@ -18,12 +18,10 @@ import random
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 
-from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig
 from batchserve.engine import Engine
 from batchserve.errors import BatchserveError, InvalidInput, ModelLoadError, ModelNotFound, NotReady
-from batchserve.handlers.config import ExecutorKind, HandlerConfig
+from batchserve.lifecycle import Lifecycle
 from batchserve.repository.config import ModelConfig, TrafficSplit, version_order
 from batchserve.repository.source import (
     Fingerprint,
@@ -47,72 +45,6 @@ class RepositoryConflict(BatchserveError):
     """The repository cannot make this change here (409)."""
 
     status = 409
-
-
-@dataclass(frozen=True, slots=True)
-class HandlerLimits:
-    """How the handler a model's config.toml names is run: the server's --handler-executor,
-    --handler-workers and --handler-max-pending (config.toml picks the handler and its
-    options; these flags say how every handler runs)."""
-
-    executor: ExecutorKind = "thread"
-    workers: int = 0
-    max_pending: int = 0
-    drain_timeout_s: float = 30.0
-    max_elements: int = 1 << 24  # --max-tensor-elements, for tensors preprocess makes
-    max_answer_bytes: int = 64 * 1024 * 1024  # --max-response-mb, for postprocess answers
-
-    def __post_init__(self) -> None:
-        self.apply("-", ())  # validates
-
-    def apply(self, spec: str, options: tuple[tuple[str, str], ...]) -> HandlerConfig:
-        return HandlerConfig(
-            spec,
-            options,
-            self.executor,
-            self.workers,
-            self.max_pending,
-            self.drain_timeout_s,
-            max_elements=self.max_elements,
-            max_answer_bytes=self.max_answer_bytes,
-        )
-
-
-def engine_factory(
-    batch: BatchConfig,
-    runtime: RuntimeConfig,
-    cache: CacheConfig,
-    handler: HandlerConfig | None = None,
-    *,
-    handler_limits: HandlerLimits | None = None,
-) -> EngineFactory:
-    """Engines with the server's settings, overridden by each model's config.toml (a model's
-    `handler` key replaces the server's `--handler`, and runs with `handler_limits`: by default
-    those of `handler`)."""
-    if handler_limits is None:
-        handler_limits = (
-            HandlerLimits(
-                handler.executor,
-                handler.workers,
-                handler.max_pending,
-                handler.drain_timeout_s,
-                handler.max_elements,
-                handler.max_answer_bytes,
-            )
-            if handler is not None
-            else HandlerLimits()
-        )
-    limits = handler_limits
-
-    def build(name: str, version: str, path: Path, config: ModelConfig) -> Engine:
-        model_cache = replace(cache, cacheable=False) if config.cache is False else cache
-        model_handler = handler
-        if config.handler is not None:
-            model_handler = limits.apply(config.handler, config.handler_options)
-        return Engine(path, config.batch(batch), config.runtime(runtime), name=name,
-                      version=version, cache=model_cache, handler=model_handler)  # fmt: skip
-
-    return build
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +124,7 @@ class _Model:
         return engines[min(bisect.bisect_right(bounds, point), len(engines) - 1)]
 
 
-class ModelRepository:
+class ModelRepository(Lifecycle):
     """Owns the engines it serves: entering it loads them all, leaving it drains and stops them.
 
     Two forms: a fixed list of engines (`ModelRepository([engine, ...])`, the single-file
@@ -259,7 +191,8 @@ class ModelRepository:
             shared=shared,
         )
 
-    async def __aenter__(self) -> ModelRepository:
+    async def start(self) -> None:
+        """Start the fixed engines, or load the directory (and start polling it)."""
         async with contextlib.AsyncExitStack() as stack:
             for engine in self._static:
                 await stack.enter_async_context(engine)
@@ -276,14 +209,9 @@ class ModelRepository:
             if self._poll_s > 0:
                 self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
         self._started = True
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Stop polling, let loads and unloads under way end, then drain and stop every engine."""
         self._stopping = True
         if self._poller is not None:
             self._poller.cancel()

@@ -1,8 +1,17 @@
 """ONNX Runtime adapter and the session pool that runs batches off the event loop."""
 
+from batchserve.runtime.binding import capture_rows
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
-from batchserve.runtime.pool import SessionPool
-from batchserve.runtime.providers import provider_chain
-from batchserve.runtime.session import load_sessions
+from batchserve.runtime.pool import HealthPolicy, PoolStatistics, SessionPool
+from batchserve.runtime.session import SessionBuilder, sample_inputs
 
-__all__ = ["ModelMetadata", "SessionPool", "TensorSpec", "load_sessions", "provider_chain"]
+__all__ = [
+    "HealthPolicy",
+    "ModelMetadata",
+    "PoolStatistics",
+    "SessionBuilder",
+    "SessionPool",
+    "TensorSpec",
+    "capture_rows",
+    "sample_inputs",
+]

@@ -15,19 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
+from batchserve.lifecycle import Lifecycle
 from batchserve.runtime.session import close_session, run_session, stop_capturing
 
 log = logging.getLogger("batchserve.runtime")
 
 # Called on the event loop thread with the run's outputs, or the exception it raised.
 RunCallback = Callable[[list[np.ndarray] | BaseException], None]
-# Builds a fresh session of the same model (blocking; called in a worker thread).
-SessionFactory = Callable[[], Any]
+# Builds a fresh session of the same model (blocking; called off the event loop).
+Rebuild = Callable[[], Any]
 
 
 class NoHealthySession(RuntimeError):
@@ -66,7 +66,9 @@ class HealthPolicy:
     stall_after_s: float = 0.0
 
 
-class _Worker:
+class _Slot:
+    """One session and the thread that runs it."""
+
     __slots__ = ("executor", "failures", "index", "session", "started_at")
 
     def __init__(self, index: int, session: Any) -> None:
@@ -78,7 +80,7 @@ class _Worker:
         self.executor = cf.ThreadPoolExecutor(1, thread_name_prefix=f"batchserve-session-{index}")
 
 
-class SessionPool:
+class SessionPool(Lifecycle):
     """Runs batches on idle sessions; `try_run` never blocks and never queues."""
 
     def __init__(
@@ -86,15 +88,15 @@ class SessionPool:
         sessions: list[Any],
         input_names: tuple[str, ...],
         *,
-        factory: SessionFactory | None = None,
+        rebuild: Rebuild | None = None,
         health: HealthPolicy | None = None,
     ) -> None:
         if not sessions:
             raise ValueError("a session pool needs at least one session")
-        self._workers = [_Worker(i, s) for i, s in enumerate(sessions)]
-        self._idle = list(reversed(self._workers))
+        self._slots = [_Slot(i, s) for i, s in enumerate(sessions)]
+        self._idle = list(reversed(self._slots))
         self._names = input_names
-        self._factory = factory
+        self._rebuild = rebuild
         self._health = health or HealthPolicy()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drained: asyncio.Event | None = None
@@ -112,19 +114,11 @@ class SessionPool:
         # Called when a rebuilt session rejoins, so the batcher dispatches what waited for it.
         self.on_capacity: Callable[[], None] | None = None
 
-    async def __aenter__(self) -> SessionPool:
+    async def start(self) -> None:
+        """Bind to the running loop: runs' results come back on it."""
         self._loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
         self._drained.set()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     @property
     def idle(self) -> int:
@@ -132,24 +126,24 @@ class SessionPool:
 
     @property
     def size(self) -> int:
-        return len(self._workers) - self._lost
+        return len(self._slots) - self._lost
 
     def try_run(self, arrays: list[np.ndarray], done: RunCallback) -> bool:
         """Start a run on an idle session; False (and nothing started) when none is idle."""
         if self._loop is None or self._drained is None:
             return False
         if not self._idle:
-            if self._lost == len(self._workers):
+            if self._lost == len(self._slots):
                 # Nothing will ever run it: fail now rather than let requests wait forever.
                 error = NoHealthySession("no healthy ONNX Runtime session is left")
                 self._loop.call_soon(done, error)
                 return True
             return False
-        worker = self._idle.pop()
+        slot = self._idle.pop()
         self._drained.clear()
-        worker.started_at = time.monotonic()
-        future = worker.executor.submit(run_session, worker.session, arrays, self._names)
-        future.add_done_callback(partial(self._from_thread, self._complete, worker, done, arrays))
+        slot.started_at = time.monotonic()
+        future = slot.executor.submit(run_session, slot.session, arrays, self._names)
+        future.add_done_callback(partial(self._from_thread, self._complete, slot, done, arrays))
         return True
 
     def _from_thread(self, complete: Callable[..., None], *args: Any) -> None:
@@ -158,28 +152,28 @@ class SessionPool:
 
     def _complete(
         self,
-        worker: _Worker,
+        slot: _Slot,
         done: RunCallback,
         arrays: list[np.ndarray],
         future: cf.Future[Any],
     ) -> None:
-        worker.started_at = 0.0
+        slot.started_at = 0.0
         self._runs += 1
         error = future.exception()
         if error is None:
-            worker.failures = 0
-            self._idle.append(worker)
+            slot.failures = 0
+            self._idle.append(slot)
             self._remember(arrays)
         else:
             self._failures += 1
-            worker.failures += 1
+            slot.failures += 1
             limit = self._health.replace_after_failures
-            if self._factory is None or not limit or worker.failures < limit:
-                self._idle.append(worker)
+            if self._rebuild is None or not limit or slot.failures < limit:
+                self._idle.append(slot)
             elif self._known_good is not None:
-                self._probe(worker, self._known_good)
+                self._probe(slot, self._known_good)
             else:
-                self._start_rebuild(worker)
+                self._start_rebuild(slot)
         self._check_drained()
         done(future.result() if error is None else error)
 
@@ -193,90 +187,86 @@ class SessionPool:
             self._known_good = [np.array(array, copy=True) for array in arrays]
             self._known_good_bytes = size
 
-    def _probe(self, worker: _Worker, arrays: list[np.ndarray]) -> None:
+    def _probe(self, slot: _Slot, arrays: list[np.ndarray]) -> None:
         """Rerun known-good inputs on a session that keeps failing (it stays out of rotation
         meanwhile): only a session that fails those too is rebuilt."""
-        worker.started_at = time.monotonic()
-        future = worker.executor.submit(run_session, worker.session, arrays, self._names)
-        future.add_done_callback(partial(self._from_thread, self._probed, worker))
+        slot.started_at = time.monotonic()
+        future = slot.executor.submit(run_session, slot.session, arrays, self._names)
+        future.add_done_callback(partial(self._from_thread, self._probed, slot))
 
-    def _probed(self, worker: _Worker, future: cf.Future[Any]) -> None:
-        worker.started_at = 0.0
+    def _probed(self, slot: _Slot, future: cf.Future[Any]) -> None:
+        slot.started_at = 0.0
         self._probes += 1
         error = future.exception()
         if error is not None:
-            log.warning("session %d failed a run on known-good inputs: %s", worker.index, error)
-            self._start_rebuild(worker)
+            log.warning("session %d failed a run on known-good inputs: %s", slot.index, error)
+            self._start_rebuild(slot)
             return
         log.info(
             "session %d failed %d runs in a row but computes known-good inputs: the inputs "
             "were at fault, it stays",
-            worker.index,
-            worker.failures,
+            slot.index,
+            slot.failures,
         )
-        worker.failures = 0
-        self._idle.append(worker)
+        slot.failures = 0
+        self._idle.append(slot)
         self._check_drained()
         if self.on_capacity is not None:
             self.on_capacity()
 
     def _check_drained(self) -> None:
-        if len(self._idle) + self._lost == len(self._workers) and self._drained is not None:
+        if len(self._idle) + self._lost == len(self._slots) and self._drained is not None:
             self._drained.set()
 
-    def _start_rebuild(self, worker: _Worker) -> None:
+    def _start_rebuild(self, slot: _Slot) -> None:
         if self._closing:  # a check that ended after aclose began: nothing will run again
             self._lost += 1
             self._check_drained()
             return
-        log.warning(
-            "session %d failed %d runs in a row: rebuilding it", worker.index, worker.failures
-        )
-        task = asyncio.ensure_future(self._rebuild(worker))
+        log.warning("session %d failed %d runs in a row: rebuilding it", slot.index, slot.failures)
+        task = asyncio.ensure_future(self._replace(slot))
         self._rebuilding.add(task)
         task.add_done_callback(self._rebuilding.discard)
 
-    async def _rebuild(self, worker: _Worker) -> None:
-        assert self._factory is not None
+    async def _replace(self, slot: _Slot) -> None:
+        assert self._rebuild is not None
         policy = self._health
         for attempt in range(policy.rebuild_attempts):
             try:
-                session = await asyncio.to_thread(self._factory)
+                session = await asyncio.to_thread(self._rebuild)
             except Exception as err:
-                log.error(
-                    "rebuilding session %d failed (try %d): %s", worker.index, attempt + 1, err
-                )
+                log.error("rebuilding session %d failed (try %d): %s", slot.index, attempt + 1, err)
                 await asyncio.sleep(policy.rebuild_backoff_s * 2**attempt)
                 continue
             # The replaced session is out of rotation (its last run has returned): release
             # what it owns, such as its CUDA stream.
-            close_session(worker.session)
-            worker.session = session
-            worker.failures = 0
+            close_session(slot.session)
+            slot.session = session
+            slot.failures = 0
             self._replacements += 1
-            self._idle.append(worker)
-            log.warning("session %d replaced", worker.index)
+            self._idle.append(slot)
+            log.warning("session %d replaced", slot.index)
             if self.on_capacity is not None:
                 self.on_capacity()
             return
         self._lost += 1
-        log.error("session %d could not be rebuilt: its slot is out of service", worker.index)
+        log.error("session %d could not be rebuilt: its slot is out of service", slot.index)
         self._check_drained()
         if self.on_capacity is not None:
             self.on_capacity()  # the batcher re-checks, and fails what no session can run
 
     def problem(self) -> str | None:
         """Why the pool cannot serve (for the liveness probe), or None when it is healthy."""
-        if self._lost == len(self._workers):
+        if self._lost == len(self._slots):
             return "every ONNX Runtime session failed and could not be rebuilt"
         stall = self._health.stall_after_s
         if stall:
             now = time.monotonic()
-            for worker in self._workers:
-                if worker.started_at and now - worker.started_at > stall:
+            for slot in self._slots:
+                if slot.started_at and now - slot.started_at > stall:
                     return (
-                        f"session {worker.index} has been running one batch for "
-                        f"{now - worker.started_at:.1f} s (stall limit {stall:g} s)"
+                        f"session {slot.index} has been running one batch for "
+                        f"{now - slot.started_at:.1f} s (stall limit {stall:g} s)"
                     )
         return None
 
@@ -286,7 +276,7 @@ class SessionPool:
         await asyncio.gather(
             *(
                 loop.run_in_executor(w.executor, run_session, w.session, arrays, self._names)
-                for w in self._workers
+                for w in self._slots
             )
         )
         self._remember(arrays)
@@ -295,14 +285,14 @@ class SessionPool:
         """Run every session once on the same inputs, one after another, each on its own
         thread (where ORT keeps a session's CUDA graphs): captures must not overlap."""
         loop = asyncio.get_running_loop()
-        for w in self._workers:
+        for w in self._slots:
             await loop.run_in_executor(w.executor, run_session, w.session, arrays, self._names)
         self._remember(arrays)
 
     def stop_capturing(self) -> None:
         """No session captures CUDA graphs from now on (call it before serving)."""
-        for worker in self._workers:
-            stop_capturing(worker.session)
+        for slot in self._slots:
+            stop_capturing(slot.session)
 
     async def aclose(self) -> None:
         """Wait for runs in progress, then stop the threads."""
@@ -313,24 +303,24 @@ class SessionPool:
             await asyncio.gather(*self._rebuilding, return_exceptions=True)
         if self._drained is not None:
             # A slot whose rebuild was cancelled will never be idle again.
-            self._lost = len(self._workers) - len(self._idle) - self._busy()
+            self._lost = len(self._slots) - len(self._idle) - self._busy()
             self._check_drained()
             await self._drained.wait()
-        for worker in self._workers:
-            worker.executor.shutdown(wait=False)
-            if not worker.started_at:  # a wedged run may still use its session: leave it be
-                close_session(worker.session)
+        for slot in self._slots:
+            slot.executor.shutdown(wait=False)
+            if not slot.started_at:  # a wedged run may still use its session: leave it be
+                close_session(slot.session)
             # A run still going holds its own reference; the pool lets go of the session now,
             # so it is freed without waiting for the cyclic collector.
-            worker.session = None
+            slot.session = None
         self.on_capacity = None  # the batcher's wake: breaks the pool <-> batcher cycle
 
     def _busy(self) -> int:
-        return sum(1 for worker in self._workers if worker.started_at)
+        return sum(1 for slot in self._slots if slot.started_at)
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
-            len(self._workers),
+            len(self._slots),
             len(self._idle),
             self._runs,
             self._failures,

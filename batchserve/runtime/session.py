@@ -30,7 +30,8 @@ from batchserve.runtime.providers import (
 
 log = logging.getLogger("batchserve.runtime")
 
-Runner = CpuBinding | CudaBinding
+# Runs a session's batches through I/O binding (pinned buffers, CUDA graphs on GPU).
+Binding = CpuBinding | CudaBinding
 # Builds an InferenceSession from the model's bytes (tests inject one that fails on purpose).
 SessionFactory = Callable[[bytes, ort.SessionOptions, ProviderChain], ort.InferenceSession]
 # ORT error codes (and a message) that mean the file itself is not a usable ONNX model.
@@ -44,12 +45,12 @@ class ManagedSession:
     def __init__(
         self,
         session: ort.InferenceSession,
-        runner: Runner | None = None,
+        binding: Binding | None = None,
         stream: CudaStream | None = None,
         pinned: PinnedAllocator | None = None,
     ) -> None:
         self.session: ort.InferenceSession | None = session
-        self.runner = runner
+        self.binding = binding
         self._stream = stream
         self._pinned = pinned
         self._inputs = tuple(node.name for node in session.get_inputs())
@@ -59,10 +60,10 @@ class ManagedSession:
         session = self.session
         if session is None:
             raise RuntimeError("the session is closed")
-        if self.runner is None:
+        if self.binding is None:
             result: list[np.ndarray] = session.run(output_names, feeds)
             return result
-        outputs = self.runner.run([feeds[name] for name in self._inputs])
+        outputs = self.binding.run([feeds[name] for name in self._inputs])
         if output_names is None:
             return outputs
         return [outputs[self._outputs.index(name)] for name in output_names]
@@ -79,8 +80,8 @@ class ManagedSession:
 
     def stop_capturing(self) -> None:
         """No CUDA graph captures from now on (see CudaBinding.stop_capturing)."""
-        if isinstance(self.runner, CudaBinding):
-            self.runner.stop_capturing()
+        if isinstance(self.binding, CudaBinding):
+            self.binding.stop_capturing()
 
     def _live(self) -> ort.InferenceSession:
         if self.session is None:
@@ -89,9 +90,9 @@ class ManagedSession:
 
     def close(self) -> None:
         """Release in dependency order: the session before the stream and memory it uses."""
-        if self.runner is not None:
-            self.runner.close()
-            self.runner = None
+        if self.binding is not None:
+            self.binding.close()
+            self.binding = None
         self.session = None
         if self._pinned is not None:
             self._pinned.close()
@@ -239,27 +240,20 @@ class SessionBuilder:
     def _manage(self, session: ort.InferenceSession, stream: CudaStream | None) -> Session:
         config = self.config
         metadata = ModelMetadata.from_session(session)
-        binding = config.resolved_io_binding() and bindable(metadata)
-        if config.cuda_graphs and not binding:
+        use_binding = config.resolved_io_binding() and bindable(metadata)
+        if config.cuda_graphs and not use_binding:
             raise ModelLoadError("--cuda-graphs needs I/O binding, which string tensors lack")
-        if not binding and stream is None:
+        if not use_binding and stream is None:
             return session  # the plain CPU path: nothing to own, nothing in the way
-        if not binding:
+        if not use_binding:
             return ManagedSession(session, stream=stream)
         if self._cuda is None:
             return ManagedSession(session, CpuBinding(session, metadata))
         pinned = PinnedAllocator(self._cuda)
-        runner = CudaBinding(
+        binding = CudaBinding(
             session, metadata, config.device.index, pinned, graphs=config.cuda_graphs
         )
-        return ManagedSession(session, runner, stream, pinned)
-
-
-def load_sessions(
-    path: str | os.PathLike[str], config: RuntimeConfig
-) -> tuple[list[Session], ModelMetadata]:
-    """Build `config.instances` sessions of one model (blocking: call it off the event loop)."""
-    return SessionBuilder(path, config).load()
+        return ManagedSession(session, binding, stream, pinned)
 
 
 def model_digest(model: bytes) -> str:
@@ -407,10 +401,3 @@ def run_session(
     """One run; `names` are the model's input names in the order of `arrays`."""
     outputs: list[np.ndarray] = session.run(None, dict(zip(names, arrays, strict=True)))
     return outputs
-
-
-def describe(metadata: ModelMetadata) -> dict[str, Any]:
-    return {
-        "inputs": [t.as_dict() for t in metadata.inputs],
-        "outputs": [t.as_dict() for t in metadata.outputs],
-    }

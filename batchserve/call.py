@@ -1,0 +1,80 @@
+"""One inference call as every front end hands it to the engine, whatever its protocol, and its
+result: `await engine.call(Call(inputs, outputs, timeout_s=0.5))`.
+
+A front end (HTTP, gRPC) decodes its protocol into a `Call` and formats the `Result`; which
+path the call takes (straight to the model or through its handler), the response cache,
+batching, deadlines and size limits are the engine's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine, Generator, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# How the response cache served a call: not consulted (off, or the call opted out), a local
+# or Redis hit, or a miss that computed (and stored) the answer.
+CacheOutcome = Literal["off", "hit", "miss"]
+
+
+# Not frozen: one is built per request, and a frozen dataclass takes about four times as long
+# to build. Nothing changes a call once built.
+@dataclass(slots=True)
+class Call:
+    """One request to one model.
+
+    Either tensors (`inputs`, decoded from a V2 request, JSON, binary or gRPC) or a raw
+    payload (`body`, not None, with its `content_type`: an image for the model's handler).
+    `outputs` names the outputs wanted (None: all). `parameters` are the request's own
+    (V2 `parameters`, or a raw request's query arguments); `headers` its metadata, for a
+    handler (credentials are dropped before a handler sees them).
+
+    `cache`: False computes the answer even when the response cache holds it (and stores
+    nothing). `timeout_s`: the seconds the call may still take (None: no deadline); past it,
+    DeadlineExceeded (504). `max_output_bytes`: PayloadTooLarge (413) when the outputs, or a
+    handler's answer, would take more. `priority`: for a queue that orders by it, higher
+    first; every call is served in arrival order today.
+    """
+
+    inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    outputs: Sequence[str] | None = None
+    _: KW_ONLY
+    body: bytes | None = None
+    content_type: str | None = None
+    parameters: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] | None = None
+    cache: bool = True
+    timeout_s: float | None = None
+    max_output_bytes: int | None = None
+    priority: int = 0
+
+
+class Result:
+    """What a call produced, and how it was served, for logs and metrics.
+
+    `Engine.call` returns it before the call runs; awaiting it runs the call and returns the
+    result itself: `outputs` (the outputs asked for; for V2 tensors that went through the
+    model's handler, its one output `predictions`), or `answer`, the handler's JSON answer to
+    a raw payload. `batch_rows` (rows of the model run the call shared; 0: none) and `cache`
+    say how far the call got even when it fails, so a failed request's log line says so too.
+    """
+
+    __slots__ = ("answer", "batch_rows", "cache", "outputs", "running")
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, np.ndarray] = {}
+        self.answer: bytes | None = None
+        self.batch_rows = 0
+        self.cache: CacheOutcome = "off"
+        # The coroutine that serves the call (set by the engine); awaited through this object,
+        # so awaiting a result costs no coroutine of its own.
+        self.running: Coroutine[Any, Any, Result] | None = None
+
+    def __await__(self) -> Generator[Any, None, Result]:
+        running = self.running
+        if running is None:
+            raise RuntimeError("a Result is made by Engine.call, which sets what runs it")
+        return running.__await__()
