@@ -20,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from batchserve.cache import CacheStatistics
 from batchserve.engine import Engine
 from batchserve.histogram import HistogramSnapshot
 
@@ -116,101 +117,10 @@ class BatchserveCollector(Collector):
         yield from (total, latency, received, sent, in_flight, lag, shed)
 
     def _engines(self) -> Iterator[Metric]:
-        labels = ["model", "version"]
-        f: dict[str, Any] = {
-            "wait": HistogramMetricFamily(
-                "batchserve_queue_wait_seconds",
-                "Time requests waited in the batching queue.", labels=labels),
-            "run": HistogramMetricFamily(
-                "batchserve_inference_duration_seconds",
-                "ONNX Runtime time per batch, from dispatch to results.", labels=labels),
-            "rows": HistogramMetricFamily(
-                "batchserve_batch_rows", "Rows per ONNX Runtime run.", labels=labels),
-            "queued": GaugeMetricFamily(
-                "batchserve_queue_rows", "Rows waiting in the batching queue.", labels=labels),
-            "capacity": GaugeMetricFamily(
-                "batchserve_queue_capacity_rows",
-                "Rows the queue admits before rejecting (429).", labels=labels),
-            "runs": CounterMetricFamily(
-                "batchserve_inference_runs", "ONNX Runtime runs.", labels=labels),
-            "inferred": CounterMetricFamily(
-                "batchserve_inference_rows", "Rows computed by ONNX Runtime.", labels=labels),
-            "rejected": CounterMetricFamily(
-                "batchserve_rejected_requests",
-                "Requests refused (429): the queue was full, or a deadline it could not meet.",
-                labels=labels),
-            "cancelled": CounterMetricFamily(
-                "batchserve_cancelled_requests",
-                "Requests withdrawn from the queue (client gone).", labels=labels),
-            "failed": CounterMetricFamily(
-                "batchserve_failed_requests", "Requests whose ONNX Runtime run failed.",
-                labels=labels),
-            "load": GaugeMetricFamily(
-                "batchserve_model_load_seconds", "Time to load and warm up the model.",
-                labels=labels),
-            "ready": GaugeMetricFamily(
-                "batchserve_model_ready", "1 when the model accepts requests.", labels=labels),
-            "sessions": GaugeMetricFamily(
-                "batchserve_sessions", "ONNX Runtime sessions in service.", labels=labels),
-            "replaced": CounterMetricFamily(
-                "batchserve_session_replacements",
-                "Sessions rebuilt after repeated failed runs.", labels=labels),
-            "live": GaugeMetricFamily(
-                "batchserve_model_live",
-                "0 when the session pool is wedged or lost (liveness fails).", labels=labels),
-            "cache": CounterMetricFamily(
-                "batchserve_cache_lookups", "Response cache lookups by tier and result.",
-                labels=[*labels, "tier", "result"]),
-            "cache_errors": CounterMetricFamily(
-                "batchserve_cache_errors", "Response cache errors by tier.",
-                labels=[*labels, "tier"]),
-            "coalesced": CounterMetricFamily(
-                "batchserve_cache_coalesced_requests",
-                "Requests that waited for an identical one in flight.", labels=labels),
-            "cache_bytes": GaugeMetricFamily(
-                "batchserve_cache_bytes", "Bytes held by the local cache tier.", labels=labels),
-            "circuit": GaugeMetricFamily(
-                "batchserve_cache_circuit_state",
-                "Redis circuit breaker: 0 closed, 1 open, 2 half-open.", labels=labels),
-        }  # fmt: skip
+        families = _engine_families()
         for engine in self._repository:
-            values = [engine.name, engine.version]
-            f["ready"].add_metric(values, 1.0 if engine.ready else 0.0)
-            try:
-                stats = engine.statistics()
-            except Exception:  # not loaded (yet): only readiness is known
-                continue
-            batcher = stats.batcher
-            for key, snap in (
-                ("wait", batcher.queue_wait),
-                ("run", batcher.run_time),
-                ("rows", batcher.batch_rows_histogram),
-            ):
-                if snap is not None:
-                    _histogram(f[key], values, snap)
-            f["queued"].add_metric(values, batcher.queued_rows)
-            f["capacity"].add_metric(values, engine.batch_config.max_queue_rows)
-            f["runs"].add_metric(values, batcher.batches)
-            f["inferred"].add_metric(values, batcher.rows)
-            f["rejected"].add_metric(values, batcher.rejected)
-            f["cancelled"].add_metric(values, batcher.cancelled)
-            f["failed"].add_metric(values, batcher.failed)
-            f["load"].add_metric(values, stats.load_seconds)
-            f["sessions"].add_metric(values, stats.pool.instances - stats.pool.lost)
-            f["replaced"].add_metric(values, stats.pool.replacements)
-            f["live"].add_metric(values, 0.0 if engine.problem() else 1.0)
-            cache = stats.cache
-            if cache is not None:
-                f["cache"].add_metric([*values, "local", "hit"], cache.local.hits)
-                f["cache"].add_metric([*values, "local", "miss"], cache.local.misses)
-                f["cache_bytes"].add_metric(values, cache.local.bytes)
-                f["coalesced"].add_metric(values, cache.coalesced)
-                if cache.redis is not None:
-                    f["cache"].add_metric([*values, "redis", "hit"], cache.redis.hits)
-                    f["cache"].add_metric([*values, "redis", "miss"], cache.redis.misses)
-                    f["cache_errors"].add_metric([*values, "redis"], cache.redis.errors)
-                    f["circuit"].add_metric(values, CIRCUIT_STATES[cache.redis.circuit])
-        yield from f.values()
+            _add_engine(families, engine)
+        yield from families.values()
         yield from self._repository_state()
 
     def _repository_state(self) -> Iterator[Metric]:
@@ -239,3 +149,108 @@ def build_registry(collector: Collector) -> CollectorRegistry:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
+
+
+def _engine_families() -> dict[str, Any]:
+    """The per-model metric families, empty, by a short key."""
+    labels = ["model", "version"]
+    f: dict[str, Any] = {
+        "wait": HistogramMetricFamily(
+            "batchserve_queue_wait_seconds",
+            "Time requests waited in the batching queue.", labels=labels),
+        "run": HistogramMetricFamily(
+            "batchserve_inference_duration_seconds",
+            "ONNX Runtime time per batch, from dispatch to results.", labels=labels),
+        "rows": HistogramMetricFamily(
+            "batchserve_batch_rows", "Rows per ONNX Runtime run.", labels=labels),
+        "queued": GaugeMetricFamily(
+            "batchserve_queue_rows", "Rows waiting in the batching queue.", labels=labels),
+        "capacity": GaugeMetricFamily(
+            "batchserve_queue_capacity_rows",
+            "Rows the queue admits before rejecting (429).", labels=labels),
+        "runs": CounterMetricFamily(
+            "batchserve_inference_runs", "ONNX Runtime runs.", labels=labels),
+        "inferred": CounterMetricFamily(
+            "batchserve_inference_rows", "Rows computed by ONNX Runtime.", labels=labels),
+        "rejected": CounterMetricFamily(
+            "batchserve_rejected_requests",
+            "Requests refused (429): the queue was full, or a deadline it could not meet.",
+            labels=labels),
+        "cancelled": CounterMetricFamily(
+            "batchserve_cancelled_requests",
+            "Requests withdrawn from the queue (client gone).", labels=labels),
+        "failed": CounterMetricFamily(
+            "batchserve_failed_requests", "Requests whose ONNX Runtime run failed.",
+            labels=labels),
+        "load": GaugeMetricFamily(
+            "batchserve_model_load_seconds", "Time to load and warm up the model.",
+            labels=labels),
+        "ready": GaugeMetricFamily(
+            "batchserve_model_ready", "1 when the model accepts requests.", labels=labels),
+        "sessions": GaugeMetricFamily(
+            "batchserve_sessions", "ONNX Runtime sessions in service.", labels=labels),
+        "replaced": CounterMetricFamily(
+            "batchserve_session_replacements",
+            "Sessions rebuilt after repeated failed runs.", labels=labels),
+        "live": GaugeMetricFamily(
+            "batchserve_model_live",
+            "0 when the session pool is wedged or lost (liveness fails).", labels=labels),
+        "cache": CounterMetricFamily(
+            "batchserve_cache_lookups", "Response cache lookups by tier and result.",
+            labels=[*labels, "tier", "result"]),
+        "cache_errors": CounterMetricFamily(
+            "batchserve_cache_errors", "Response cache errors by tier.",
+            labels=[*labels, "tier"]),
+        "coalesced": CounterMetricFamily(
+            "batchserve_cache_coalesced_requests",
+            "Requests that waited for an identical one in flight.", labels=labels),
+        "cache_bytes": GaugeMetricFamily(
+            "batchserve_cache_bytes", "Bytes held by the local cache tier.", labels=labels),
+        "circuit": GaugeMetricFamily(
+            "batchserve_cache_circuit_state",
+            "Redis circuit breaker: 0 closed, 1 open, 2 half-open.", labels=labels),
+    }  # fmt: skip
+    return f
+
+
+def _add_engine(f: dict[str, Any], engine: Engine) -> None:
+    """One loaded model version's figures into the families (only readiness if not loaded)."""
+    values = [engine.name, engine.version]
+    f["ready"].add_metric(values, 1.0 if engine.ready else 0.0)
+    try:
+        stats = engine.statistics()
+    except Exception:  # not loaded (yet): only readiness is known
+        return
+    batcher = stats.batcher
+    for key, snap in (
+        ("wait", batcher.queue_wait),
+        ("run", batcher.run_time),
+        ("rows", batcher.batch_rows_histogram),
+    ):
+        if snap is not None:
+            _histogram(f[key], values, snap)
+    f["queued"].add_metric(values, batcher.queued_rows)
+    f["capacity"].add_metric(values, engine.batch_config.max_queue_rows)
+    f["runs"].add_metric(values, batcher.batches)
+    f["inferred"].add_metric(values, batcher.rows)
+    f["rejected"].add_metric(values, batcher.rejected)
+    f["cancelled"].add_metric(values, batcher.cancelled)
+    f["failed"].add_metric(values, batcher.failed)
+    f["load"].add_metric(values, stats.load_seconds)
+    f["sessions"].add_metric(values, stats.pool.instances - stats.pool.lost)
+    f["replaced"].add_metric(values, stats.pool.replacements)
+    f["live"].add_metric(values, 0.0 if engine.problem() else 1.0)
+    if stats.cache is not None:
+        _add_cache(f, values, stats.cache)
+
+
+def _add_cache(f: dict[str, Any], values: list[str], cache: CacheStatistics) -> None:
+    f["cache"].add_metric([*values, "local", "hit"], cache.local.hits)
+    f["cache"].add_metric([*values, "local", "miss"], cache.local.misses)
+    f["cache_bytes"].add_metric(values, cache.local.bytes)
+    f["coalesced"].add_metric(values, cache.coalesced)
+    if cache.redis is not None:
+        f["cache"].add_metric([*values, "redis", "hit"], cache.redis.hits)
+        f["cache"].add_metric([*values, "redis", "miss"], cache.redis.misses)
+        f["cache_errors"].add_metric([*values, "redis"], cache.redis.errors)
+        f["circuit"].add_metric(values, CIRCUIT_STATES[cache.redis.circuit])

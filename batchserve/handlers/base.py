@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from batchserve.runtime.metadata import ModelMetadata
+from batchserve.runtime import ModelMetadata
 
 # Credentials never reach handler code (nor, in process mode, another process).
 _PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})

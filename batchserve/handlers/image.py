@@ -20,7 +20,7 @@ from PIL import Image
 from batchserve.errors import InvalidInput, ModelLoadError, PayloadTooLarge, UnsupportedMediaType
 from batchserve.handlers import imaging
 from batchserve.handlers.base import RawRequest
-from batchserve.runtime.metadata import ModelMetadata, TensorSpec
+from batchserve.runtime import ModelMetadata, TensorSpec
 
 IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
 IMAGENET_STD: Final = (0.229, 0.224, 0.225)

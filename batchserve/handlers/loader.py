@@ -12,7 +12,7 @@ import numpy as np
 from batchserve.errors import InvalidInput, ModelLoadError
 from batchserve.handlers.base import Handler, RawRequest
 from batchserve.handlers.negotiate import encode_body
-from batchserve.runtime.metadata import ModelMetadata
+from batchserve.runtime import ModelMetadata
 
 BUILTIN_HANDLERS: Mapping[str, str] = {
     "image-classification": "batchserve.handlers.image:ImageClassificationHandler",

@@ -12,7 +12,7 @@ import orjson
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from batchserve.handlers.base import RawRequest
-from batchserve.runtime.metadata import ModelMetadata
+from batchserve.runtime import ModelMetadata
 
 if TYPE_CHECKING:
     from batchserve.call import Call

@@ -25,7 +25,7 @@ from batchserve.handlers.executor import ExecutorStatistics, HandlerExecutor
 from batchserve.handlers.loader import check_handler, check_inputs, prepare_handler
 from batchserve.handlers.negotiate import answer_body
 from batchserve.lifecycle import Lifecycle
-from batchserve.runtime.metadata import ModelMetadata
+from batchserve.runtime import ModelMetadata
 
 
 class InferFn(Protocol):

@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from batchserve import __version__
-from batchserve.cache.tiered import CacheStatistics
+from batchserve.cache import CacheStatistics
 from batchserve.call import Call, Result
 from batchserve.config import ServerConfig
 from batchserve.engine import Engine
@@ -268,7 +268,7 @@ class InferEndpoint:
                     max_output_bytes=state.max_response_bytes,
                 )  # fmt: skip
             else:
-                call, decoded = _handler_model_call(engine, request, body, state)
+                call, decoded = _handler_model_call(engine, request, body, state, waited)
             served = engine.call(call)  # kept: a failed call still says how far it got
             response = _respond(engine, decoded, await served, state.max_response_bytes)
         except asyncio.CancelledError:
@@ -320,16 +320,18 @@ def _cancelled_by_caller() -> bool:
 
 
 def _handler_model_call(
-    engine: Engine, request: web.Request, body: bytes, state: ServerState
+    engine: Engine, request: web.Request, body: bytes, state: ServerState, waited_s: float
 ) -> tuple[Call, InferRequest | None]:
     """The call for a model with a handler, and the V2 request it was decoded from (None for a
-    raw payload: the body as it is, when the handler takes its Content-Type)."""
+    raw payload: the body as it is, when the handler takes its Content-Type). Its deadline,
+    as for any model, counts the `waited_s` before the handler ran."""
     content_type = request.headers.get("Content-Type")
     if engine.takes_raw(content_type):
         call = Call(
             body=body, content_type=content_type, parameters=request.query,
             headers=request.headers, cache=_cache_allowed(request, None),
-            timeout_s=state.timeout_s, max_output_bytes=state.max_response_bytes,
+            timeout_s=_remaining(state.timeout_s, waited_s),
+            max_output_bytes=state.max_response_bytes,
         )  # fmt: skip
         return call, None
     decoded = _decode(request, body, state, raw_bytes=engine.raw_bytes)
@@ -337,7 +339,9 @@ def _handler_model_call(
     call = Call(
         decoded.inputs, decoded.outputs, parameters=parameters, headers=request.headers,
         cache=_cache_allowed(request, parameters),
-        timeout_s=_timeout(parameters, state.timeout_s) if parameters else state.timeout_s,
+        timeout_s=_remaining(
+            _timeout(parameters, state.timeout_s) if parameters else state.timeout_s, waited_s
+        ),
         max_output_bytes=state.max_response_bytes,
     )  # fmt: skip
     return call, decoded
