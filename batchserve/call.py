@@ -76,5 +76,9 @@ class Result:
     def __await__(self) -> Generator[Any, None, Result]:
         running = self.running
         if running is None:
-            raise RuntimeError("a Result is made by Engine.call, which sets what runs it")
+            raise RuntimeError("a Result is awaited once, and made by Engine.call")
+        # The coroutine holds this result: let go of it here, or the pair would be a cycle
+        # that only the cyclic collector frees (rarely, by design), keeping every request's
+        # tensors alive until then and costing the hot path the collections.
+        self.running = None
         return running.__await__()

@@ -398,11 +398,13 @@ class Engine(Lifecycle):
                 result.outputs = hit  # decoded from the entry's bytes: arrays of this caller's own
                 return result  # nothing to wait for
             result.cache = "miss"
-            answer = response_cache.get_or_compute(
-                key,
-                lambda: self._run(batcher, metadata, arrays, rows, selected, result, timeout_s),
-                checked_local=True,
+            # A partial, not a lambda: a closure would turn this coroutine's locals into cells
+            # that live as long as it waits, enough of them under load to set off the cyclic
+            # collector every few dozen requests.
+            compute = functools.partial(
+                self._run, batcher, metadata, arrays, rows, selected, result, timeout_s
             )
+            answer = response_cache.get_or_compute(key, compute, checked_local=True)
         # Counted while it waits, so an engine being unloaded can let it finish first.
         self._calls += 1
         try:
