@@ -98,7 +98,9 @@ def before_command(args: argparse.Namespace, port: int) -> list[str]:
     # change is measured before and after in one run, interleaved, on the same machine.
     if not args.before:
         raise SystemExit("the 'before' server needs --before DIR")
-    return ["env", f"PYTHONPATH={args.before}", *batchserve_command(args, port)]
+    # PYTHONSAFEPATH: `python -m` puts its working directory (this checkout) before
+    # PYTHONPATH, which would run this code under the other tree's name.
+    return ["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={args.before}", *batchserve_command(args, port)]
 
 
 SERVERS: dict[str, CommandBuilder] = {

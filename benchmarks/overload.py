@@ -180,7 +180,8 @@ def deadline_round(
     """One server from `tree` ("after": this checkout; else a source directory), then each
     client count against it in turn."""
     flags = ["--request-timeout-ms", str(args.deadline_ms)]
-    env = [] if tree == "after" else ["env", f"PYTHONPATH={tree}"]
+    # PYTHONSAFEPATH: `python -m` puts its working directory (this checkout) first otherwise.
+    env = [] if tree == "after" else ["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={tree}"]
     port = compare.free_port()
     command = [*env, sys.executable, "-m", "batchserve", "serve", str(model_path), "--name",
                args.model, "--host", compare.HOST, "--port", str(port), "--log-level",
