@@ -203,10 +203,12 @@ class CacheConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """The HTTP front end."""
+    """The front ends: HTTP on `port`, gRPC on `grpc_port` (0: a free port the server reports;
+    None: no gRPC), both on `host`."""
 
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int | None = 8001
     max_body_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     max_json_bytes: int = 16 * 1024 * 1024  # the JSON part of a request (binary tensors aside)
@@ -235,6 +237,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port must be in 0..65535 or None, got {self.grpc_port}")
         _positive("max_body_bytes", self.max_body_bytes)
         _positive("max_json_bytes", self.max_json_bytes)
         _non_negative("shutdown_grace_s", self.shutdown_grace_s)

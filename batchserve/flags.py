@@ -52,6 +52,19 @@ def _device(text: str) -> Device:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _port_or_off(text: str) -> int | None:
+    value = text.strip().lower()
+    if value in {"off", "none"}:
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port (0..65535) or 'off', got {text!r}")
+    return port
+
+
 def _comma_list(text: str) -> list[str]:
     return [item for item in text.split(",") if item.strip()]
 
@@ -146,6 +159,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     # Reachable from outside a container; the library's ServerConfig stays on loopback.
     Flag("--host", ServerConfig, default="0.0.0.0"),
     Flag("--port", ServerConfig),
+    Flag("--grpc-port", ServerConfig,
+         "gRPC port (0: any free port, logged at start; off: no gRPC)", kind=_port_or_off),
     Flag("--max-batch-size", BatchConfig,
          "most rows in one ONNX Runtime run (default %(default)s)"),
     Flag("--max-latency-ms", BatchConfig,
