@@ -184,13 +184,6 @@ def _crop_origin(full_h: int, full_w: int, height: int, width: int) -> tuple[int
     return round((full_w - width) / 2.0), round((full_h - height) / 2.0)
 
 
-def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The centre `height`x`width` of an HWC array, placed as torchvision's `CenterCrop`
-    places it (it must be at least that large: the resize guarantees it)."""
-    left, top = _crop_origin(pixels.shape[0], pixels.shape[1], height, width)
-    return pixels[top : top + height, left : left + width]
-
-
 def normalise(
     pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], nchw: bool
 ) -> np.ndarray:
