@@ -271,7 +271,7 @@ async def _sigterm_with_fresh_connections(
             except (aiohttp.ClientError, TimeoutError) as err:
                 key = type(err).__name__  # reset after connect, or hung: both failures
             outcomes[key] = outcomes.get(key, 0) + 1
-            if key not in ("200", "503"):
+            if not key.isdigit():  # an answer of any status means the server is still there
                 return
 
     connector = aiohttp.TCPConnector(limit=0, force_close=True)  # a new connection each time
@@ -294,12 +294,13 @@ async def _sigterm_with_fresh_connections(
 async def test_sigterm_with_a_new_connection_per_request_answers_every_accepted_one(
     slow_path: Path, serve_process: StartServerProcess
 ) -> None:
-    """Every request is answered 200 or 503, or refused at connect; none is reset after its
-    connection was accepted and none hangs. The race is rare: the scenario runs three times."""
+    """Every request is answered (200; 503 while draining; 429 when a busy machine makes the
+    server shed), or refused at connect; none is reset after its connection was accepted and
+    none hangs. The race is rare: the scenario runs three times."""
     for _ in range(3):
         outcomes = await _sigterm_with_fresh_connections(serve_process, slow_path, clients=200)
         print(f"SIGTERM, a new connection per request: {outcomes}")
-        assert set(outcomes) <= {"200", "503", "refused"}, outcomes
+        assert set(outcomes) <= {"200", "429", "503", "refused"}, outcomes
         assert outcomes.get("200", 0) > 0
 
 
