@@ -280,7 +280,7 @@ async def _sigterm_with_fresh_connections(
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
             tasks = [asyncio.create_task(client(http)) for _ in range(clients)]
             done, _ = await asyncio.wait(tasks, timeout=1.5)  # load, then SIGTERM mid-way
-            assert not done, [task.exception() for task in done]
+            assert not done, (outcomes, [task.exception() for task in done])
             stopping = asyncio.create_task(asyncio.to_thread(server.stop))
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
             assert await stopping == 0
