@@ -27,9 +27,11 @@ from batchserve.http.connections import (
     default_max_connections,
     drain_listeners,
 )
+from batchserve.http.stats import RequestStatistics
 from batchserve.lifecycle import Lifecycle
 from batchserve.metrics import BatchserveCollector, build_registry
 from batchserve.repository import EngineFactory, ModelConfig, ModelRepository
+from batchserve.rpc import GrpcServer
 from batchserve.settings import ServeSettings
 
 log = logging.getLogger("batchserve.server")
@@ -135,15 +137,23 @@ def engine_factory(
     return build
 
 
-def create_app(repository: ModelRepository, config: ServerConfig) -> web.Application:
-    """The aiohttp application; its startup loads every model, its cleanup drains them."""
+def create_app(
+    repository: ModelRepository,
+    config: ServerConfig,
+    grpc_requests: RequestStatistics | None = None,
+) -> web.Application:
+    """The aiohttp application; its startup loads every model, its cleanup drains them.
+    `grpc_requests`: the gRPC front end's counts, for /metrics beside HTTP's."""
     app = web.Application(client_max_size=config.max_body_bytes)
     app[REPOSITORY] = repository
     state = app[STATE] = ServerState(config)
+    counts = {"http": state.requests}
+    if grpc_requests is not None:
+        counts["grpc"] = grpc_requests
     collector = BatchserveCollector(
         repository,
-        state.requests.snapshot,
-        lambda: state.requests.in_flight,
+        {protocol: requests.snapshot for protocol, requests in counts.items()},
+        lambda: sum(requests.in_flight for requests in counts.values()),
         lambda: (state.lag.lag_s, state.lag_shed),
     )
     app[METRICS] = build_registry(collector)
@@ -190,16 +200,23 @@ def _wire_logger() -> logging.Logger:
 
 
 class Server(Lifecycle):
-    """A running HTTP server: `start()` returns once models are loaded and the port listens.
+    """A running server, HTTP and (unless `config.grpc_port` is None) gRPC on one event loop:
+    `start()` returns once models are loaded and the ports listen.
 
-    Shutdown order: readiness false and new infer requests refused (503) → new handshakes
-    refused and connections already queued accepted and answered → listening socket closed →
-    in-flight requests finished (up to the grace period) → queues drained → sessions closed.
+    Shutdown order: readiness false and new infer requests refused (503, UNAVAILABLE) → at
+    the same time, gRPC streams stop reading and gRPC calls in flight finish (up to the grace
+    period) while new HTTP handshakes are refused and connections already queued accepted and
+    answered → listening sockets closed → in-flight HTTP requests finished (up to the grace
+    period) → queues drained → sessions closed.
     """
 
     def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
         self.config = config
-        self.app = create_app(repository, config)
+        grpc_requests = RequestStatistics() if config.grpc_port is not None else None
+        self.app = create_app(repository, config, grpc_requests)
+        self.grpc: GrpcServer | None = None
+        if grpc_requests is not None:
+            self.grpc = GrpcServer(repository, self.app[STATE], grpc_requests, config)
         handler_kwargs: dict[str, object] = {
             "access_log": None,
             "logger": _wire_logger(),
@@ -238,9 +255,14 @@ class Server(Lifecycle):
             sites.append(GuardedSite(self._runner, guard, config.host, config.extra_port))
         self._sites = sites
         try:
+            # gRPC first: once HTTP's readiness answers, both protocols are served.
+            if self.grpc is not None:
+                await self.grpc.start()
             for site in sites:
                 await site.start()
         except BaseException:
+            if self.grpc is not None:
+                await self.grpc.aclose()
             await self._runner.cleanup()
             raise
         self._port = int(self._runner.addresses[0][1])
@@ -250,6 +272,13 @@ class Server(Lifecycle):
         if self._port is None:
             raise RuntimeError("the server has not started")
         return self._port
+
+    @property
+    def grpc_port(self) -> int:
+        """The port gRPC listens on (the one picked, for a configured 0)."""
+        if self.grpc is None:
+            raise RuntimeError("gRPC is off (grpc_port is None)")
+        return self.grpc.port
 
     @property
     def url(self) -> str:
@@ -262,8 +291,15 @@ class Server(Lifecycle):
         # Take in what the kernel already accepted before closing the listeners: closing a
         # socket with connections still queued resets them (see drain_listeners).
         listeners = [sock for site in self._sites for sock in site.listeners]
-        await drain_listeners(listeners, self.connections, min(2.0, self.config.shutdown_grace_s))
-        await self._runner.cleanup()
+        try:
+            # gRPC calls finish before the models close (the runner's cleanup closes them).
+            async with asyncio.TaskGroup() as closing:
+                if self.grpc is not None:
+                    closing.create_task(self.grpc.aclose())
+                grace = min(2.0, self.config.shutdown_grace_s)
+                closing.create_task(drain_listeners(listeners, self.connections, grace))
+        finally:
+            await self._runner.cleanup()
 
 
 async def serve_until_signalled(

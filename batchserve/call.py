@@ -12,6 +12,8 @@ from collections.abc import Coroutine, Generator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from batchserve.errors import InvalidInput
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -82,3 +84,22 @@ class Result:
         # tensors alive until then and costing the hot path the collections.
         self.running = None
         return running.__await__()
+
+
+def request_timeout_s(parameters: Mapping[str, Any] | None, default: float | None) -> float | None:
+    """A call's deadline in seconds: the V2 `parameters.timeout` (microseconds, as Triton reads
+    it, over HTTP and gRPC alike), never longer than the server's `default`."""
+    requested = parameters.get("timeout") if parameters else None
+    if requested is None:
+        return default
+    if type(requested) is not int or requested <= 0:
+        raise InvalidInput("parameters.timeout must be a positive integer (microseconds)")
+    seconds = requested / 1e6
+    return seconds if default is None else min(seconds, default)
+
+
+def remaining_s(timeout_s: float | None, waited_s: float) -> float | None:
+    """What is left of a deadline after the wait before the front end's handler ran (at least
+    1 ms, so a call the queue cannot serve at once is refused or cut off rather than never
+    tried)."""
+    return None if timeout_s is None else max(timeout_s - waited_s, 0.001)

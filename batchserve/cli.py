@@ -37,7 +37,10 @@ def _add_bench(commands: Any) -> None:
         description="Open loop (--rate) measures latency from each request's scheduled send "
         "time; closed loop (--concurrency) runs N callers back to back.",
     )
-    bench.add_argument("url", nargs="?", help="server base URL, e.g. http://127.0.0.1:8000")
+    bench.add_argument(
+        "url", nargs="?",
+        help="server base URL, e.g. http://127.0.0.1:8000, or grpc://127.0.0.1:8001 for gRPC",
+    )  # fmt: skip
     bench.add_argument("--model", "-m", help="model name (required unless --noop)")
     bench.add_argument("--version", help="model version")
     load = bench.add_mutually_exclusive_group()
@@ -54,6 +57,14 @@ def _add_bench(commands: Any) -> None:
     )
     bench.add_argument("--processes", type=int, default=1, help="load generator processes")
     bench.add_argument("--binary", action="store_true", help="binary tensor extension")
+    bench.add_argument(
+        "--protocol", choices=["http", "grpc"],
+        help="http, or grpc (ModelInfer, raw tensors); default: from the URL's scheme",
+    )  # fmt: skip
+    bench.add_argument(
+        "--streaming", action="store_true",
+        help="gRPC: requests on ModelStreamInfer streams, one at a time on each",
+    )  # fmt: skip
     bench.add_argument("--rows", type=int, default=1, help="rows per request (batch dim)")
     bench.add_argument("--input", help=".npy, .npz or JSON file with the inputs to send")
     bench.add_argument(
@@ -205,7 +216,7 @@ def _bench(args: argparse.Namespace) -> int:
     from batchserve.bench import BenchError, noop_server, run_bench
 
     if args.noop:
-        with noop_server() as url:
+        with noop_server(protocol="grpc" if args.protocol == "grpc" else "http") as url:
             try:
                 return run_bench(args, url, args.model or "noop")
             except (BenchError, ValueError) as err:

@@ -58,11 +58,23 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], snap: Histogram
     family.add_metric(labels, snap.cumulative(), snap.total)
 
 
+def _status_classes(statuses: Mapping[int, int]) -> list[tuple[str, int]]:
+    classes: dict[str, int] = {}
+    for status, count in statuses.items():
+        key = f"{status // 100}xx"
+        classes[key] = classes.get(key, 0) + count
+    return sorted(classes.items())
+
+
 class BatchserveCollector(Collector):
+    """`requests`: each front end's per-model counts by its protocol ("http", "grpc"), a
+    snapshot function each, so that counting costs a front end nothing per request beyond its
+    own counters."""
+
     def __init__(
         self,
         repository: ServedModels,
-        requests: Callable[[], Mapping[str, RequestCounts]],
+        requests: Mapping[str, Callable[[], Mapping[str, RequestCounts]]],
         in_flight: Callable[[], int],
         loop_lag: Callable[[], tuple[float, int]] = lambda: (0.0, 0),
     ) -> None:
@@ -77,29 +89,31 @@ class BatchserveCollector(Collector):
 
     def _http(self) -> Iterator[Metric]:
         total = CounterMetricFamily(
-            "batchserve_requests", "Inference requests by model and HTTP status class.",
-            labels=["model", "status_class"],
+            "batchserve_requests",
+            "Inference requests by model, protocol and HTTP status class (a gRPC call counts "
+            "under the status HTTP gives the same outcome).",
+            labels=["model", "protocol", "status_class"],
         )  # fmt: skip
         latency = HistogramMetricFamily(
             "batchserve_request_duration_seconds",
-            "Time from a request's arrival to its answer, per model.", labels=["model"],
+            "Time from a request's arrival to its answer, per model and protocol.",
+            labels=["model", "protocol"],
         )  # fmt: skip
         received = CounterMetricFamily(
-            "batchserve_request_bytes", "Inference request body bytes.", labels=["model"]
-        )
+            "batchserve_request_bytes", "Inference request body (message) bytes.",
+            labels=["model", "protocol"],
+        )  # fmt: skip
         sent = CounterMetricFamily(
-            "batchserve_response_bytes", "Inference response body bytes.", labels=["model"]
-        )
-        for model, stats in self._requests().items():
-            classes: dict[str, int] = {}
-            for status, count in stats.statuses.items():
-                key = f"{status // 100}xx"
-                classes[key] = classes.get(key, 0) + count
-            for status_class, count in sorted(classes.items()):
-                total.add_metric([model, status_class], count)
-            _histogram(latency, [model], stats.latency)
-            received.add_metric([model], stats.request_bytes)
-            sent.add_metric([model], stats.response_bytes)
+            "batchserve_response_bytes", "Inference response body (message) bytes.",
+            labels=["model", "protocol"],
+        )  # fmt: skip
+        for protocol, snapshot in self._requests.items():
+            for model, stats in snapshot().items():
+                for status_class, count in _status_classes(stats.statuses):
+                    total.add_metric([model, protocol, status_class], count)
+                _histogram(latency, [model, protocol], stats.latency)
+                received.add_metric([model, protocol], stats.request_bytes)
+                sent.add_metric([model, protocol], stats.response_bytes)
         in_flight = GaugeMetricFamily(
             "batchserve_in_flight_requests", "Inference requests being handled now."
         )

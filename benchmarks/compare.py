@@ -93,6 +93,11 @@ def batchserve_command(args: argparse.Namespace, port: int) -> list[str]:
     return command + shlex.split(args.batchserve_args)
 
 
+def current_command(args: argparse.Namespace, port: int) -> list[str]:
+    # An ephemeral gRPC port: never collides with a server already on 8001.
+    return [*batchserve_command(args, port), "--grpc-port", "0"]
+
+
 def before_command(args: argparse.Namespace, port: int) -> list[str]:
     # The same command on another source tree (e.g. `git archive` of an older commit), so a
     # change is measured before and after in one run, interleaved, on the same machine.
@@ -105,7 +110,7 @@ def before_command(args: argparse.Namespace, port: int) -> list[str]:
 
 SERVERS: dict[str, CommandBuilder] = {
     "bare": bare_command,
-    "batchserve": batchserve_command,
+    "batchserve": current_command,
     "before": before_command,
     "fastapi-async": fastapi_command("async"),
     "fastapi-sync": fastapi_command("sync"),

@@ -82,7 +82,7 @@ def start(model_path: Path, model: str, flags: list[str], log: str) -> tuple[Any
     port = compare.free_port()
     command = [sys.executable, "-m", "batchserve", "serve", str(model_path), "--name", model,
                "--host", compare.HOST, "--port", str(port), "--log-level", "warning",
-               *flags]  # fmt: skip
+               "--grpc-port", "0", *flags]  # fmt: skip
     proc = compare.start_server(command, BUILD / f"overload-{log}.log")
     base = f"http://{compare.HOST}:{port}"
     try:
@@ -180,6 +180,8 @@ def deadline_round(
     """One server from `tree` ("after": this checkout; else a source directory), then each
     client count against it in turn."""
     flags = ["--request-timeout-ms", str(args.deadline_ms)]
+    if tree == "after":  # an ephemeral gRPC port (a tree from before gRPC has no such flag)
+        flags += ["--grpc-port", "0"]
     # PYTHONSAFEPATH: `python -m` puts its working directory (this checkout) first otherwise.
     env = [] if tree == "after" else ["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={tree}"]
     port = compare.free_port()

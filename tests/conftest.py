@@ -59,11 +59,12 @@ def gather_path(model_dir: Path) -> Path:
 
 @pytest.fixture
 async def start_server() -> AsyncIterator[StartServer]:
-    """Start a real server on 127.0.0.1, an ephemeral port; stopped at the end of the test."""
+    """Start a real server on 127.0.0.1, an ephemeral port; stopped at the end of the test.
+    gRPC is off unless the test asks for it (`grpc_port=0`: an ephemeral port too)."""
     servers: list[Server] = []
 
     async def start(*engines: Engine, **config: object) -> Server:
-        settings = {"host": "127.0.0.1", "port": 0, **config}
+        settings = {"host": "127.0.0.1", "port": 0, "grpc_port": None, **config}
         server = Server(ModelRepository(list(engines)), ServerConfig(**settings))  # type: ignore[arg-type]
         await server.start()
         servers.append(server)
@@ -83,8 +84,10 @@ def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
     logs = tmp_path_factory.mktemp("serve")
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: Mapping[str, str] | None = None) -> ServerProcess:
-        server = ServerProcess.start(*args, log_dir=logs, env=env)
+    def start(
+        *args: str, env: Mapping[str, str] | None = None, grpc: bool = False
+    ) -> ServerProcess:
+        server = ServerProcess.start(*args, log_dir=logs, env=env, grpc=grpc)
         started.append(server)
         return server
 

@@ -110,18 +110,24 @@ class ServerProcess:
     `--workers N`, N sockets listen on the port (the supervisor's port is served by each worker
     once that worker is ready). The hidden `--ready-fd` is not used: it makes the process a
     supervised worker (its own orphan watch, its own log lines), not the command a user runs,
-    and a supervisor of `--workers` does not take it."""
+    and a supervisor of `--workers` does not take it. gRPC is off unless `grpc` (then on
+    `grpc_port`, a free port too)."""
 
-    def __init__(self, args: Sequence[str], log_dir: Path, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, args: Sequence[str], log_dir: Path, env: Mapping[str, str], grpc: bool = False
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port() if grpc else None
+        where = ["--host", "127.0.0.1", "--port", str(self.port)]
+        where += ["--grpc-port", str(self.grpc_port) if grpc else "off"]
         self.workers = _workers(args, env)
         with tempfile.NamedTemporaryFile(
             "wb", dir=log_dir, prefix="serve-", suffix=".log", delete=False
         ) as out:
             self.log_path = Path(out.name)
             self.process = subprocess.Popen(
-                [*CLI, "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)],
+                [*CLI, "serve", *args, *where],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -130,11 +136,17 @@ class ServerProcess:
 
     @classmethod
     def start(
-        cls, *args: str, log_dir: Path, env: Mapping[str, str] | None = None, timeout_s: float = 60
+        cls,
+        *args: str,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = 60,
+        grpc: bool = False,
     ) -> Self:
         """Start it and return once it is ready; a failed start raises with its log."""
         for _ in range(3):  # a port is picked, then bound by the server: another may come first
-            server = cls(args, log_dir, env or {})
+            # Only asked of subclasses when wanted: theirs may take the three arguments alone.
+            server = cls(args, log_dir, env or {}, grpc) if grpc else cls(args, log_dir, env or {})
             try:
                 block_until(server._ready, f"{server.url}/v2/health/ready", timeout_s)
             except PortTaken:

@@ -203,7 +203,9 @@ async def test_workers_refuse_the_repository_api_they_cannot_apply_to_each_other
 
 
 async def test_build_server_serves_what_the_settings_describe(mlp_path: Path) -> None:
-    settings = ServeSettings(model=str(mlp_path), name="clf", server=ServerConfig(port=0))
+    settings = ServeSettings(
+        model=str(mlp_path), name="clf", server=ServerConfig(port=0, grpc_port=None)
+    )
     body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
     async with (
         build_server(settings) as server,

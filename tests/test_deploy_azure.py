@@ -26,7 +26,11 @@ from helpers import DOCKERFILES, StartServer, final_stage, only, parse_with_env,
 
 ROOT = Path(__file__).resolve().parent.parent
 AZURE = ROOT / "deploy" / "azure"
-CONTAINER_APPS = {"cpu": AZURE / "containerapp-cpu.yaml", "gpu": AZURE / "containerapp-gpu.yaml"}
+CONTAINER_APPS = {
+    "cpu": AZURE / "containerapp-cpu.yaml",
+    "gpu": AZURE / "containerapp-gpu.yaml",
+    "grpc": AZURE / "containerapp-grpc.yaml",  # the CPU app with its ingress on gRPC
+}
 AML_ENDPOINT = AZURE / "aml-endpoint.yml"
 AML_DEPLOYMENTS = {"cpu": AZURE / "aml-deployment-cpu.yml", "gpu": AZURE / "aml-deployment.yml"}
 AML_SCHEMA = "https://azuremlschemas.azureedge.net/latest/{}.schema.json"
@@ -91,8 +95,13 @@ def app_env(app: Document) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container(app)["env"]}
 
 
+def image_ports() -> list[int]:
+    """The ports the image exposes: HTTP's, then gRPC's."""
+    return [int(p) for p in only(final_stage(DOCKERFILES["cpu"]), "EXPOSE").arguments.split()]
+
+
 def image_port() -> int:
-    return int(only(final_stage(DOCKERFILES["cpu"]), "EXPOSE").arguments)
+    return image_ports()[0]
 
 
 def image_model_path() -> str:
@@ -209,7 +218,14 @@ def test_the_api_model_check_can_fail() -> None:
 @pytest.mark.parametrize("kind", CONTAINER_APPS)
 def test_container_app_serves_the_image_port_and_model(kind: str) -> None:
     app = load(CONTAINER_APPS[kind])
-    assert app["properties"]["configuration"]["ingress"]["targetPort"] == image_port()
+    ingress = app["properties"]["configuration"]["ingress"]
+    http_port, grpc_port = image_ports()
+    if kind == "grpc":
+        # gRPC is HTTP/2 to the container; the REST port speaks HTTP/1.1 only.
+        assert (ingress["targetPort"], ingress["transport"]) == (grpc_port, "http2")
+        assert int(app_env(app)["BATCHSERVE_GRPC_PORT"]) == grpc_port
+    else:
+        assert (ingress["targetPort"], ingress["transport"]) == (http_port, "http")
     main = container(app)
     assert main["args"] == [image_model_path()]
     assert {m["mountPath"] for m in main["volumeMounts"]} == {str(Path(image_model_path()).parent)}

@@ -124,9 +124,11 @@ def test_port_entrypoint_and_stop_signal_match_the_server(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stage = final_stage(DOCKERFILES[kind])
-    default_port = parse_with_env(monkeypatch, {}).port
-    assert only(stage, "EXPOSE").arguments == str(default_port)
-    assert env_of(stage)["BATCHSERVE_PORT"] == str(default_port)
+    defaults = parse_with_env(monkeypatch, {})
+    # HTTP, then gRPC, both at the server's defaults.
+    assert only(stage, "EXPOSE").arguments.split() == [str(defaults.port), str(defaults.grpc_port)]
+    assert env_of(stage)["BATCHSERVE_PORT"] == str(defaults.port)
+    assert env_of(stage)["BATCHSERVE_GRPC_PORT"] == str(defaults.grpc_port)
     assert env_of(stage)["BATCHSERVE_HOST"] == "0.0.0.0"
     assert only(stage, "ENTRYPOINT").exec_form() == ["batchserve", "serve"]
     assert only(stage, "CMD").exec_form() == [MODEL_PATH]

@@ -18,8 +18,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import grpc.aio
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchserve import Engine
@@ -66,6 +68,26 @@ def render(folder: Path) -> list[Manifest]:
 
 def overlay(name: str) -> list[Manifest]:
     return render(K8S / "overlays" / name)
+
+
+def overlay_with(folder: Path, name: str, *components: str) -> list[Manifest]:
+    """Overlay `name` with more of the components, as a user adds them to an overlay: a
+    kustomization of its own in `folder` (kustomize takes only relative paths to them)."""
+    up = Path(os.path.relpath(K8S, folder))
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [str(up / "overlays" / name)],
+        "components": [str(up / "components" / c) for c in components],
+    }
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return render(folder)
+
+
+@pytest.fixture(scope="module")
+def grpc_probes(tmp_path_factory: pytest.TempPathFactory) -> list[Manifest]:
+    """The cpu overlay with components/grpc-probes."""
+    return overlay_with(tmp_path_factory.mktemp("grpc-probes"), "cpu", "grpc-probes")
 
 
 def find(objects: list[Manifest], kind: str, name: str = SERVER) -> Manifest:
@@ -128,10 +150,12 @@ def every_rendering() -> Iterator[tuple[str, list[Manifest]]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_core_objects_validate_against_the_kubernetes_schemas(version: str) -> None:
+def test_core_objects_validate_against_the_kubernetes_schemas(
+    version: str, grpc_probes: list[Manifest]
+) -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="pip install '.[deploy]'")
     checked = 0
-    for where, objects in every_rendering():
+    for where, objects in [*every_rendering(), ("cpu + grpc-probes", grpc_probes)]:
         for o in objects:
             if o["apiVersion"] in CRD_SCHEMAS:
                 continue
@@ -343,13 +367,18 @@ def test_the_variable_check_knows_the_server_flags(monkeypatch: pytest.MonkeyPat
 def test_the_container_port_is_the_server_default(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    default = parse_serve(monkeypatch, []).port
+    defaults = parse_serve(monkeypatch, [])
     objects = overlay(name)
     ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
-    assert ports == {"http": default}
-    assert int(server_env(objects).get("BATCHSERVE_PORT") or default) == default
-    service = find(objects, "Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert ports == {"http": defaults.port, "grpc": defaults.grpc_port}
+    env = server_env(objects)
+    assert int(env.get("BATCHSERVE_PORT") or defaults.port) == defaults.port
+    assert int(env.get("BATCHSERVE_GRPC_PORT") or defaults.grpc_port) == defaults.grpc_port
+    service = {p["name"]: p for p in find(objects, "Service")["spec"]["ports"]}
+    assert {n: p["targetPort"] for n, p in service.items()} == {"http": "http", "grpc": "grpc"}
+    assert service["grpc"]["port"] == defaults.grpc_port
+    # Meshes and ingress controllers that read it speak HTTP/2 (gRPC) to the pods.
+    assert service["grpc"]["appProtocol"] == "grpc"
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -379,6 +408,33 @@ def test_probes_use_the_health_endpoints(name: str) -> None:
     assert all(container[p]["httpGet"]["port"] == "http" for p in paths)
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "room for model load"
+
+
+def test_the_grpc_probes_component_checks_readiness_over_grpc(
+    grpc_probes: list[Manifest],
+) -> None:
+    plain = server_container(overlay("cpu"))
+    container = server_container(grpc_probes)
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "readinessProbe"):
+        # The kubelet's gRPC probe (grpc.health.v1, the server's overall health), timing kept.
+        assert container[probe]["grpc"] == {"port": grpc_port}
+        assert "httpGet" not in container[probe]
+        timing = {k: v for k, v in plain[probe].items() if k != "httpGet"}
+        assert {k: v for k, v in container[probe].items() if k != "grpc"} == timing
+    # A wedged session pool shows on /v2/health/live only.
+    assert container["livenessProbe"] == plain["livenessProbe"]
+
+
+async def test_the_grpc_probe_answers_serving_on_a_real_server(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    # As the kubelet asks: grpc.health.v1.Health/Check for the server (""), no credentials.
+    server = await start_server(Engine(mlp_path, name="mlp"), grpc_port=0, api_key="secret")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_every_probe_path_answers_200_on_a_real_server(
@@ -683,7 +739,7 @@ def test_the_network_policy_admits_the_server_port(name: str) -> None:
         == find(objects, "Deployment")["spec"]["selector"]["matchLabels"]
     )
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert ports == {"http"}
+    assert ports == {"http", "grpc"}
 
 
 @pytest.mark.parametrize("name", OVERLAYS)

@@ -86,7 +86,7 @@ async def serve() -> AsyncIterator[Serve]:
     servers: list[Server] = []
 
     async def start(repository: ModelRepository) -> tuple[str, ModelRepository]:
-        server = Server(repository, ServerConfig(host="127.0.0.1", port=0))
+        server = Server(repository, ServerConfig(host="127.0.0.1", port=0, grpc_port=None))
         await server.start()
         servers.append(server)
         return server.url, server.app[REPOSITORY]

@@ -99,7 +99,9 @@ async def test_metrics_follow_the_traffic(
     assert value(families["batchserve_model_ready"], "batchserve_model_ready", model="mlp") == 1
     ours = [f for name, f in families.items() if name.startswith("batchserve_")]
     labels = {k for f in ours for s in f.samples for k in s.labels}  # type: ignore[attr-defined]
-    assert labels <= {"model", "version", "status_class", "tier", "result", "le", "state"}
+    assert labels <= {
+        "model", "version", "protocol", "status_class", "tier", "result", "le", "state"
+    }  # fmt: skip
 
 
 async def test_access_log_lines_and_request_ids(

@@ -43,7 +43,9 @@ async def start_repository() -> AsyncIterator[StartRepository]:
     async def start(root: Path, poll_s: float = 0.0, **config: Any) -> str:
         factory = engine_factory(BatchConfig(), RuntimeConfig(), CacheConfig(size_mb=4))
         repository = ModelRepository.from_directory(root, factory, poll_s=poll_s)
-        server = Server(repository, ServerConfig(host="127.0.0.1", port=0, **config))
+        server = Server(
+            repository, ServerConfig(host="127.0.0.1", port=0, grpc_port=None, **config)
+        )
         await server.start()
         servers.append(server)
         return server.url

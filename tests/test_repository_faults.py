@@ -67,7 +67,7 @@ async def serve() -> AsyncIterator[Serve]:
         root: Path, build: EngineFactory | None = None, **options: Any
     ) -> tuple[str, ModelRepository]:
         repository = ModelRepository.from_directory(root, build or factory(), **options)
-        server = Server(repository, ServerConfig(host="127.0.0.1", port=0))
+        server = Server(repository, ServerConfig(host="127.0.0.1", port=0, grpc_port=None))
         await server.start()
         servers.append(server)
         return server.url, repository

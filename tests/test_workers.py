@@ -52,8 +52,10 @@ def test_workers_get_the_serve_arguments_minus_the_ones_the_supervisor_sets() ->
 
 
 def requests_by_worker(text: str) -> float:
-    found = re.search(r'^batchserve_requests_total\{model="mlp",status_class="2xx"\} (\S+)$',
-                      text, re.M)  # fmt: skip
+    found = re.search(
+        r'^batchserve_requests_total\{model="mlp",protocol="http",status_class="2xx"\} (\S+)$',
+        text, re.M,
+    )  # fmt: skip
     return float(found.group(1)) if found else 0.0
 
 

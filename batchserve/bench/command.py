@@ -14,9 +14,9 @@ from batchserve.bench.measure import (
     Target,
     at_rate,
     check_url,
+    choose_protocol,
     curve_table,
     measure,
-    model_metadata,
     request_headers,
     sweep,
 )
@@ -39,9 +39,11 @@ def _config(args: argparse.Namespace, **load: Any) -> LoadConfig:
 def run_bench(args: argparse.Namespace, url: str, model: str | None) -> int:
     if model is None:
         raise BenchError("name the model with --model")
-    check_url(url)
+    protocol = choose_protocol(url, args.protocol, args.streaming)
+    check_url(url, protocol)
     headers = request_headers(args.header or (), args.api_key)
-    metadata = model_metadata(url, model, args.version, headers)
+    target = Target(url, model, headers, protocol)
+    metadata = target.metadata(args.version)
     workload = build_workload(
         url,
         model,
@@ -53,9 +55,15 @@ def run_bench(args: argparse.Namespace, url: str, model: str | None) -> int:
         variants=args.distinct,
         unique_fraction=args.unique_fraction,
         headers=headers,
+        protocol=protocol,
     )
-    target = Target(url, model, headers)
-    output: dict[str, Any] = {"url": url, "model": model, "binary": args.binary, "rows": args.rows}
+    output: dict[str, Any] = {
+        "url": url,
+        "model": model,
+        "protocol": protocol,
+        "binary": args.binary or protocol != "http",  # gRPC's tensors are always raw bytes
+        "rows": args.rows,
+    }
     if args.sweep:
         base = _config(args, rate=args.start_rate)
 

@@ -13,9 +13,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from queue import Empty
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -61,22 +62,28 @@ class LoadConfig:
         return self.rate is not None
 
 
+# An answer's status: the HTTP status code, or the gRPC status code's name ("OK").
+Status = int | str
+
+
 @dataclass(slots=True)
 class RawResult:
     """One process's measurements. `requests` counts the sends scheduled (open loop) or started
     (closed loop) inside the window; each of them ends in exactly one of `latencies` (answered
-    200), `statuses` (answered with an error status) or `exceptions` (no answer).
+    200, or OK over gRPC), `statuses` (answered with an error status: an HTTP status, or a
+    gRPC status code's name) or `exceptions` (no answer).
 
     Latencies are in seconds from the scheduled (open loop) or actual (closed loop) send time:
     `refused_latencies` of error statuses such as shed 429s, `timeout_latencies` of requests
-    given up on (timed out, or still pending when the run ended), each the time it had waited
-    by then: a lower bound of the latency it would have had."""
+    given up on (timed out, gRPC's DEADLINE_EXCEEDED included, or still pending when the run
+    ended), each the time it had waited by then: a lower bound of the latency it would have
+    had."""
 
     requests: int = 0
     latencies: list[float] = field(default_factory=list)
     refused_latencies: list[float] = field(default_factory=list)
     timeout_latencies: list[float] = field(default_factory=list)
-    statuses: Counter[int] = field(default_factory=Counter)
+    statuses: Counter[Status] = field(default_factory=Counter)
     exceptions: Counter[str] = field(default_factory=Counter)
     window_start: float = 0.0
     last_completion: float = 0.0
@@ -85,13 +92,40 @@ class RawResult:
 
 # A request the run ended on before its deadline was enforced (for example one still connecting).
 NOT_COMPLETED = "NotCompleted"
+
+
+class Client(AbstractAsyncContextManager[Any], Protocol):
+    """What the load loops drive: HTTP's `ConnectionPool`, or a gRPC client, each an async
+    context manager holding its connections. `post` sends one pre-encoded request and returns
+    its answer's status: `ok_status` is a success, `timeout_status` (if any) a request the
+    server or the client gave up on at its deadline. No answer at all raises an OSError
+    (timed out waiting: a TimeoutError)."""
+
+    @property
+    def ok_status(self) -> Status: ...
+
+    @property
+    def timeout_status(self) -> Status | None: ...
+
+    @property
+    def saturated(self) -> bool: ...
+
+    @property
+    def sweep_interval(self) -> float: ...
+
+    async def post(self, raw: bytes, deadline: float | None = None) -> Status: ...
+
+
 # Room for a busy event loop to run the sweep that enforces the last deadline; waited out only
 # while a request is still out.
 _FINISH_SLACK_S = 0.1
 
 
 class _Recorder:
-    __slots__ = ("counter", "result", "timeout_s", "window_end", "window_start")
+    __slots__ = (
+        "counter", "ok_status", "result", "timeout_s", "timeout_status", "window_end",
+        "window_start",
+    )  # fmt: skip
 
     def __init__(
         self, window_start: float, window_end: float, timeout_s: float, counter: Any
@@ -101,6 +135,8 @@ class _Recorder:
         self.window_end = window_end
         self.timeout_s = timeout_s
         self.counter = counter
+        self.ok_status: Status = 200
+        self.timeout_status: Status | None = None
 
     def measured(self, started: float) -> bool:
         return self.window_start <= started < self.window_end
@@ -113,9 +149,12 @@ class _Recorder:
         self.result.latencies.append(ended - started)
         self.result.last_completion = max(self.result.last_completion, ended)
 
-    def refused(self, status: int, started: float, ended: float) -> None:
+    def refused(self, status: Status, started: float, ended: float) -> None:
         self.result.statuses[status] += 1
-        self.result.refused_latencies.append(ended - started)
+        if status == self.timeout_status:
+            self.result.timeout_latencies.append(ended - started)
+        else:
+            self.result.refused_latencies.append(ended - started)
 
     def error(self, name: str, started: float, timed_out: bool) -> None:
         self.result.exceptions[name] += 1
@@ -123,9 +162,9 @@ class _Recorder:
             self.result.timeout_latencies.append(time.perf_counter() - started)
 
 
-async def _one(http: ConnectionPool, raw: bytes, started: float, rec: _Recorder) -> None:
+async def _one(client: Client, raw: bytes, started: float, rec: _Recorder) -> None:
     try:
-        status = await http.post(raw, started + rec.timeout_s)
+        status = await client.post(raw, started + rec.timeout_s)
     except OSError as err:  # refused, reset, closed, timed out (all OSError subclasses)
         if rec.measured(started):
             rec.error(type(err).__name__, started, isinstance(err, TimeoutError))
@@ -136,11 +175,12 @@ async def _one(http: ConnectionPool, raw: bytes, started: float, rec: _Recorder)
             rec.error(NOT_COMPLETED, started, timed_out=True)
         raise
     ended = time.perf_counter()
-    if rec.counter is not None and status == 200:
+    ok = status == rec.ok_status
+    if rec.counter is not None and ok:
         rec.counter.value += 1  # progress display, warm-up included
     if not rec.measured(started):
         return
-    if status == 200:
+    if ok:
         rec.ok(started, ended)
     else:
         rec.refused(status, started, ended)
@@ -185,7 +225,7 @@ def callers_of(config: LoadConfig, process: int) -> range:
 
 
 async def _open_loop(
-    http: ConnectionPool,
+    http: Client,
     workload: Workload,
     config: LoadConfig,
     process: int,
@@ -225,7 +265,7 @@ async def _finish(tasks: set[asyncio.Task[None]], until: float) -> None:
 
 
 async def _closed_loop(
-    http: ConnectionPool, workload: Workload, callers: range, total: int, rec: _Recorder
+    http: Client, workload: Workload, callers: range, total: int, rec: _Recorder
 ) -> None:
     async def caller(index: int) -> None:
         while (started := time.perf_counter()) < rec.window_end:
@@ -248,7 +288,9 @@ async def _run_process(
     if config.concurrency is not None:
         callers = callers_of(config, process)
         limit = len(callers)
-    async with ConnectionPool(workload.url, max(limit, 1), config.timeout_s) as http:
+    http = _client(workload, max(limit, 1), config.timeout_s)
+    rec.ok_status, rec.timeout_status = http.ok_status, http.timeout_status
+    async with http:
         # uvloop's millisecond timers may wake early, and a closed-loop request sent before
         # `start` would fall outside a window without warm-up: sleep again for the rest.
         while (wait := start - time.perf_counter()) > 0:  # noqa: ASYNC110 - a clock deadline
@@ -258,6 +300,17 @@ async def _run_process(
         elif config.concurrency is not None and callers:
             await _closed_loop(http, workload, callers, config.concurrency, rec)
     return rec.result
+
+
+def _client(workload: Workload, limit: int, timeout_s: float) -> Client:
+    """The workload's client, holding at most `limit` requests in flight."""
+    if workload.protocol == "http":
+        return ConnectionPool(workload.url, limit, timeout_s)
+    # Imported here: HTTP runs never load grpc.
+    from batchserve.bench.grpc_client import StreamClient, UnaryClient, parse_target
+
+    kind = StreamClient if workload.protocol == "grpc-stream" else UnaryClient
+    return kind(parse_target(workload.url), workload.headers, limit, timeout_s)
 
 
 def _event_loop_run(coro: Any) -> Any:

@@ -21,7 +21,7 @@ from batchserve.bench.errors import BenchError
 from batchserve.bench.loadgen import LoadConfig, run_load
 from batchserve.bench.report import Report, summarize
 from batchserve.bench.transport import split_url
-from batchserve.bench.workload import Workload
+from batchserve.bench.workload import Protocol, Workload
 from batchserve.protocol import HEADER_LENGTH
 
 # Set by the client from the body and the URL; a --header for them would corrupt the request.
@@ -36,12 +36,32 @@ _RESERVED_HEADERS = {
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def check_url(url: str) -> None:
+def check_url(url: str, protocol: Protocol = "http") -> None:
     """A one-line error for a URL the load generator cannot drive."""
+    if protocol != "http":
+        from batchserve.bench.grpc_client import parse_target
+
+        parse_target(url)
+        return
     try:
         split_url(url)
     except ValueError as err:
         raise BenchError(str(err)) from None
+
+
+def choose_protocol(url: str, protocol: str | None, streaming: bool) -> Protocol:
+    """The protocol a run speaks: --protocol, else the URL's scheme (grpc:// and grpcs:// are
+    gRPC's); --streaming makes a gRPC run send on ModelStreamInfer streams."""
+    if protocol is None:
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        protocol = "grpc" if scheme in ("grpc", "grpcs") else "http"
+    if protocol not in ("http", "grpc"):
+        raise BenchError(f"--protocol is http or grpc, got {protocol!r}")
+    if not streaming:
+        return "http" if protocol == "http" else "grpc"
+    if protocol != "grpc":
+        raise BenchError("--streaming is gRPC's ModelStreamInfer: add --protocol grpc")
+    return "grpc-stream"
 
 
 def request_headers(pairs: Sequence[str] = (), api_key: str | None = None) -> dict[str, str]:
@@ -130,17 +150,41 @@ def server_counts(
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """The server a run measures: `base_url` is its HTTP base URL, or its gRPC address for
+    the gRPC protocols (where `headers` go as call metadata)."""
+
     base_url: str
     model: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    protocol: Protocol = "http"
+
+    def metadata(self, version: str | None = None) -> dict[str, Any]:
+        """The model's metadata, over the target's protocol: its inputs shape the workload."""
+        if self.protocol == "http":
+            return model_metadata(self.base_url, self.model, version, self.headers)
+        from batchserve.bench import grpc_client
+
+        target = grpc_client.parse_target(self.base_url)
+        pairs = grpc_client.call_metadata(self.headers)
+        return grpc_client.model_metadata(target, self.model, version, pairs)
+
+    def counts(self) -> tuple[int, int] | None:
+        """(rows, runs) so far, from the server's statistics, when it has them."""
+        if self.protocol == "http":
+            return server_counts(self.base_url, self.model, self.headers)
+        from batchserve.bench import grpc_client
+
+        target = grpc_client.parse_target(self.base_url)
+        pairs = grpc_client.call_metadata(self.headers)
+        return grpc_client.server_counts(target, self.model, pairs)
 
 
 def measure(target: Target, workload: Workload, config: LoadConfig) -> Report:
     """One run. The server's runs and mean batch rows come from its statistics before and
     after the run, so they include the warm-up (and any other client's traffic)."""
-    before = server_counts(target.base_url, target.model, target.headers)
+    before = target.counts()
     report = summarize(run_load(workload, config), config)
-    after = server_counts(target.base_url, target.model, target.headers)
+    after = target.counts()
     if before and after and after[1] > before[1]:
         rows, runs = after[0] - before[0], after[1] - before[1]
         report.server = {"runs": runs, "mean_batch_rows": rows / runs}
@@ -207,18 +251,20 @@ def curve_table(curve: list[Report], slo_p99_ms: float) -> str:
     return "\n".join(lines)
 
 
-def listening_url(stream: IO[str], timeout_s: float, what: str) -> str:
-    """The URL a starting server prints (`listening on http://...`) on `stream`, a pipe from it.
+def listening_url(stream: IO[str], timeout_s: float, what: str, scheme: str = "http") -> str:
+    """The URL a starting server prints (`listening on http://...`, or another `scheme`) on
+    `stream`, a pipe from it.
 
     A thread reads the pipe, and keeps reading it until the server exits: a blocking read
     here would wait past `timeout_s` for a server that prints nothing, and a pipe nobody reads
     fills up and blocks the server on its next log line, in the middle of a run."""
     found: queue.Queue[str | None] = queue.Queue()
+    listening = re.compile(rf"listening on ({re.escape(scheme)}://\S+)")
 
     def drain() -> None:
         try:
             for line in stream:
-                if match := _LISTENING.search(line):
+                if match := listening.search(line):
                     found.put(match.group(1))
         except (OSError, ValueError):
             pass  # the pipe was closed on this side: the server is being stopped
@@ -235,20 +281,20 @@ def listening_url(stream: IO[str], timeout_s: float, what: str) -> str:
     return url
 
 
-_LISTENING = re.compile(r"listening on (http://\S+)")
-
-
 @contextlib.contextmanager
-def noop_server(start_timeout_s: float = 60.0) -> Iterator[str]:
-    """Start the no-op V2 server in a subprocess; yields its base URL; stops it by PID."""
+def noop_server(start_timeout_s: float = 60.0, protocol: str = "http") -> Iterator[str]:
+    """Start the no-op V2 server (HTTP, or gRPC with `protocol="grpc"`) in a subprocess;
+    yields its base URL (grpc://HOST:PORT for gRPC); stops it by PID."""
+    grpc = ["--grpc"] if protocol == "grpc" else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "batchserve.bench.noop", "--port", "0"],
+        [sys.executable, "-m", "batchserve.bench.noop", "--port", "0", *grpc],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert process.stdout is not None
-        yield listening_url(process.stdout, start_timeout_s, "the no-op server")
+        scheme = "grpc" if grpc else "http"
+        yield listening_url(process.stdout, start_timeout_s, "the no-op server", scheme)
     finally:
         process.terminate()
         try:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from batchserve.bench.loadgen import LoadConfig, RawResult
+from batchserve.bench.loadgen import LoadConfig, RawResult, Status
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
@@ -96,7 +96,7 @@ def summarize(results: list[RawResult], config: LoadConfig) -> Report:
     up, the timed-out ones, so a backlog the server never cleared still shows."""
     latencies = _concatenate(r.latencies for r in results)
     timeouts = _concatenate(r.timeout_latencies for r in results)
-    statuses: Counter[int] = Counter()
+    statuses: Counter[Status] = Counter()
     exceptions: Counter[str] = Counter()
     for result in results:
         statuses.update(result.statuses)
@@ -117,7 +117,7 @@ def summarize(results: list[RawResult], config: LoadConfig) -> Report:
         ok=ok,
         achieved_rps=ok / elapsed if elapsed > 0 else 0.0,
         latency_ms=_percentiles(np.concatenate([latencies, timeouts])),
-        errors_by_status={str(k): v for k, v in sorted(statuses.items())},
+        errors_by_status={str(k): statuses[k] for k in sorted(statuses, key=str)},
         errors_by_exception=dict(sorted(exceptions.items())),
         delayed_by_cap=sum(r.delayed_by_cap for r in results),
         refused_latency_ms=_percentiles(_concatenate(r.refused_latencies for r in results)),

@@ -15,7 +15,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import cast
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -119,7 +119,7 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
-class _Slots:
+class Slots:
     """At most `limit` requests hold a connection; the rest wait in FIFO order. Deadlines
     arrive in order (a constant timeout after a monotonic schedule), so expiring from the head
     finds every overdue waiter."""
@@ -169,6 +169,9 @@ class ConnectionPool(Lifecycle):
     """Keep-alive connections to one host, at most `limit` open; LIFO reuse keeps them warm.
     https:// URLs use TLS with `ssl_context` (default: the system's trust store)."""
 
+    ok_status: Final = 200
+    timeout_status: Final = None  # a 504 is the server's answer; the pool's own is an error
+
     def __init__(
         self, url: str, limit: int, timeout_s: float, ssl_context: ssl.SSLContext | None = None
     ) -> None:
@@ -179,7 +182,7 @@ class ConnectionPool(Lifecycle):
         self._timeout_s = timeout_s
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
-        self._slots = _Slots(limit)
+        self._slots = Slots(limit)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -89,7 +89,9 @@ class Trial:
 def serving(model: str, name: str, candidate: Candidate) -> Iterator[str]:
     """A `batchserve serve` subprocess with the candidate's settings; stopped by PID."""
     command = [sys.executable, "-m", "batchserve", "serve", model, "--name", name]
-    command += ["--host", "127.0.0.1", "--port", "0", "--log-level", "info", *candidate.flags()]
+    # Measured over HTTP: no gRPC port, which could clash with a server already running.
+    command += ["--host", "127.0.0.1", "--port", "0", "--grpc-port", "off"]
+    command += ["--log-level", "info", *candidate.flags()]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stderr is not None

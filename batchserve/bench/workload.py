@@ -6,31 +6,39 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from batchserve.bench.transport import encode_post
-from batchserve.datatypes import V2_TO_NUMPY
+from batchserve.datatypes import V2_TO_NUMPY, v2_name
 from batchserve.protocol import HEADER_LENGTH, encode_request
+from batchserve.protocol.v2 import to_binary
+
+# HTTP/1.1 with V2 JSON (or binary) bodies; gRPC ModelInfer calls; gRPC ModelStreamInfer streams.
+Protocol = Literal["http", "grpc", "grpc-stream"]
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 
 
 @dataclass(frozen=True, slots=True)
 class Body:
     data: bytes
     headers: dict[str, str]
-    raw: bytes  # the whole HTTP request, ready to write
+    raw: bytes  # what is sent: the whole HTTP request, or the serialized ModelInferRequest
 
 
 @dataclass(frozen=True, slots=True)
 class Workload:
     """Pre-encoded request bodies, so encoding never costs during a run; `order` maps the
-    n-th request to a body (round-robin when empty)."""
+    n-th request to a body (round-robin when empty). `url` is the server's for gRPC (where
+    `headers` are every call's metadata), the infer endpoint's for HTTP."""
 
     url: str
     bodies: tuple[Body, ...]
     rows_per_request: int
     order: tuple[int, ...] = ()
+    protocol: Protocol = "http"
+    headers: tuple[tuple[str, str], ...] = ()
 
     def body(self, index: int) -> Body:
         if self.order:
@@ -52,14 +60,15 @@ def build_workload(
     unique_fraction: float = 0.0,
     unique_pool: int = 10_000,
     headers: Mapping[str, str] | None = None,
+    protocol: Protocol = "http",
 ) -> Workload:
     """Random inputs shaped by `metadata` (variable dims → `rows` for the first, 1 otherwise),
     or the arrays of `input_file` (.npy for a single input, .npz or JSON name → data).
 
     With `unique_fraction` > 0, that share of requests carries inputs seen nowhere else in the
     first `unique_pool` of them, and the rest repeat one of the `variants` bodies at random: a
-    cache's hit ratio is then about 1 - unique_fraction. `headers` go on every request."""
-    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    cache's hit ratio is then about 1 - unique_fraction. `headers` go on every request (gRPC:
+    as metadata, `base_url` then being the gRPC server's; gRPC tensors are always raw bytes)."""
     if input_file:
         samples = [load_inputs(input_file, metadata)]
     else:
@@ -76,11 +85,19 @@ def build_workload(
         draws, picks = rng.random(length), rng.integers(0, repeated, length)
         fresh = repeated + np.cumsum(draws < unique_fraction) % unique_pool
         order = tuple(np.where(draws < unique_fraction, fresh, picks).tolist())
-    url = base_url.rstrip("/") + path
-    extra = dict(headers or {})
-    bodies = tuple(_encode(url, sample, binary, extra) for sample in samples)
     first = next(iter(samples[0].values()))
-    return Workload(url, bodies, int(first.shape[0]) if first.ndim else 1, order)
+    rows_per_request = int(first.shape[0]) if first.ndim else 1
+    extra = dict(headers or {})
+    if protocol != "http":
+        from batchserve.bench.grpc_client import call_metadata
+
+        bodies = tuple(_encode_grpc(model, version, sample) for sample in samples)
+        pairs = call_metadata(extra)
+        return Workload(base_url, bodies, rows_per_request, order, protocol, pairs)
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    url = base_url.rstrip("/") + path
+    bodies = tuple(_encode(url, sample, binary, extra) for sample in samples)
+    return Workload(url, bodies, rows_per_request, order)
 
 
 def random_inputs(
@@ -126,3 +143,15 @@ def _encode(url: str, inputs: dict[str, np.ndarray], binary: bool, extra: dict[s
         headers["Content-Type"] = "application/octet-stream"
         headers[HEADER_LENGTH] = str(header_length)
     return Body(data, headers, encode_post(url, data, headers))
+
+
+def _encode_grpc(model: str, version: str | None, inputs: dict[str, np.ndarray]) -> Body:
+    """A serialized ModelInferRequest with raw tensor contents, asking for every output."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version or "")
+    for name, array in inputs.items():
+        request.inputs.add(name=name, datatype=v2_name(array.dtype), shape=array.shape)
+        request.raw_input_contents.append(to_binary(array))
+    data: bytes = request.SerializeToString()
+    return Body(data, {}, data)

@@ -17,7 +17,9 @@ import orjson
 
 log = logging.getLogger("batchserve.access")
 
-Entry = tuple[float, str, str | None, str, int, float, int, str, int, int]
+# (time, request id, trace id, model, status, seconds, batch rows, cache, bytes in, bytes out,
+# protocol): a gRPC call's status is the one HTTP gives the same outcome.
+Entry = tuple[float, str, str | None, str, int, float, int, str, int, int, str]
 
 
 def trace_id(traceparent: str | None) -> str | None:
@@ -67,14 +69,16 @@ class AccessLog:
     def flush(self) -> None:
         self._scheduled = False
         buffer, self._buffer = self._buffer, deque(maxlen=self._buffer.maxlen)
-        for ts, rid, trace, model, status, latency, rows, cache, bytes_in, bytes_out in buffer:
+        for entry in buffer:
+            ts, rid, trace, model, status, latency, rows, cache, received, sent, protocol = entry
             log.info(
                 orjson.dumps(
                     {
                         "ts": round(ts, 6), "request_id": rid, "trace_id": trace,
                         "model": model, "status": status, "latency_ms": round(latency * 1e3, 3),
                         "batch_rows": rows, "cache": cache,
-                        "request_bytes": bytes_in, "response_bytes": bytes_out,
+                        "request_bytes": received, "response_bytes": sent,
+                        "protocol": protocol,
                     }
                 ).decode()
             )  # fmt: skip

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from batchserve import __version__
 from batchserve.cache import CacheStatistics
-from batchserve.call import Call, Result
+from batchserve.call import Call, Result, remaining_s, request_timeout_s
 from batchserve.config import ServerConfig
 from batchserve.engine import Engine
 from batchserve.errors import (
@@ -45,6 +45,7 @@ from batchserve.protocol import (
     decode_request,
     encode_response,
 )
+from batchserve.protocol.triton import EXTENSIONS, model_config, statistics_entry
 from batchserve.repository import ModelRepository
 
 log = logging.getLogger("batchserve.http")
@@ -93,13 +94,32 @@ class ServerState:
 
     def authorize(self, request: web.Request) -> None:
         """Bearer-token check (constant-time) when an API key is configured."""
+        if self.api_key is not None:
+            self.check_credentials(request.headers.get("Authorization", ""))
+
+    def check_credentials(self, authorization: str) -> None:
+        """`authorization`: the value of an HTTP `Authorization` header or of gRPC
+        `authorization` metadata; Unauthorized unless it is `Bearer <the API key>`."""
         if self.api_key is None:
             return
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), self.api_key
         ):
             raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+
+    def admit(self, engine: Engine, timeout_s: float | None, waited_s: float) -> None:
+        """The refusals every front end makes before it reads a call's tensors, whatever its
+        protocol: the server is draining (503), the engine's queue cannot take the call or
+        meet its deadline, or the event loop runs late (429)."""
+        if not self.accepting:
+            raise NotReady("the server is shutting down")
+        engine.check_admission(timeout_s, waited_s)
+        if self.lag.overloaded:
+            self.lag_shed += 1
+            raise Overloaded(
+                f"server overloaded: its event loop runs {self.lag.lag_s * 1000:.0f} ms late"
+            )
 
 
 REPOSITORY = web.AppKey("repository", ModelRepository)
@@ -162,7 +182,7 @@ def _engine(request: web.Request) -> Engine:
 
 async def server_metadata(request: web.Request) -> web.Response:
     return json_response(
-        {"name": "batchserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+        {"name": "batchserve", "version": __version__, "extensions": list(EXTENSIONS)}
     )
 
 
@@ -220,17 +240,8 @@ class InferEndpoint:
         if state.api_key is not None:  # before the lookup: no probing names without a key
             state.authorize(request)
         engine = self._repository.get(match["name"], match.get("version"), request.headers)
-        if not state.accepting:
-            raise NotReady("the server is shutting down")
         # Shed before reading the body: a refusal must cost far less than an answer.
-        engine.check_admission(
-            state.timeout_s, state.lag.smoothed_s if waited_s is None else waited_s
-        )
-        if state.lag.overloaded:
-            state.lag_shed += 1
-            raise Overloaded(
-                f"server overloaded: its event loop runs {state.lag.lag_s * 1000:.0f} ms late"
-            )
+        state.admit(engine, state.timeout_s, state.lag.smoothed_s if waited_s is None else waited_s)
         length = request.content_length
         if length is not None and length > state.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds {state.max_body_bytes}")
@@ -261,10 +272,14 @@ class InferEndpoint:
             if engine.pipeline is None:  # every body is a V2 request: the hot path, inline
                 decoded = _decode(request, body, state)
                 parameters = decoded.parameters
-                timeout_s = _timeout(parameters, state.timeout_s) if parameters else state.timeout_s
+                timeout_s = (
+                    request_timeout_s(parameters, state.timeout_s)
+                    if parameters
+                    else state.timeout_s
+                )
                 call = Call(
                     decoded.inputs, decoded.outputs, cache=_cache_allowed(request, parameters),
-                    timeout_s=_remaining(timeout_s, waited),
+                    timeout_s=remaining_s(timeout_s, waited),
                     max_output_bytes=state.max_response_bytes,
                 )  # fmt: skip
             else:
@@ -310,7 +325,7 @@ def _log_access(
     rows, cache = (served.batch_rows, served.cache) if served is not None else (0, "off")
     state.access_log.record(
         (wall_clock(), request_id, trace_id(request.headers.get("traceparent")), model,
-         status, elapsed, rows, cache, received, sent)
+         status, elapsed, rows, cache, received, sent, "http")
     )  # fmt: skip
 
 
@@ -330,7 +345,7 @@ def _handler_model_call(
         call = Call(
             body=body, content_type=content_type, parameters=request.query,
             headers=request.headers, cache=_cache_allowed(request, None),
-            timeout_s=_remaining(state.timeout_s, waited_s),
+            timeout_s=remaining_s(state.timeout_s, waited_s),
             max_output_bytes=state.max_response_bytes,
         )  # fmt: skip
         return call, None
@@ -339,9 +354,7 @@ def _handler_model_call(
     call = Call(
         decoded.inputs, decoded.outputs, parameters=parameters, headers=request.headers,
         cache=_cache_allowed(request, parameters),
-        timeout_s=_remaining(
-            _timeout(parameters, state.timeout_s) if parameters else state.timeout_s, waited_s
-        ),
+        timeout_s=remaining_s(request_timeout_s(parameters, state.timeout_s), waited_s),
         max_output_bytes=state.max_response_bytes,
     )  # fmt: skip
     return call, decoded
@@ -374,18 +387,6 @@ async def _read_slow_body(request: web.Request, timeout_s: float) -> bytes:
         raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
 
 
-def _timeout(parameters: dict[str, Any] | None, default: float | None) -> float | None:
-    """The request's deadline in seconds: V2 `parameters.timeout` (microseconds, as Triton
-    reads it), never longer than the server's default."""
-    requested = parameters.get("timeout") if parameters else None
-    if requested is None:
-        return default
-    if type(requested) is not int or requested <= 0:
-        raise InvalidInput("parameters.timeout must be a positive integer (microseconds)")
-    seconds = requested / 1e6
-    return seconds if default is None else min(seconds, default)
-
-
 def _waited(request: web.Request, lag: LoopLag) -> float:
     """How long ago the client sent the request, as far as the server can tell: since its
     first bytes were read (the wait behind the loop's backlog), plus the loop's smoothed lag
@@ -396,12 +397,6 @@ def _waited(request: web.Request, lag: LoopLag) -> float:
         return lag.smoothed_s
     setattr(protocol, "arrived_at", 0.0)  # noqa: B010 (taken: the next request is timed afresh)
     return max(0.0, time.monotonic() - arrived) + lag.smoothed_s
-
-
-def _remaining(timeout_s: float | None, waited_s: float) -> float | None:
-    """What is left of a deadline after the wait before the handler ran (at least 1 ms, so a
-    request the queue cannot serve at once is refused or cut off rather than never tried)."""
-    return None if timeout_s is None else max(timeout_s - waited_s, 0.001)
 
 
 def _cache_allowed(request: web.Request, parameters: dict[str, Any] | None) -> bool:
@@ -434,36 +429,59 @@ def _header_length(request: web.Request) -> int | None:
         raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
 
 
-async def model_statistics(request: web.Request) -> web.Response:
+async def model_configuration(request: web.Request) -> web.Response:
+    """`.../config`: Triton's model configuration, which Triton's tools read first."""
     engine = _engine(request)
+    versions = request.app[REPOSITORY].versions(engine.name)
+    return json_response(model_config(engine, versions=versions))
+
+
+async def model_statistics(request: web.Request) -> web.Response:
+    """`.../stats`: one entry for the named version; without one, for every version served,
+    the latest first (the one requests naming no version go to, unless traffic is split)."""
+    match = request.match_info
+    name, version = match["name"], match.get("version")
+    repository = request.app[REPOSITORY]
+    if version is None:
+        versions = repository.versions(name)[::-1]
+        engines = [repository.get(name, v) for v in versions] or [repository.get(name)]
+    else:
+        engines = [repository.get(name, version)]
+    return json_response({"model_stats": [_statistics(engine) for engine in engines]})
+
+
+async def all_model_statistics(request: web.Request) -> web.Response:
+    """`GET /v2/models/stats`: every loaded model version."""
+    entries = []
+    for engine in request.app[REPOSITORY]:
+        try:
+            entries.append(_statistics(engine))
+        except NotReady:  # loading, or closing: Triton too lists loaded versions only
+            continue
+    return json_response({"model_stats": entries})
+
+
+def _statistics(engine: Engine) -> dict[str, Any]:
+    """Triton's statistics of one version (what perf_analyzer and tritonclient read), with
+    batchserve's own counters beside them."""
     stats = engine.statistics()
     batcher = stats.batcher
-    return json_response(
-        {
-            "model_stats": [
-                {
-                    "name": engine.name,
-                    "version": engine.version,
-                    "inference_count": batcher.rows,
-                    "request_count": batcher.requests,
-                    "execution_count": batcher.batches,
-                    "rejected_count": batcher.rejected,
-                    "cancelled_count": batcher.cancelled,
-                    "failed_count": batcher.failed,
-                    "queued_rows": batcher.queued_rows,
-                    "queue_wait_ns": int(batcher.queue_wait_s * 1e9),
-                    "mean_batch_rows": batcher.rows / batcher.batches if batcher.batches else 0.0,
-                    "batch_stats": [
-                        {"batch_size": size, "execution_count": count}
-                        for size, count in sorted(batcher.batch_sizes.items())
-                    ],
-                    "sessions": stats.pool.instances,
-                    "load_seconds": stats.load_seconds,
-                    "cache": _cache_statistics(stats.cache),
-                }
-            ]
-        }
+    entry = statistics_entry(engine.name, engine.version, stats)
+    for runs in entry["batch_stats"]:
+        runs["execution_count"] = runs["compute_infer"]["count"]
+    entry.update(
+        request_count=batcher.requests,
+        rejected_count=batcher.rejected,
+        cancelled_count=batcher.cancelled,
+        failed_count=batcher.failed,
+        queued_rows=batcher.queued_rows,
+        queue_wait_ns=int(batcher.queue_wait_s * 1e9),
+        mean_batch_rows=batcher.rows / batcher.batches if batcher.batches else 0.0,
+        sessions=stats.pool.instances,
+        load_seconds=stats.load_seconds,
+        cache=_cache_statistics(stats.cache),
     )
+    return entry
 
 
 def _cache_statistics(cache: CacheStatistics | None) -> dict[str, Any] | None:
@@ -560,9 +578,12 @@ def add_routes(app: web.Application) -> None:
     get("/v2/health/live", guarded(live, protected=False))
     get("/v2/health/ready", guarded(ready, protected=False))
     get("/metrics", guarded(metrics, protected=not app[STATE].metrics_public))
+    # Before the model routes, which would take `stats` for a model's name.
+    get("/v2/models/stats", guarded(all_model_statistics))
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         get(prefix, guarded(model_metadata))
         get(prefix + "/ready", guarded(model_ready))
+        get(prefix + "/config", guarded(model_configuration))
         get(prefix + "/stats", guarded(model_statistics))
         app.router.add_post(prefix + "/infer", infer, expect_handler=infer_expect)
     post = functools.partial(app.router.add_post, expect_handler=body_expect)

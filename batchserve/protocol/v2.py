@@ -118,7 +118,7 @@ def _decode_inputs(
         if type(spec) is not dict:
             raise InvalidInput("each input must be an object")
         name, shape, dtype = _tensor_header(spec)
-        _check_size(name, shape, dtype, limits)
+        check_size(name, shape, dtype, limits)
         if name in arrays:
             raise InvalidInput(f"input {name!r} appears twice")
         size = _binary_size(name, spec["parameters"]) if "parameters" in spec else None
@@ -130,7 +130,7 @@ def _decode_inputs(
                     f"input {name!r} declares binary_data_size {size} but only "
                     f"{len(blob) - offset} binary bytes remain"
                 )
-            arrays[name] = _from_binary(name, blob[offset : offset + size], shape, dtype, raw_bytes)
+            arrays[name] = from_binary(name, blob[offset : offset + size], shape, dtype, raw_bytes)
             offset += size
     if offset != len(blob):
         raise InvalidInput(f"{len(blob) - offset} bytes of binary data follow the last tensor")
@@ -160,7 +160,9 @@ def _tensor_header(spec: Mapping[str, Any]) -> tuple[str, list[int], np.dtype[An
 _MAX_NBYTES: Final = (1 << 63) - 1
 
 
-def _check_size(name: str, shape: list[int], dtype: np.dtype[Any], limits: DecodeLimits) -> None:
+def check_size(name: str, shape: list[int], dtype: np.dtype[Any], limits: DecodeLimits) -> None:
+    """Refuse a tensor's declared shape past `limits`, before anything is built (shared by
+    every codec of the protocol: HTTP's JSON and binary tensors, gRPC's)."""
     if len(shape) > limits.max_rank:
         raise InvalidInput(
             f"input {name!r} has {len(shape)} dimensions; the limit is {limits.max_rank}"
@@ -296,13 +298,15 @@ def _flatten(data: list[Any], out: list[Any]) -> None:
             stack.pop()
 
 
-def _from_binary(
+def from_binary(
     name: str,
     raw: bytes | memoryview,
     shape: list[int],
     dtype: np.dtype[Any],
     raw_bytes: bool = False,
 ) -> np.ndarray:
+    """A tensor from its binary form (see `to_binary`), without a copy where numpy allows;
+    `raw_bytes`: BYTES elements stay bytes instead of being read as UTF-8 text."""
     count = prod(shape)
     if dtype.kind == "O":
         return _bytes_elements(name, raw, count, raw_bytes).reshape(shape)
@@ -424,7 +428,7 @@ def encode_response(
             "shape": list(array.shape),
         }
         if binary is not None and (not binary or name in binary):
-            blob = _to_binary(array) if budget is None else budget.binary(array)
+            blob = to_binary(array) if budget is None else budget.binary(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -472,7 +476,7 @@ class _Budget:
         text = array.dtype.kind in "OSU"
         if not text:
             self.spend(array.nbytes)
-        blob = _to_binary(array)
+        blob = to_binary(array)
         if text:
             self.spend(len(blob))
         return blob
@@ -554,7 +558,9 @@ def _to_json(array: np.ndarray) -> Any:
     return np.ascontiguousarray(array).reshape(-1)
 
 
-def _to_binary(array: np.ndarray) -> bytes:
+def to_binary(array: np.ndarray) -> bytes:
+    """A tensor's bytes as the binary extension and gRPC's raw contents carry them: little
+    endian, BYTES elements each after its 4-byte little-endian length."""
     if array.dtype.kind in "OSU":
         parts = []
         for value in array.flat:
@@ -583,7 +589,7 @@ def encode_request(
             "datatype": v2_name(array.dtype),
         }
         if binary:
-            blob = _to_binary(array)
+            blob = to_binary(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

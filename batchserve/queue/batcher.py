@@ -84,6 +84,14 @@ class BatcherStatistics:
     retry_runs: int = 0  # extra runs that isolated the request(s) that failed a merged run
     queue_wait_s: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    # Requests a finished run answered, the time they waited for that run's dispatch, and the
+    # run's time counted once for each of them: Triton's per-request statistics, kept per run.
+    answered: int = 0
+    answered_wait_s: float = 0.0
+    answered_run_s: float = 0.0
+    # Finished runs (failed ones and reruns included) by rows: (runs, seconds).
+    run_stats: dict[int, tuple[int, float]] = field(default_factory=dict)
+    since_last_run_s: float | None = None  # since the last run finished; None before any
     queue_wait: HistogramSnapshot | None = None
     run_time: HistogramSnapshot | None = None
     batch_rows_histogram: HistogramSnapshot | None = None
@@ -130,6 +138,7 @@ class Batcher(Lifecycle):
         self._queue_wait = Histogram(LATENCY_BUCKETS)
         self._run_time = Histogram(LATENCY_BUCKETS)
         self._batch_rows = Histogram(BATCH_BUCKETS)
+        self._last_run_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pump_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -417,8 +426,10 @@ class Batcher(Lifecycle):
         self, batch: list[Pending], rows: int, started: float, result: RunOutputs | BaseException
     ) -> None:
         self._stats.in_flight_batches -= 1
-        elapsed = self._clock.now() - started
+        now = self._clock.now()
+        elapsed = now - started
         self._run_time.observe(elapsed)
+        self._count_run(rows, elapsed, now)
         if isinstance(result, BaseException):
             self._failed(batch, result)
         else:
@@ -426,11 +437,23 @@ class Batcher(Lifecycle):
                 self._measure(rows, elapsed)
             if len(batch) == 1:
                 _resolve(batch[0].future, result)
-            else:
-                self._split(batch, rows, result)
+                self._count_answered(batch, started, elapsed)
+            elif self._split(batch, rows, result):
+                self._count_answered(batch, started, elapsed)
         self._check_idle()
         if self._stats.queued_rows or self._retries:
             self._schedule()
+
+    def _count_run(self, rows: int, elapsed: float, now: float) -> None:
+        runs, seconds = self._stats.run_stats.get(rows, (0, 0.0))
+        self._stats.run_stats[rows] = (runs + 1, seconds + elapsed)
+        self._last_run_at = now
+
+    def _count_answered(self, batch: list[Pending], started: float, elapsed: float) -> None:
+        stats, count = self._stats, len(batch)
+        stats.answered += count
+        stats.answered_run_s += elapsed * count
+        stats.answered_wait_s += sum([started - item.enqueued_at for item in batch])
 
     def _measure(self, rows: int, elapsed: float) -> None:
         self._rates.append(rows / elapsed)
@@ -451,16 +474,19 @@ class Batcher(Lifecycle):
             return
         self._fail(batch, InferenceFailed(f"inference failed: {_describe(error)}"))
 
-    def _split(self, batch: list[Pending], rows: int, outputs: RunOutputs) -> None:
+    def _split(self, batch: list[Pending], rows: int, outputs: RunOutputs) -> bool:
+        """Each request's rows of the outputs; False (the batch failed) when they do not
+        follow the batch dimension."""
         bad = [o.shape for o in outputs if not o.shape or o.shape[0] != rows]
         if bad:
             self._fail(batch, InferenceFailed(f"model returned shapes {bad} for {rows} rows"))
-            return
+            return False
         offset = 0
         for item in batch:
             end = offset + item.rows
             _resolve(item.future, [o[offset:end] for o in outputs])
             offset = end
+        return True
 
     def _fail(self, batch: list[Pending], error: BaseException) -> None:
         self._stats.failed += len(batch)
@@ -511,6 +537,10 @@ class Batcher(Lifecycle):
             self._stats,
             shape_groups=len(self._groups),
             batch_sizes=dict(self._stats.batch_sizes),
+            run_stats=dict(self._stats.run_stats),
+            since_last_run_s=(
+                None if self._last_run_at is None else self._clock.now() - self._last_run_at
+            ),
             queue_wait=self._queue_wait.snapshot(),
             run_time=self._run_time.snapshot(),
             batch_rows_histogram=self._batch_rows.snapshot(),
