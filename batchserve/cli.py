@@ -56,15 +56,7 @@ def _add_bench(commands: Any) -> None:
         help="open loop: most requests in flight (later ones wait, and it counts)",
     )
     bench.add_argument("--processes", type=int, default=1, help="load generator processes")
-    bench.add_argument("--binary", action="store_true", help="binary tensor extension")
-    bench.add_argument(
-        "--protocol", choices=["http", "grpc"],
-        help="http, or grpc (ModelInfer, raw tensors); default: from the URL's scheme",
-    )  # fmt: skip
-    bench.add_argument(
-        "--streaming", action="store_true",
-        help="gRPC: requests on ModelStreamInfer streams, one at a time on each",
-    )  # fmt: skip
+    _add_protocol(bench)
     bench.add_argument("--rows", type=int, default=1, help="rows per request (batch dim)")
     bench.add_argument("--input", help=".npy, .npz or JSON file with the inputs to send")
     bench.add_argument(
@@ -93,6 +85,18 @@ def _add_bench(commands: Any) -> None:
         action="store_true",
         help="measure the load generator's own ceiling on a built-in no-op server",
     )
+
+
+def _add_protocol(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("--binary", action="store_true", help="binary tensor extension")
+    bench.add_argument(
+        "--protocol", choices=["http", "grpc"],
+        help="http, or grpc (ModelInfer, raw tensors); default: from the URL's scheme",
+    )  # fmt: skip
+    bench.add_argument(
+        "--streaming", action="store_true",
+        help="gRPC: requests on ModelStreamInfer streams, one at a time on each",
+    )  # fmt: skip
 
 
 def _add_sweep(bench: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from batchserve.bench.measure import (
     sweep,
 )
 from batchserve.bench.report import Report
-from batchserve.bench.workload import build_workload
+from batchserve.bench.workload import Workload, build_workload
 
 
 def _config(args: argparse.Namespace, **load: Any) -> LoadConfig:
@@ -65,28 +65,7 @@ def run_bench(args: argparse.Namespace, url: str, model: str | None) -> int:
         "rows": args.rows,
     }
     if args.sweep:
-        base = _config(args, rate=args.start_rate)
-
-        def run(rate: float) -> Report:
-            report = measure(target, workload, at_rate(base, rate))
-            print(report.text(), flush=True)
-            return report
-
-        curve, best = sweep(run, args.slo_p99_ms, args.start_rate, args.max_rate, args.bisect_steps)
-        print(f"\nlatency-throughput curve (SLO p99 < {args.slo_p99_ms:g} ms):")
-        print(curve_table(curve, args.slo_p99_ms))
-        if best is None:
-            print(f"no rate from {args.start_rate:g} req/s held p99 < {args.slo_p99_ms:g} ms")
-        else:
-            print(
-                f"\nhighest rate under the SLO: {best.target_rate:,.0f} req/s "
-                f"(achieved {best.achieved_rps:,.0f}, p99 {best.p99_ms:.2f} ms)"
-            )
-        output.update(
-            slo_p99_ms=args.slo_p99_ms,
-            curve=[r.as_dict() for r in curve],
-            best=best.as_dict() if best else None,
-        )
+        output.update(_run_sweep(args, target, workload))
     else:
         if args.rate is not None:
             config = _config(args, rate=args.rate)
@@ -99,3 +78,29 @@ def run_bench(args: argparse.Namespace, url: str, model: str | None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(output, indent=1))
     return 0
+
+
+def _run_sweep(args: argparse.Namespace, target: Target, workload: Workload) -> dict[str, Any]:
+    """Open-loop rates stepped up, then bisected, to the highest one under the p99 SLO."""
+    base = _config(args, rate=args.start_rate)
+
+    def run(rate: float) -> Report:
+        report = measure(target, workload, at_rate(base, rate))
+        print(report.text(), flush=True)
+        return report
+
+    curve, best = sweep(run, args.slo_p99_ms, args.start_rate, args.max_rate, args.bisect_steps)
+    print(f"\nlatency-throughput curve (SLO p99 < {args.slo_p99_ms:g} ms):")
+    print(curve_table(curve, args.slo_p99_ms))
+    if best is None:
+        print(f"no rate from {args.start_rate:g} req/s held p99 < {args.slo_p99_ms:g} ms")
+    else:
+        print(
+            f"\nhighest rate under the SLO: {best.target_rate:,.0f} req/s "
+            f"(achieved {best.achieved_rps:,.0f}, p99 {best.p99_ms:.2f} ms)"
+        )
+    return {
+        "slo_p99_ms": args.slo_p99_ms,
+        "curve": [r.as_dict() for r in curve],
+        "best": best.as_dict() if best else None,
+    }
