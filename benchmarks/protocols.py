@@ -110,7 +110,7 @@ def main() -> int:
     medians = [{"mode": m, **{k: statistics.median(r[k] for r in rounds if r["mode"] == m)
                               for k in ("rps", "p50_ms", "p99_ms")}} for m in MODES]  # fmt: skip
     print("| load generator, mode | req/s | p50 ms | p99 ms |\n|---|---:|---:|---:|")
-    for row in [*({"mode": f"batchserve bench {r['mode']}", **r} for r in medians), *analyzed]:
+    for row in [*({**r, "mode": f"batchserve bench {r['mode']}"} for r in medians), *analyzed]:
         p50, p99 = row["p50_ms"], row["p99_ms"]
         print(f"| {row['mode']} | {row['rps']:,.0f} | {p50 if p50 is None else f'{p50:.2f}'} "
               f"| {p99 if p99 is None else f'{p99:.2f}'} |")  # fmt: skip
