@@ -30,7 +30,7 @@ from batchserve.examples import write_example
 
 def start(model: Path) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, "-m", "batchserve", "serve", str(model), "--name", "mlp"]
-    command += ["--host", "127.0.0.1", "--port", "0"]
+    command += ["--host", "127.0.0.1", "--port", "0", "--grpc-port", "0"]
     print("$", " ".join(["batchserve", *command[3:]]))
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
