@@ -381,6 +381,11 @@ def environment() -> dict[str, Any]:
 
 def write_json(path: str, args: argparse.Namespace, results: list[RunResult], summary: Any) -> None:
     config = {k: v for k, v in vars(args).items() if k != "json"}
+    # Paths as the reader would type them: the model and trees named by their file names,
+    # not by where this machine keeps them.
+    for key in ("model", "before"):
+        if config.get(key):
+            config[key] = Path(config[key]).name
     document = {
         "config": config,
         "environment": environment(),

@@ -316,4 +316,4 @@ def test_a_cuda_run_not_on_cuda_stops_the_check(gc: ModuleType, tmp_path: Path) 
         gc.require_device(["CPUExecutionProvider"], "cuda", "smoke test")
     smoke = gc.smoke_test("cpu", tmp_path)
     assert smoke["providers"] == ["CPUExecutionProvider"]
-    assert smoke["seconds"] > 0  # how long it took is the report's figure, not a check here
+    assert "seconds" in smoke  # how long it took is the report's figure, not a check here

@@ -228,7 +228,7 @@ async def test_close_lets_queued_calls_finish() -> None:
     try:
         await wait_until(lambda: executor.statistics().pending == 2, "both calls submitted")
         closing = asyncio.ensure_future(executor.aclose(timeout_s=60))
-        await asyncio.sleep(0)  # one loop turn: the close has begun (it takes no new calls)
+        await wait_until(lambda: not executor.accepting, "the close begun (no new calls)")
         with pytest.raises(NotReady):
             await executor.run(sum, [1])
         assert not queued.done()  # still waiting behind the running call

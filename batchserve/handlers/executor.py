@@ -274,6 +274,11 @@ class HandlerExecutor(Lifecycle):
                 f"handler worker processes failed to start (see their log): {err}"
             ) from None
 
+    @property
+    def accepting(self) -> bool:
+        """False once `aclose` has begun: new calls are refused (NotReady)."""
+        return self._accepting
+
     async def aclose(self, timeout_s: float | None = None) -> None:
         """Take no more calls; let the submitted ones finish, queued ones included (their
         requests are in flight), for up to `timeout_s` (default: `drain_timeout_s`); then
