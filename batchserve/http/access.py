@@ -15,6 +15,8 @@ from collections import deque
 
 import orjson
 
+from batchserve.call import Result
+
 log = logging.getLogger("batchserve.access")
 
 # (time, request id, trace id, model, status, seconds, batch rows, cache, bytes in, bytes out,
@@ -57,6 +59,24 @@ class AccessLog:
         self._buffer: deque[Entry] = deque(maxlen=max_buffered)
         self._scheduled = False
         self._dropped = 0
+
+    def record_call(
+        self,
+        request_id: str,
+        traceparent: str | None,
+        model: str,
+        status: int,
+        elapsed: float,
+        served: Result | None,
+        received: int,
+        sent: int,
+        protocol: str,
+    ) -> None:
+        """One answered call, from any front end. A call that failed still says how far it got
+        (a cache miss, the batch that failed)."""
+        rows, cache = (served.batch_rows, served.cache) if served is not None else (0, "off")
+        self.record((wall_clock(), request_id, trace_id(traceparent), model, status, elapsed,
+                     rows, cache, received, sent, protocol))  # fmt: skip
 
     def record(self, entry: Entry) -> None:
         if len(self._buffer) == self._buffer.maxlen:

@@ -29,7 +29,7 @@ from batchserve.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from batchserve.http.access import AccessLog, RequestIds, trace_id, wall_clock
+from batchserve.http.access import AccessLog, RequestIds
 from batchserve.http.bodies import (
     UnsupportedContentEncoding,
     check_content_encoding,
@@ -305,28 +305,11 @@ class InferEndpoint:
         request_id = request.headers.get("X-Request-ID") or state.request_ids.next()
         response.headers["X-Request-ID"] = request_id
         if state.access_log.enabled:
-            _log_access(state, request, request_id, model, response.status, elapsed, served,
-                        received, sent)  # fmt: skip
+            state.access_log.record_call(
+                request_id, request.headers.get("traceparent"), model, response.status,
+                elapsed, served, received, sent, "http",
+            )  # fmt: skip
         return response
-
-
-def _log_access(
-    state: ServerState,
-    request: web.Request,
-    request_id: str,
-    model: str,
-    status: int,
-    elapsed: float,
-    served: Result | None,
-    received: int,
-    sent: int,
-) -> None:
-    # A call that failed still says how far it got (a cache miss, the batch that failed).
-    rows, cache = (served.batch_rows, served.cache) if served is not None else (0, "off")
-    state.access_log.record(
-        (wall_clock(), request_id, trace_id(request.headers.get("traceparent")), model,
-         status, elapsed, rows, cache, received, sent, "http")
-    )  # fmt: skip
 
 
 def _cancelled_by_caller() -> bool:

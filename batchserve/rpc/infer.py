@@ -17,7 +17,6 @@ from multidict import CIMultiDict
 from batchserve.call import Call, Result, remaining_s, request_timeout_s
 from batchserve.engine import Engine
 from batchserve.http import ServerState
-from batchserve.http.access import trace_id, wall_clock
 from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.repository import ModelRepository
 from batchserve.rpc.convert import decode_inputs, infer_response, parameters, requested_outputs
@@ -127,9 +126,7 @@ class InferCalls:
         state = self._state
         if state.access_log.enabled:
             request_id = request.id or metadata.get("x-request-id") or state.request_ids.next()
-            # A call that failed still says how far it got (a cache miss, the batch that failed).
-            rows, cache = (served.batch_rows, served.cache) if served is not None else (0, "off")
-            state.access_log.record(
-                (wall_clock(), request_id, trace_id(metadata.get("traceparent")), model,
-                 status, elapsed, rows, cache, received, sent, "grpc")
+            state.access_log.record_call(
+                request_id, metadata.get("traceparent"), model, status, elapsed, served,
+                received, sent, "grpc",
             )  # fmt: skip
