@@ -17,8 +17,10 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig, ServerConfig
 from batchserve.engine import Engine
+from batchserve.front import ServerState
+from batchserve.front.stats import RequestStatistics
 from batchserve.handlers.config import ExecutorKind, HandlerConfig
-from batchserve.http import METRICS, REPOSITORY, STATE, ServerState, add_routes
+from batchserve.http import METRICS, REPOSITORY, STATE, add_routes
 from batchserve.http.connections import (
     ConnectionCollector,
     ConnectionGuard,
@@ -27,7 +29,6 @@ from batchserve.http.connections import (
     default_max_connections,
     drain_listeners,
 )
-from batchserve.http.stats import RequestStatistics
 from batchserve.lifecycle import Lifecycle
 from batchserve.metrics import BatchserveCollector, build_registry
 from batchserve.repository import EngineFactory, ModelConfig, ModelRepository

@@ -43,3 +43,12 @@ def test_the_package_root_still_exports_the_engine() -> None:
     assert set(batchserve.__all__) <= set(dir(batchserve))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = batchserve.Nope  # type: ignore[attr-defined]
+
+
+def test_the_grpc_front_end_reads_nothing_of_the_http_one() -> None:
+    # What both front ends share lives below them (batchserve.front), so neither imports the other.
+    _run(
+        "import batchserve.rpc.server, sys; "
+        "assert not [m for m in sys.modules if m.startswith('batchserve.http')], "
+        "[m for m in sys.modules if m.startswith('batchserve.http')]"
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import time
 from dataclasses import asdict
@@ -18,29 +17,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from batchserve import __version__
 from batchserve.cache import CacheStatistics
 from batchserve.call import Call, Result, remaining_s, request_timeout_s
-from batchserve.config import ServerConfig
 from batchserve.engine import Engine
 from batchserve.errors import (
     BatchserveError,
     BodyTimeout,
     InvalidInput,
     NotReady,
-    Overloaded,
     PayloadTooLarge,
-    Unauthorized,
 )
-from batchserve.http.access import AccessLog, RequestIds
+from batchserve.front import ServerState
+from batchserve.front.lag import LoopLag
+from batchserve.front.stats import UNKNOWN_MODEL
 from batchserve.http.bodies import (
     UnsupportedContentEncoding,
     check_content_encoding,
     client_error,
     expect_handler,
 )
-from batchserve.http.lag import LoopLag
-from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.protocol import (
     HEADER_LENGTH,
-    DecodeLimits,
     InferRequest,
     decode_request,
     encode_response,
@@ -51,75 +46,10 @@ from batchserve.repository import ModelRepository
 log = logging.getLogger("batchserve.http")
 
 
-class ServerState:
-    """Whether the front door is open (turned false first when the server drains), the
-    per-model request statistics, and the request policies (API key, default deadline)."""
-
-    __slots__ = (
-        "accepting",
-        "access_log",
-        "api_key",
-        "body_timeout_s",
-        "lag",
-        "lag_shed",
-        "limits",
-        "max_body_bytes",
-        "max_json_bytes",
-        "max_response_bytes",
-        "metrics_public",
-        "request_ids",
-        "requests",
-        "timeout_s",
-    )  # fmt: skip
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.accepting = False
-        self.max_response_bytes = config.max_response_bytes  # 413 for a larger answer
-        # JSON costs ~14x its size in memory and holds the loop while it is parsed: big
-        # tensors belong in the binary extension, whose decode is zero-copy.
-        self.max_json_bytes = config.max_json_bytes
-        timeout_s = config.request_timeout_s
-        # Measured whenever there is a deadline: the wait before a handler runs counts in it.
-        self.lag = LoopLag(config.max_loop_lag_ms / 1000.0, measure=timeout_s is not None)
-        self.lag_shed = 0  # requests refused because the event loop ran late
-        self.limits = DecodeLimits(config.max_inputs, config.max_tensor_elements)
-        self.body_timeout_s = config.body_timeout_s
-        self.max_body_bytes = config.max_body_bytes
-        self.requests = RequestStatistics()
-        self.access_log = AccessLog(config.access_log)
-        self.request_ids = RequestIds()
-        self.api_key = config.api_key.encode() if config.api_key else None
-        self.timeout_s = timeout_s  # server default deadline per request, None = no deadline
-        self.metrics_public = config.metrics_public
-
-    def authorize(self, request: web.Request) -> None:
-        """Bearer-token check (constant-time) when an API key is configured."""
-        if self.api_key is not None:
-            self.check_credentials(request.headers.get("Authorization", ""))
-
-    def check_credentials(self, authorization: str) -> None:
-        """`authorization`: the value of an HTTP `Authorization` header or of gRPC
-        `authorization` metadata; Unauthorized unless it is `Bearer <the API key>`."""
-        if self.api_key is None:
-            return
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key
-        ):
-            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
-
-    def admit(self, engine: Engine, timeout_s: float | None, waited_s: float) -> None:
-        """The refusals every front end makes before it reads a call's tensors, whatever its
-        protocol: the server is draining (503), the engine's queue cannot take the call or
-        meet its deadline, or the event loop runs late (429)."""
-        if not self.accepting:
-            raise NotReady("the server is shutting down")
-        engine.check_admission(timeout_s, waited_s)
-        if self.lag.overloaded:
-            self.lag_shed += 1
-            raise Overloaded(
-                f"server overloaded: its event loop runs {self.lag.lag_s * 1000:.0f} ms late"
-            )
+def authorize(state: ServerState, request: web.Request) -> None:
+    """Bearer-token check (constant-time) when an API key is configured."""
+    if state.api_key is not None:
+        state.check_credentials(request.headers.get("Authorization", ""))
 
 
 REPOSITORY = web.AppKey("repository", ModelRepository)
@@ -165,7 +95,7 @@ def guarded(handler: Handler, *, protected: bool = True) -> Handler:
     async def wrapper(request: web.Request) -> web.StreamResponse:
         try:
             if protected:
-                request.app[STATE].authorize(request)
+                authorize(request.app[STATE], request)
             check_content_encoding(request.headers)
             return await handler(request)
         except Exception as err:
@@ -238,7 +168,7 @@ class InferEndpoint:
         state = self._state
         match = request.match_info
         if state.api_key is not None:  # before the lookup: no probing names without a key
-            state.authorize(request)
+            authorize(state, request)
         engine = self._repository.get(match["name"], match.get("version"), request.headers)
         # Shed before reading the body: a refusal must cost far less than an answer.
         state.admit(engine, state.timeout_s, state.lag.smoothed_s if waited_s is None else waited_s)
@@ -542,7 +472,7 @@ _CATCH_ALL = "/{tail}"
 
 def _body_precheck(request: web.Request) -> None:
     state = request.app[STATE]
-    state.authorize(request)
+    authorize(state, request)
     length = request.content_length
     if length is not None and length > state.max_body_bytes:
         raise PayloadTooLarge(f"request body of {length} bytes exceeds {state.max_body_bytes}")

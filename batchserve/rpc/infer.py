@@ -16,8 +16,8 @@ from multidict import CIMultiDict
 
 from batchserve.call import Call, Result, remaining_s, request_timeout_s
 from batchserve.engine import Engine
-from batchserve.http import ServerState
-from batchserve.http.stats import UNKNOWN_MODEL, RequestStatistics
+from batchserve.front import ServerState
+from batchserve.front.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.repository import ModelRepository
 from batchserve.rpc.convert import decode_inputs, infer_response, parameters, requested_outputs
 from batchserve.rpc.errors import Refusal, refusal

@@ -16,8 +16,8 @@ from grpc_health.v1.health import aio as health_aio
 from tritonclient.grpc import service_pb2_grpc
 
 from batchserve.config import ServerConfig
-from batchserve.http import ServerState
-from batchserve.http.stats import RequestStatistics
+from batchserve.front import ServerState
+from batchserve.front.stats import RequestStatistics
 from batchserve.lifecycle import Lifecycle
 from batchserve.repository import ModelRepository
 from batchserve.rpc.errors import Code

@@ -16,8 +16,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from batchserve import __version__
 from batchserve.engine import Engine
-from batchserve.http import ServerState
-from batchserve.http.stats import RequestStatistics
+from batchserve.front import ServerState
+from batchserve.front.stats import RequestStatistics
 from batchserve.protocol import triton
 from batchserve.repository import ModelRepository
 from batchserve.rpc.convert import tensor_metadata
