@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,11 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def echo(path: Path) -> Path:
+def echo(path: Path, types: Iterable[str] = ECHO_TYPES) -> Path:
     """One Identity per datatype: input `x_<TYPE>` [batch, 2] -> output `y_<TYPE>`."""
     nodes, inputs, outputs = [], [], []
-    for name, elem in ECHO_TYPES.items():
+    for name in types:
+        elem = ECHO_TYPES[name]
         inputs.append(helper.make_tensor_value_info(f"x_{name}", elem, ["batch", 2]))
         outputs.append(helper.make_tensor_value_info(f"y_{name}", elem, ["batch", 2]))
         nodes.append(helper.make_node("Identity", [f"x_{name}"], [f"y_{name}"]))
