@@ -69,6 +69,9 @@ def small_table() -> dict[str, Any]:
             "serverless_gpu": {
                 "g": _src(gpu="1x T", vcpu=8, memory_gib=56, usd_per_second=0.001, estimate=True)
             },
+            "load_balancer": _src(usd_per_hour=0.02, usd_per_gb_processed=0.01),
+            "bandwidth": _src(free_gb_per_month=0, usd_per_gb=0.1),
+            "redis": {"r": _src(memory_gib=1, usd_per_hour=0.05)},
         },
         "platforms": [
             {"name": "aml", "service": "azure_ml", "device": "cpu", "vm": "cpu-vm",
@@ -78,6 +81,8 @@ def small_table() -> dict[str, Any]:
              "system_vm": "sys-vm", "system_nodes": 2},
             {"name": "aks-gpu", "service": "aks", "device": "gpu", "vm": "gpu-vm",
              "min_replicas": 1, "control_plane": "free"},
+            {"name": "aks-edge", "service": "aks", "device": "cpu", "vm": "cpu-vm",
+             "min_replicas": 1, "control_plane": "free", "load_balancer": True, "redis": "r"},
             {"name": "aca", "service": "container_apps", "device": "cpu", "vcpu": 2,
              "memory_gib": 4, "min_replicas": 0},
             {"name": "aca-warm", "service": "container_apps", "device": "cpu", "vcpu": 2,
@@ -208,9 +213,19 @@ def test_container_apps_free_grant(tmp_path: Path) -> None:
 def test_shipped_prices_give_the_documented_gpu_figure() -> None:
     pricing = load_pricing()
     inputs = PlanInputs(target_rps=1000)
-    e = estimate(pricing.platform("aks-gpu-h100"), pricing, 4400, inputs)
-    # 2 x NC40ads_H100_v5 + Standard control plane + 2 x D4s_v5 system nodes, 730 h.
-    assert e.monthly_usd == pytest.approx((2 * 6.98 + 0.10 + 2 * 0.192) * 730)
+    platform = pricing.platform("aks-gpu-h100")
+    e = estimate(platform, pricing, 4400, inputs)
+    # 2 x NC40ads_H100_v5 + Standard control plane + 3 x D4s_v5 system nodes + the load
+    # balancer's hours + a Managed Redis cache, 730 h; no sizes given, so no data charges.
+    assert (platform.system_nodes, platform.system_vm, platform.redis) == (
+        3, "Standard_D4s_v5", "Balanced_B0"
+    )  # fmt: skip
+    hourly = (
+        2 * 6.98 + 0.10 + 3 * 0.192
+        + pricing.load_balancer.usd_per_hour + pricing.redis["Balanced_B0"].usd_per_hour
+    )  # fmt: skip
+    assert e.monthly_usd == pytest.approx(hourly * 730)
+    assert "egress" not in e.breakdown
     assert e.usd_per_million == pytest.approx(e.monthly_usd / 2628)
 
 
@@ -574,7 +589,7 @@ def test_command_with_a_csv_trace_and_a_throughput(
     printed = capsys.readouterr().out
     assert code == 0
     assert "simulation: 2,400 s trace" in printed
-    assert "| aca-cpu | container-apps |" in printed
+    assert "| aca-cpu | container-apps (" in printed
 
 
 @pytest.mark.parametrize(
@@ -613,8 +628,10 @@ def test_estimates_match_a_recomputation_from_the_json(
     assert run("--throughput", "3000", "--platforms", "aml-cpu", "--json", str(out)) == 0
     capsys.readouterr()
     (e,) = json.loads(out.read_text())["estimates"]
-    # 1000 / (3000 * 0.7) -> 1 replica, +1 spare, Azure ML minimum 3, F4s_v2 at 0.169 USD/h.
-    assert e["replicas"] == 3
-    assert e["monthly_usd"] == pytest.approx(3 * 0.169 * 730)
+    # 1000 / (3000 * 0.7) -> 1 replica, +1 spare, the deployment's 2 instances of DS3_v2.
+    assert e["replicas"] == 2
+    assert e["monthly_usd"] == pytest.approx(
+        2 * load_pricing().vms["Standard_DS3_v2"].usd_per_hour * 730
+    )
     assert e["usd_per_million"] == pytest.approx(e["monthly_usd"] / 2628)
     assert not math.isnan(e["usd_per_million"])

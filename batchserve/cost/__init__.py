@@ -1,6 +1,8 @@
 """Cost planning for batchserve deployments on Azure: a steady-state cost model per platform
 (`model`), the pricing table it reads (`pricing`), and an autoscaling simulation over a
-request-rate trace (`simulate`). The CLI front end is `batchserve.cost.command`.
+request-rate trace (`simulate`, with the fleet in `fleet`, the queue in front of it in
+`queueing` and the scaling rules and delays in `rules`). The CLI front end is
+`batchserve.cost.command`.
 
 SimPy and matplotlib (the `cost` extra) are imported only by the functions that need them.
 """

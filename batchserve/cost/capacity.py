@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchserve.cost.errors import CostError
 
 # Past the last measured point the replica is saturated; plots and p99 series show at least
@@ -37,36 +39,51 @@ class Capacity:
 class LatencyCurve:
     """p99 latency of one replica against the rate offered to it.
 
-    rates must increase; p99s are made non-decreasing (a later point that measured lower is
-    noise: more load never makes a replica faster).
+    rates must increase; p99s (and means) are made non-decreasing (a later point that measured
+    lower is noise: more load never makes a replica faster). mean_ms, the mean latency at each
+    rate, gives the requests in flight by Little's law; a curve without it (a single measured
+    point) cannot say how many requests are in flight.
     """
 
     rates: tuple[float, ...]
     p99_ms: tuple[float, ...]
     capacity_rps: float
     slo_p99_ms: float
+    mean_ms: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.rates or len(self.rates) != len(self.p99_ms):
             raise CostError("a latency curve needs at least one (rate, p99) point")
+        if self.mean_ms is not None and len(self.mean_ms) != len(self.rates):
+            raise CostError("a latency curve needs one mean latency per rate")
         if any(b <= a for a, b in zip(self.rates, self.rates[1:], strict=False)):
             raise CostError("latency curve rates must increase")
 
     @classmethod
     def from_points(
-        cls, points: list[tuple[float, float]], capacity_rps: float, slo_p99_ms: float
+        cls,
+        points: list[tuple[float, float]],
+        capacity_rps: float,
+        slo_p99_ms: float,
+        means: list[float] | None = None,
     ) -> LatencyCurve:
-        points = sorted(points)
+        order = sorted(range(len(points)), key=lambda i: points[i])
         rates: list[float] = []
         p99s: list[float] = []
-        worst = 0.0
-        for rate, p99 in points:
+        mean_list: list[float] = []
+        worst = worst_mean = 0.0
+        for i in order:
+            rate, p99 = points[i]
             if rates and rate == rates[-1]:
                 continue
             worst = max(worst, p99)
             rates.append(rate)
             p99s.append(worst)
-        return cls(tuple(rates), tuple(p99s), capacity_rps, slo_p99_ms)
+            if means is not None:
+                worst_mean = max(worst_mean, means[i])
+                mean_list.append(worst_mean)
+        mean_ms = tuple(mean_list) if means is not None else None
+        return cls(tuple(rates), tuple(p99s), capacity_rps, slo_p99_ms, mean_ms)
 
     @classmethod
     def step(cls, capacity: Capacity, slo_p99_ms: float) -> LatencyCurve:
@@ -75,10 +92,19 @@ class LatencyCurve:
         return cls((capacity.rps,), (p99,), capacity.rps, slo_p99_ms)
 
     def scaled(self, capacity_rps: float) -> LatencyCurve:
-        """The same shape for a replica of another capacity (e.g. a GPU platform override)."""
+        """The same shape for a replica of another capacity (a platform's own throughput): the
+        same latencies at the same share of capacity, so requests in flight scale with it."""
         factor = capacity_rps / self.capacity_rps
         rates = tuple(r * factor for r in self.rates)
-        return LatencyCurve(rates, self.p99_ms, capacity_rps, self.slo_p99_ms)
+        return LatencyCurve(rates, self.p99_ms, capacity_rps, self.slo_p99_ms, self.mean_ms)
+
+    def in_flight(self, rate: float) -> float:
+        """Requests inside one replica serving `rate` req/s: rate x mean latency (Little's law),
+        the mean interpolated on the curve. Needs mean_ms."""
+        if self.mean_ms is None:
+            raise CostError("this latency curve has no mean latencies (a sweep file has them)")
+        mean = float(np.interp(rate, self.rates, self.mean_ms))
+        return rate * mean / 1000.0
 
     @property
     def overload_p99_ms(self) -> float:
@@ -107,8 +133,23 @@ def read_sweep_curve(path: str, slo_p99_ms: float) -> LatencyCurve:
     best = _best_under_slo(data["curve"], slo_p99_ms)
     if best is None:
         raise CostError(f"{path}: no rate in the sweep held p99 < {slo_p99_ms:g} ms")
-    points = [(_rate(r), _p99(r)) for r in _reports(data["curve"], path)]
-    return LatencyCurve.from_points(points, best[0], slo_p99_ms)
+    reports = _reports(data["curve"], path)
+    points = [(_rate(r), _p99(r)) for r in reports]
+    means = [_mean(r) for r in reports]
+    usable = None if any(m is None for m in means) else [float(m or 0.0) for m in means]
+    return LatencyCurve.from_points(points, best[0], slo_p99_ms, usable)
+
+
+def read_traffic(path: str) -> tuple[float, float] | None:
+    """(request bytes, response bytes) recorded in a bench file, or None where it records none
+    (the keys `request_bytes` and `response_bytes` of the object the path names)."""
+    data = _load(path)
+    sizes = data.get("request_bytes"), data.get("response_bytes")
+    if sizes[0] is None and sizes[1] is None:
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in sizes):
+        raise CostError(f"{path}: 'request_bytes' and 'response_bytes' must both be numbers")
+    return float(sizes[0]), float(sizes[1])  # type: ignore[arg-type]
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -164,6 +205,12 @@ def _single(report: Any, where: str, slo_p99_ms: float) -> Capacity:
 def _p99(report: dict[str, Any]) -> float:
     latency = report.get("latency_ms") or {}
     return float(latency.get("p99", math.inf))
+
+
+def _mean(report: dict[str, Any]) -> float | None:
+    latency = report.get("latency_ms") or {}
+    mean = latency.get("mean")
+    return None if mean is None else float(mean)
 
 
 def _rate(report: dict[str, Any]) -> float:

@@ -7,6 +7,10 @@
     monthly requests   target_rps * duty_cycle * 730 h * 3600 s
     cost per 1M        monthly cost / (monthly requests / 1e6)
 
+Beside the replicas: the load balancer in front of AKS (hours, and GB processed both ways),
+internet egress (response bytes past the monthly free GB), and a Managed Redis cache where the
+platform has one. The data charges need the bytes per request and per response.
+
 A spare is a whole node because a node is what fails (or is drained for an upgrade) at once.
 """
 
@@ -24,6 +28,25 @@ SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600.0
 _CEIL_SLACK = 1e-9
 
 
+GB = 1e9  # Azure bills data in GB; taken as 10^9 bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """Bytes on the wire per request (client to server) and per response (back to the client)."""
+
+    request_bytes: float
+    response_bytes: float
+
+    def gb_processed(self, requests: float) -> float:
+        """What a load balancer in the path processes: both directions."""
+        return requests * (self.request_bytes + self.response_bytes) / GB
+
+    def gb_out(self, requests: float) -> float:
+        """What leaves Azure for the internet: the responses."""
+        return requests * self.response_bytes / GB
+
+
 @dataclass(frozen=True, slots=True)
 class PlanInputs:
     """What the plan must carry.
@@ -34,12 +57,16 @@ class PlanInputs:
         for a replica's share of a failed neighbour's load).
     duty_cycle: share of the month with traffic; the rest is idle (bursty workloads). Always-on
         platforms pay for idle time too; Container Apps pays idle rates or scales to zero.
+    request_bytes, response_bytes: bytes on the wire per request and per response, for the
+        load balancer's data processing and internet egress; None: unknown, not priced.
     """
 
     target_rps: float = 1000.0
     availability: float = 0.999
     utilisation: float = 0.7
     duty_cycle: float = 1.0
+    request_bytes: float | None = None
+    response_bytes: float | None = None
 
     def __post_init__(self) -> None:
         if not self.target_rps > 0:
@@ -50,6 +77,17 @@ class PlanInputs:
             raise CostError(f"utilisation must be in (0, 1], got {self.utilisation}")
         if not 0 < self.duty_cycle <= 1:
             raise CostError(f"duty cycle must be in (0, 1], got {self.duty_cycle}")
+        sizes = (self.request_bytes, self.response_bytes)
+        if (sizes[0] is None) != (sizes[1] is None):
+            raise CostError("give both the request and the response size, or neither")
+        if any(size is not None and not 0 <= size < math.inf for size in sizes):
+            raise CostError("request and response sizes must be >= 0 bytes")
+
+    @property
+    def traffic(self) -> Traffic | None:
+        if self.request_bytes is None or self.response_bytes is None:
+            return None
+        return Traffic(self.request_bytes, self.response_bytes)
 
     @property
     def monthly_requests(self) -> float:
@@ -105,6 +143,9 @@ def estimate(
         breakdown = _aks(platform, pricing, nodes)
     else:
         breakdown = _container_apps(platform, pricing, replicas, inputs)
+    breakdown |= around_the_replicas(
+        platform, pricing, HOURS_PER_MONTH, inputs.monthly_requests, inputs.traffic, 1.0
+    )
     return Estimate(
         platform=platform.name,
         service=platform.service,
@@ -156,6 +197,32 @@ def _aks(platform: Platform, pricing: Pricing, nodes: int) -> dict[str, float]:
         "control_plane": control_plane * HOURS_PER_MONTH,
         "system_pool": _system_usd_per_hour(platform, pricing) * HOURS_PER_MONTH,
     }
+
+
+def around_the_replicas(
+    platform: Platform,
+    pricing: Pricing,
+    hours: float,
+    requests: float,
+    traffic: Traffic | None,
+    grant_share: float,
+) -> dict[str, float]:
+    """What the platform pays beside its replicas over `hours` carrying `requests`: the load
+    balancer, internet egress (the monthly free GB times grant_share spent first) and Redis.
+    Without `traffic` the data charges are left out (the caller says so), not priced at 0."""
+    bill: dict[str, float] = {}
+    if platform.load_balancer:
+        lb = pricing.load_balancer
+        bill["load_balancer"] = lb.usd_per_hour * hours
+        if traffic is not None:
+            bill["load_balancer"] += traffic.gb_processed(requests) * lb.usd_per_gb_processed
+    if traffic is not None:
+        bw = pricing.bandwidth
+        billed_gb = max(0.0, traffic.gb_out(requests) - bw.free_gb_per_month * grant_share)
+        bill["egress"] = billed_gb * bw.usd_per_gb
+    if platform.redis is not None:
+        bill["redis"] = pricing.redis[platform.redis].usd_per_hour * hours
+    return bill
 
 
 @dataclass(frozen=True, slots=True)

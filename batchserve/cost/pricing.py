@@ -87,6 +87,36 @@ class GpuProfilePrice:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadBalancerPrices:
+    """Azure Load Balancer Standard: an hourly charge for the first five rules and a charge per
+    GB processed in either direction (AKS puts one in front of its ingress controller)."""
+
+    usd_per_hour: float
+    usd_per_gb_processed: float
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class BandwidthPrices:
+    """Data out of Azure to the internet: the first `free_gb_per_month` are free, the rest is
+    billed per GB (the first price tier; larger volumes are cheaper)."""
+
+    free_gb_per_month: float
+    usd_per_gb: float
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class RedisPrice:
+    """One Azure Managed Redis SKU, billed per hour while the cache exists."""
+
+    name: str
+    memory_gib: float
+    usd_per_hour: float
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
 class Platform:
     """One deployment shape to price: where replicas run and how many share a node.
 
@@ -107,6 +137,13 @@ class Platform:
     vcpu: float = 0.0
     memory_gib: float = 0.0
     gpu_profile: str | None = None
+    # The shipped autoscaler's per-replica target for requests in flight (KEDA trigger
+    # threshold, Container Apps concurrentRequests); None: no such rule.
+    in_flight_target: float | None = None
+    max_replicas: int | None = None
+    # A public Azure Load Balancer Standard in front of the platform's ingress, billed apart.
+    load_balancer: bool = False
+    redis: str | None = None
 
     def __post_init__(self) -> None:
         if self.service not in SERVICES:
@@ -115,6 +152,10 @@ class Platform:
             raise ValueError("device must be 'cpu' or 'gpu'")
         if self.min_replicas < 0 or self.system_nodes < 0 or self.replicas_per_node < 1:
             raise ValueError("replica and node counts must be >= 0 (replicas_per_node >= 1)")
+        if self.in_flight_target is not None and not self.in_flight_target > 0:
+            raise ValueError("in_flight_target must be > 0")
+        if self.max_replicas is not None and self.max_replicas < max(1, self.min_replicas):
+            raise ValueError("max_replicas must be >= min_replicas and >= 1")
         if self.service in ("azure_ml", "aks") and not self.vm:
             raise ValueError(f"a {self.service} platform needs 'vm'")
         if self.service == "container_apps":
@@ -135,6 +176,9 @@ class Pricing:
     azure_ml: AzureMlPrices
     container_apps: ConsumptionPrices
     serverless_gpu: Mapping[str, GpuProfilePrice]
+    load_balancer: LoadBalancerPrices
+    bandwidth: BandwidthPrices
+    redis: Mapping[str, RedisPrice]
     platforms: tuple[Platform, ...]
     origin: str = ""
     overrides: tuple[str, ...] = field(default=())
@@ -159,6 +203,8 @@ class Pricing:
             raise ValueError(f"{where}: unknown AKS tier {platform.control_plane!r}")
         if platform.gpu_profile is not None and platform.gpu_profile not in self.serverless_gpu:
             raise ValueError(f"{where}: GPU profile {platform.gpu_profile!r} has no price")
+        if platform.redis is not None and platform.redis not in self.redis:
+            raise ValueError(f"{where}: Redis SKU {platform.redis!r} has no price")
 
     def platform(self, name: str) -> Platform:
         for platform in self.platforms:
@@ -176,6 +222,10 @@ class Pricing:
         yield "Container Apps consumption", self.container_apps.source
         for name, gpu in self.serverless_gpu.items():
             yield f"Container Apps GPU {name}", gpu.source
+        yield "Load Balancer Standard", self.load_balancer.source
+        yield "internet egress", self.bandwidth.source
+        for name, redis in self.redis.items():
+            yield f"Managed Redis {name}", redis.source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +259,7 @@ def parse_pricing(raw: Any, origin: str = "", overrides: tuple[str, ...] = ()) -
     prices = _Fields(top.required("prices", dict), "prices")
     vms = _Fields(prices.required("vms", dict), "prices.vms")
     gpus = _Fields(prices.required("serverless_gpu", dict), "prices.serverless_gpu")
+    redis = _Fields(prices.required("redis", dict), "prices.redis")
     pricing = Pricing(
         currency=top.required("currency", str),
         region=top.required("region", str),
@@ -219,13 +270,16 @@ def parse_pricing(raw: Any, origin: str = "", overrides: tuple[str, ...] = ()) -
         azure_ml=_azure_ml(prices.required("azure_ml", dict)),
         container_apps=_consumption(prices.required("container_apps", dict)),
         serverless_gpu={name: _gpu(name, gpus.required(name, dict)) for name in gpus.names()},
+        load_balancer=_load_balancer(prices.required("load_balancer", dict)),
+        bandwidth=_bandwidth(prices.required("bandwidth", dict)),
+        redis={name: _redis(name, redis.required(name, dict)) for name in redis.names()},
         platforms=tuple(
             _platform(i, entry) for i, entry in enumerate(top.required("platforms", list))
         ),
         origin=origin,
         overrides=overrides,
     )
-    for fields in (top, prices, vms, gpus):
+    for fields in (top, prices, vms, gpus, redis):
         fields.done()
     return pricing
 
@@ -340,6 +394,27 @@ def _gpu(name: str, raw: Any) -> GpuProfilePrice:
     return gpu
 
 
+def _load_balancer(raw: Any) -> LoadBalancerPrices:
+    f = _Fields(raw, "prices.load_balancer")
+    lb = LoadBalancerPrices(f.price("usd_per_hour"), f.price("usd_per_gb_processed"), f.source())
+    f.done()
+    return lb
+
+
+def _bandwidth(raw: Any) -> BandwidthPrices:
+    f = _Fields(raw, "prices.bandwidth")
+    bandwidth = BandwidthPrices(f.price("free_gb_per_month"), f.price("usd_per_gb"), f.source())
+    f.done()
+    return bandwidth
+
+
+def _redis(name: str, raw: Any) -> RedisPrice:
+    f = _Fields(raw, f"prices.redis.{name}")
+    redis = RedisPrice(name, f.price("memory_gib"), f.price("usd_per_hour"), f.source())
+    f.done()
+    return redis
+
+
 _PLATFORM_TYPES: dict[str, type[Any]] = {
     "name": str,
     "service": str,
@@ -354,6 +429,10 @@ _PLATFORM_TYPES: dict[str, type[Any]] = {
     "vcpu": float,
     "memory_gib": float,
     "gpu_profile": str,
+    "in_flight_target": float,
+    "max_replicas": int,
+    "load_balancer": bool,
+    "redis": str,
 }
 
 

@@ -19,53 +19,94 @@ ZOOM_BEFORE_S = 600
 ZOOM_AFTER_S = 1800
 
 
-def estimate_table(estimates: Sequence[Estimate], currency: str = "USD") -> str:
+def estimate_table(
+    estimates: Sequence[Estimate], currency: str = "USD", data_priced: bool = True
+) -> str:
+    """One row per platform; the load balancer, egress and Redis columns are part of the
+    monthly figure ("-": the platform has no such item; without the request and response sizes
+    the data charges are not priced, and the load balancer's cell holds its hours alone)."""
     lines = [
-        f"| platform | req/s per replica | replicas (load + spare) | nodes | monthly {currency} "
-        f"| {currency} per 1M requests |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| platform | req/s per replica | replicas (load + spare) | nodes | load balancer "
+        f"| egress | Redis | monthly {currency} | {currency} per 1M requests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in estimates:
         spare = e.replicas - e.replicas_for_load
+        lb, egress, redis = (e.breakdown.get(k) for k in ("load_balancer", "egress", "redis"))
+        cells = [
+            _money(lb) + ("" if data_priced or lb is None else " (hours only)"),
+            _money(egress) if data_priced else "not priced",
+            _money(redis),
+        ]
         lines.append(
             f"| {e.platform} | {e.capacity_rps:,.0f} | {e.replicas} ({e.replicas_for_load} + "
-            f"{spare}) | {e.nodes} | {e.monthly_usd:,.2f} | {e.usd_per_million:,.4f} |"
+            f"{spare}) | {e.nodes} | {' | '.join(cells)} | {e.monthly_usd:,.2f} | "
+            f"{e.usd_per_million:,.4f} |"
         )
     return "\n".join(lines)
+
+
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.2f}"
+
+
+def skipped_lines(skipped: Sequence[tuple[str, str]]) -> list[str]:
+    """The platforms left out, grouped by reason."""
+    reasons: dict[str, list[str]] = {}
+    for name, why in skipped:
+        reasons.setdefault(why, []).append(name)
+    return [f"{', '.join(names)}: {why}" for why, names in reasons.items()]
 
 
 def simulation_table(results: Sequence[SimResult], currency: str = "USD") -> str:
     lines = [
-        f"| platform | scaler | SLO attainment | peak replicas | replica-hours | node-hours "
-        f"| {currency} for the trace | {currency} per 1M requests |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| platform | scaler (signal) | within SLO | dropped | peak replicas | replica-hours "
+        f"| node-hours | {currency} for the trace | {currency} per 1M requests |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r.platform} | {r.controller} | {100 * r.attainment:.3f}% | {r.peak_replicas} | "
-            f"{r.replica_hours:,.1f} | {r.node_hours:,.1f} | {r.cost_usd:,.2f} | "
-            f"{r.usd_per_million:,.4f} |"
+            f"| {r.platform} | {r.controller} ({r.signal}) | {100 * r.attainment:.3f}% | "
+            f"{r.dropped:,.0f} | {r.peak_replicas} | {r.replica_hours:,.1f} | "
+            f"{r.node_hours:,.1f} | {r.cost_usd:,.2f} | {r.usd_per_million:,.4f} |"
         )
     return "\n".join(lines)
 
 
-def assumptions(pricing: Pricing, inputs: PlanInputs, capacity_origin: str) -> list[str]:
+# What no row prices, for every run's assumptions and docs/cost.md.
+EXCLUDED = (
+    "disks (OS disks of nodes and instances, the model share on Azure Files)",
+    "container registry",
+    "Log Analytics ingestion and retention, managed Prometheus and Grafana",
+    "DNS zones and queries",
+    "Key Vault operations",
+    "public IP addresses",
+    "inter-zone and inter-region data transfer",
+    "support plans, reservations and savings plans",
+)
+
+
+def assumptions(pricing: Pricing, inputs: PlanInputs, cpu_origin: str | None) -> list[str]:
     spares = spare_nodes(inputs.availability)
+    cpu = cpu_origin or "none given (CPU platforms without their own figure are left out)"
     notes = [
         f"prices: {pricing.origin or 'built in'} ({pricing.currency}, {pricing.region}, list "
         f"prices as of {pricing.as_of}); override with --pricing FILE or --price PATH=VALUE",
-        f"capacity per replica: {capacity_origin}; planned at {inputs.utilisation:.0%} of it",
+        f"capacity per CPU replica: {cpu}; GPU platforms only from their own figure; "
+        f"planned at {inputs.utilisation:.0%} of capacity",
         f"target {inputs.target_rps:,.0f} req/s for {inputs.duty_cycle:.0%} of a "
         f"{HOURS_PER_MONTH:g}-hour month",
         f"availability {inputs.availability:.4%}: {spares} spare node(s) "
-        "(N+1 from 99.9%, N+2 from 99.99%); platform minimums apply (Azure ML: 3 instances)",
+        "(N+1 from 99.9%, N+2 from 99.99%); each platform's shipped minimum replicas apply",
         "AKS: control-plane tier and system node pool as in each platform entry; one node "
-        "failure takes all the replicas on it, hence whole spare nodes",
+        "failure takes all the replicas on it, hence whole spare nodes; the ingress's Azure "
+        "Load Balancer Standard (hours, and GB processed both ways); Managed Redis where the "
+        "overlay uses it",
         "Container Apps: billed per second of allocated vCPU/GiB (GPU-seconds for serverless "
         "GPU), idle rates while held at min replicas without traffic, monthly free grant "
-        "spent on active seconds first, HTTP requests charged",
-        "not included: disks, egress, load balancer, registry, monitoring, support plans, "
-        "reservations and savings plans",
+        "spent on active seconds first, HTTP requests charged; ingress included",
+        _traffic_note(pricing, inputs),
+        "not included: " + "; ".join(EXCLUDED),
     ]
     notes.extend(f"price override: {override}" for override in pricing.overrides)
     notes.extend(
@@ -74,6 +115,22 @@ def assumptions(pricing: Pricing, inputs: PlanInputs, capacity_origin: str) -> l
         if source.estimate
     )
     return notes
+
+
+def _traffic_note(pricing: Pricing, inputs: PlanInputs) -> str:
+    traffic = inputs.traffic
+    if traffic is None:
+        return (
+            "data charges NOT priced (load balancer GB processed, internet egress): the request "
+            "and response sizes are unknown; give --request-bytes and --response-bytes"
+        )
+    bw = pricing.bandwidth
+    return (
+        f"data: {traffic.request_bytes:,.0f} B per request, {traffic.response_bytes:,.0f} B per "
+        f"response; responses leave Azure as internet egress ({bw.usd_per_gb:g} "
+        f"{pricing.currency}/GB after {bw.free_gb_per_month:g} GB a month free), both "
+        "directions pass the AKS load balancer"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

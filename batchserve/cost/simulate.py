@@ -1,18 +1,20 @@
 """Past one machine, on paper: replay a request-rate trace through an autoscaled fleet.
 
-SimPy runs the control loops as processes: the KEDA/HPA (or Container Apps) scaler polling its
-metric, the cluster autoscaler adding and removing nodes, and each pod or node that is starting.
-Nothing happens per request or per second: the fleet records each change of state, and the
-per-second figures (load per replica, p99 from the measured latency curve, SLO attainment,
-cost) are computed afterwards with numpy over the whole trace. A day of one-second steps takes
-well under a second per platform.
+SimPy runs the control loops as processes: the KEDA/HPA, Container Apps or Azure Monitor scaler
+polling its metric, the cluster autoscaler adding and removing nodes, and each pod, node or
+instance that is starting. The fleet records each change of state; the queue in front of the
+ready replicas (`queueing.Backlog`) is computed second by second from that record, lazily, up to
+the moment a scaler reads its signal, so the scalers see what their real triggers would: requests
+in flight (Little's law on the measured latency curve, plus the backlog) or utilisation.
 
 Approximations, on purpose:
-- Every request in a second sees that second's load per ready replica; the replica's p99 at that
-  load comes from the `bench --sweep` curve. Under the capacity at the SLO all of the second's
-  requests count as attained; above it, only the share the capacity covers (the rest are misses).
-  With no ready replica (cold start) every request of the second is a miss.
-- Load is spread evenly over ready replicas; queues do not carry over from one second to the next.
+- Load is spread evenly over ready replicas, which drain a shared backlog at their capacity at
+  the SLO; a request counts within the SLO if its wait in the backlog is at most the SLO (a
+  lenient bound: its own service time is not added). Requests past the server's request timeout
+  are dropped; with no ready replica every request of that second is a miss.
+- One row per request: the queue-rows trigger never asks for more replicas than the in-flight
+  one (every queued row is a request in flight, and its threshold is not lower), so only the
+  in-flight trigger is modelled.
 """
 
 from __future__ import annotations
@@ -28,118 +30,52 @@ import numpy.typing as npt
 
 from batchserve.cost.capacity import LatencyCurve
 from batchserve.cost.errors import CostError
+from batchserve.cost.fleet import Fleet
 from batchserve.cost.model import (
     SECONDS_PER_MONTH,
     PlanInputs,
     ReplicaSeconds,
+    around_the_replicas,
     container_apps_bill,
-    estimate,
     fixed_usd_per_hour,
     node_usd_per_hour,
 )
 from batchserve.cost.pricing import Platform, Pricing
+from batchserve.cost.queueing import Backlog
+from batchserve.cost.rules import AzureMonitorRules, ContainerAppsRules, Delays, KedaHpaRules
+
+__all__ = [
+    "REQUEST_TIMEOUT_S",
+    "AzureMonitorRules",
+    "ContainerAppsRules",
+    "Delays",
+    "KedaHpaRules",
+    "SimConfig",
+    "SimResult",
+    "simulate",
+]
 
 if TYPE_CHECKING:
     import simpy
 
 FloatArray = npt.NDArray[np.float64]
-
-
-@dataclass(frozen=True, slots=True)
-class KedaHpaRules:
-    """The scaling rules of the shipped KEDA ScaledObject and the HPA behaviour it sets
-    (deploy/k8s/components/autoscaling-keda/scaledobject.yaml); change both together.
-
-    polling_interval_s: ScaledObject pollingInterval; the HPA's sync period is also 15 s, so
-        one decision per 15 s is modelled.
-    cooldown_period_s: ScaledObject cooldownPeriod (KEDA's default): with minReplicaCount 0,
-        how long without traffic before scaling to zero.
-    metric_window_s: the trigger's query averages over this window (`avg_over_time(...[1m])`),
-        so a jump is seen gradually.
-    scale_up/down_stabilization_s: behavior stabilizationWindowSeconds.
-    scale_up_percent, scale_up_pods, scale_up_period_s: scale-up policies (selectPolicy Max):
-        per period, the larger of +100% and +4 pods.
-    scale_down_percent, scale_down_period_s: at most 25% fewer replicas per minute.
-    tolerance: HPA ignores a metric within this fraction of its target.
-
-    The trigger's per-replica in-flight threshold is represented by its rate equivalent,
-    capacity x utilisation (Little's law at the planned load).
-    """
-
-    polling_interval_s: float = 15.0
-    cooldown_period_s: float = 300.0
-    metric_window_s: float = 60.0
-    scale_up_stabilization_s: float = 30.0
-    scale_down_stabilization_s: float = 300.0
-    scale_up_percent: float = 100.0
-    scale_up_pods: int = 4
-    scale_up_period_s: float = 60.0
-    scale_down_percent: float = 25.0
-    scale_down_period_s: float = 60.0
-    tolerance: float = 0.1
-
-    def up_limit(self, base: int) -> int:
-        """Most replicas allowed, given the count one scale-up period ago."""
-        if base == 0:
-            return 1  # KEDA activates 0 -> 1; the HPA takes over from one replica
-        return max(math.ceil(base * (1 + self.scale_up_percent / 100)), base + self.scale_up_pods)
-
-    def down_limit(self, base: int) -> int:
-        """Fewest replicas allowed, given the count one scale-down period ago."""
-        return math.ceil(base * (1 - self.scale_down_percent / 100))
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerAppsRules:
-    """Container Apps' documented scale behaviour: polling 30 s, cooldown 300 s, scale-down
-    stabilisation 300 s, scale-up steps of 1, 4, 8, 16, 32, ... replicas, scale-down of every
-    replica not needed. The HTTP rule's concurrent-request target is taken as the concurrency one
-    replica carries at its planned rate (Little's law), so it acts as a per-replica rate target
-    read without a rate window."""
-
-    polling_interval_s: float = 30.0
-    cooldown_period_s: float = 300.0
-    metric_window_s: float = 1.0
-    scale_up_stabilization_s: float = 0.0
-    scale_down_stabilization_s: float = 300.0
-    scale_up_period_s: float = 30.0
-    scale_down_period_s: float = 30.0
-    tolerance: float = 0.1
-
-    def up_limit(self, base: int) -> int:
-        if base == 0:
-            return 1
-        return max(4, 2 * base)
-
-    def down_limit(self, base: int) -> int:
-        return 0
-
-
-@dataclass(frozen=True, slots=True)
-class Delays:
-    """How long capacity takes to arrive (and leave).
-
-    pod_start_s: container start, model load, warm-up, readiness probe (AKS, free node).
-    node_provision_s / gpu_node_provision_s: cluster autoscaler adds a VM to the pool and it
-        joins (GPU: driver, device plugin and a multi-GB image on top).
-    node_scale_down_s: cluster autoscaler's scale-down-unneeded-time (10 min default).
-    cold_start_s / gpu_cold_start_s: a Container Apps replica from request to ready.
-    """
-
-    pod_start_s: float = 20.0
-    node_provision_s: float = 180.0
-    gpu_node_provision_s: float = 300.0
-    node_scale_down_s: float = 600.0
-    cold_start_s: float = 20.0
-    gpu_cold_start_s: float = 60.0
+# BATCHSERVE_REQUEST_TIMEOUT_MS in every shipped manifest: the server answers 504 at this age.
+REQUEST_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:
+    """plan: the steady-state inputs (utilisation is the fallback rate target; the request and
+    response sizes price the data). request_timeout_s: the server's deadline
+    (BATCHSERVE_REQUEST_TIMEOUT_MS in the shipped manifests): longer waits are dropped.
+    max_replicas: the bound where a platform names none."""
+
     plan: PlanInputs = field(default_factory=PlanInputs)
     keda: KedaHpaRules = field(default_factory=KedaHpaRules)
     container_apps: ContainerAppsRules = field(default_factory=ContainerAppsRules)
+    azure_ml: AzureMonitorRules = field(default_factory=AzureMonitorRules)
     delays: Delays = field(default_factory=Delays)
+    request_timeout_s: float = REQUEST_TIMEOUT_S
     max_replicas: int = 1000
     cluster_autoscaler_scan_s: float = 10.0
 
@@ -148,14 +84,19 @@ class SimConfig:
 class SimResult:
     platform: str
     controller: str
+    signal: str
     requests: float
     attainment: float
+    dropped: float
     replica_hours: float
     node_hours: float
     cost_usd: float
     peak_replicas: int
+    breakdown: dict[str, float] = field(repr=False)
     replicas: FloatArray = field(repr=False)
     p99_ms: FloatArray = field(repr=False)
+    backlog: FloatArray = field(repr=False)
+    in_flight: FloatArray = field(repr=False)
 
     @property
     def usd_per_million(self) -> float:
@@ -165,124 +106,18 @@ class SimResult:
         return {
             "platform": self.platform,
             "controller": self.controller,
+            "signal": self.signal,
             "requests": self.requests,
             "slo_attainment": self.attainment,
+            "dropped": self.dropped,
             "replica_hours": self.replica_hours,
             "node_hours": self.node_hours,
             "cost_usd": self.cost_usd,
+            "breakdown": self.breakdown,
             "usd_per_million": self.usd_per_million,
             "peak_replicas": self.peak_replicas,
+            "max_backlog": float(self.backlog.max()),
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# the fleet: state that the control loops change, with a timeline of every change
-
-
-class Fleet:
-    """Pods (starting or ready) on nodes (provisioning or ready). Without a node pool
-    (Container Apps, Azure ML) every pod has a place at once."""
-
-    def __init__(
-        self,
-        env: simpy.Environment,
-        pod_start_s: float,
-        per_node: int | None,
-        node_provision_s: float,
-    ) -> None:
-        import simpy
-
-        self.env = env
-        self.pod_start_s = pod_start_s
-        self.per_node = per_node
-        self.node_provision_s = node_provision_s
-        self.ready = 0
-        self.starting: list[simpy.Process] = []
-        self.nodes_ready = 0
-        self.nodes_pending = 0
-        self.slots = simpy.Container(env, init=0) if per_node else None
-        self.timeline: list[tuple[float, int, int, int]] = []
-
-    @property
-    def spec(self) -> int:
-        return self.ready + len(self.starting)
-
-    def record(self) -> None:
-        self.timeline.append(
-            (self.env.now, self.ready, self.spec, self.nodes_ready + self.nodes_pending)
-        )
-
-    def warm(self, replicas: int) -> None:
-        """Start the trace with `replicas` ready (and their nodes), as after a quiet period."""
-        self.ready = replicas
-        if self.per_node and self.slots is not None:
-            self.nodes_ready = math.ceil(replicas / self.per_node)
-            free = self.nodes_ready * self.per_node - replicas
-            if free:
-                self.slots.put(free)
-        self.record()
-
-    def scale_to(self, replicas: int) -> None:
-        while self.spec < replicas:
-            self.starting.append(self.env.process(self._pod()))
-        while self.spec > replicas:
-            if self.starting:
-                self.starting.pop().interrupt()  # the newest start is the one cancelled
-            else:
-                self.ready -= 1
-                self._free_slot()
-        self._provision_nodes()
-        self.record()
-
-    def _free_slot(self) -> None:
-        if self.slots is not None:
-            self.slots.put(1)
-
-    def _pod(self) -> Generator[simpy.Event, Any, None]:
-        import simpy
-
-        holding = False
-        try:
-            if self.slots is not None:
-                request = self.slots.get(1)
-                try:
-                    yield request
-                except simpy.Interrupt:
-                    request.cancel()
-                    return
-                holding = True
-            yield self.env.timeout(self.pod_start_s)
-        except simpy.Interrupt:
-            if holding:
-                self._free_slot()
-            return
-        self.starting.remove(self.env.active_process)  # type: ignore[arg-type]
-        self.ready += 1
-        self.record()
-
-    def _provision_nodes(self) -> None:
-        if not self.per_node:
-            return
-        wanted = math.ceil(self.spec / self.per_node)
-        for _ in range(wanted - self.nodes_ready - self.nodes_pending):
-            self.nodes_pending += 1
-            self.env.process(self._node())
-
-    def _node(self) -> Generator[simpy.Event, Any, None]:
-        yield self.env.timeout(self.node_provision_s)
-        assert self.slots is not None
-        assert self.per_node
-        self.nodes_pending -= 1
-        self.nodes_ready += 1
-        self.slots.put(self.per_node)
-        self.record()
-
-    def remove_idle_nodes(self, count: int) -> None:
-        assert self.slots is not None
-        assert self.per_node
-        self.slots.get(count * self.per_node)  # the level is known to cover it
-        self.nodes_ready -= count
-        self.record()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +227,32 @@ def cluster_autoscaler(
             surplus_since = None
 
 
+def azure_monitor(
+    env: simpy.Environment,
+    fleet: Fleet,
+    utilisation: Callable[[float, float], float],
+    rules: AzureMonitorRules,
+    bounds: tuple[int, int],
+) -> Generator[simpy.Event, Any, None]:
+    """Azure Monitor autoscale: threshold rules on windowed utilisation (percent), a fixed
+    step, and a cooldown after every action. A scale-out rule wins over a scale-in one."""
+    low, high = bounds
+    last_action = -math.inf
+    while True:
+        yield env.timeout(rules.evaluation_s)
+        if env.now - last_action < rules.cooldown_s:
+            continue
+        size = fleet.spec
+        busy = 100 * utilisation(env.now, rules.scale_out_window_s)
+        idle = 100 * utilisation(env.now, rules.scale_in_window_s)
+        if busy > rules.scale_out_above and size < high:
+            fleet.scale_to(min(high, size + rules.step))
+            last_action = env.now
+        elif idle < rules.scale_in_below and size > low:
+            fleet.scale_to(max(low, size - rules.step))
+            last_action = env.now
+
+
 # ---------------------------------------------------------------------------------------------
 # running one platform
 
@@ -409,56 +270,92 @@ def simulate(
 
     if trace.ndim != 1 or not trace.size:
         raise CostError("the trace must be a non-empty series of rates")
+    if not config.request_timeout_s > 0:
+        raise CostError("the request timeout must be > 0 s")
     env = simpy.Environment()
-    fleet, controller = _build(env, platform, pricing, trace, curve, config)
+    fleet = _fleet(env, platform, config)
+    queue = Backlog(trace, curve, fleet.timeline, config.request_timeout_s)
+    controller, signal = _control(env, fleet, queue, platform, curve, config)
     env.run(until=float(trace.size))
     fleet.record()
-    return _evaluate(platform, pricing, trace, curve, fleet, controller)
+    queue.advance(trace.size)
+    return _evaluate(platform, pricing, queue, fleet, config, (controller, signal))
 
 
-def _build(
-    env: simpy.Environment,
-    platform: Platform,
-    pricing: Pricing,
-    trace: FloatArray,
-    curve: LatencyCurve,
-    config: SimConfig,
-) -> tuple[Fleet, str]:
-    target = curve.capacity_rps * config.plan.utilisation
-    gpu = platform.device == "gpu"
-    delays = config.delays
+def _fleet(env: simpy.Environment, platform: Platform, config: SimConfig) -> Fleet:
+    delays, gpu = config.delays, platform.device == "gpu"
     if platform.service == "azure_ml":
-        # Managed endpoints are priced here as provisioned for the planned rate (no autoscale).
-        fleet = Fleet(env, delays.pod_start_s, None, 0.0)
-        planned = estimate(platform, pricing, curve.capacity_rps, config.plan)
-        fleet.warm(planned.replicas)
-        return fleet, "static"
-    metric = _metric(trace)
-    bounds = (platform.min_replicas, config.max_replicas)
-    start = min(max(_recommend(float(trace[0]), 0, target, 0.0), bounds[0]), bounds[1])
-    rules: Rules
+        start = delays.gpu_aml_instance_start_s if gpu else delays.aml_instance_start_s
+        return Fleet(env, start, None, 0.0)
     if platform.service == "aks":
         provision = delays.gpu_node_provision_s if gpu else delays.node_provision_s
-        fleet = Fleet(env, delays.pod_start_s, platform.replicas_per_node, provision)
-        rules, name = config.keda, "keda-hpa"
+        return Fleet(
+            env, delays.pod_start_s, platform.replicas_per_node, provision + delays.image_pull_s
+        )
+    return Fleet(env, delays.gpu_cold_start_s if gpu else delays.cold_start_s, None, 0.0)
+
+
+def _bounds(platform: Platform, config: SimConfig) -> tuple[int, int]:
+    high = platform.max_replicas if platform.max_replicas is not None else config.max_replicas
+    return platform.min_replicas, high
+
+
+def _control(
+    env: simpy.Environment,
+    fleet: Fleet,
+    queue: Backlog,
+    platform: Platform,
+    curve: LatencyCurve,
+    config: SimConfig,
+) -> tuple[str, str]:
+    """Start the fleet warm for the first second's load and its scaler; (controller, signal)."""
+    low, high = bounds = _bounds(platform, config)
+    planned = curve.capacity_rps * config.plan.utilisation
+    first = float(queue.trace[0])
+    fleet.warm(min(max(_warm_size(first, platform, curve, planned), low), high))
+    if platform.service == "azure_ml":
+        rules = config.azure_ml
+        env.process(azure_monitor(env, fleet, queue.served_share, rules, bounds))
+        signal = f"utilisation > {rules.scale_out_above:g}% / < {rules.scale_in_below:g}%"
+        return "azure-monitor", signal
+    metric, target, signal = _signal(queue, platform, curve, planned)
+    if platform.service == "aks":
         env.process(
             cluster_autoscaler(
-                env, fleet, config.cluster_autoscaler_scan_s, delays.node_scale_down_s
+                env, fleet, config.cluster_autoscaler_scan_s, config.delays.node_scale_down_s
             )
         )
-    else:
-        cold = delays.gpu_cold_start_s if gpu else delays.cold_start_s
-        fleet = Fleet(env, cold, None, 0.0)
-        rules, name = config.container_apps, "container-apps"
-    fleet.warm(start)
-    env.process(scaler(env, fleet, metric, rules, target, bounds))
-    return fleet, name
+        env.process(scaler(env, fleet, metric, config.keda, target, bounds))
+        return "keda-hpa", signal
+    env.process(scaler(env, fleet, metric, config.container_apps, target, bounds))
+    return "container-apps", signal
 
 
-def _metric(trace: FloatArray) -> Callable[[float, float], float]:
-    """Mean offered rate over the `window` seconds before `now` (prefix sums: O(1) a query).
-    Offered, not served: the shipped triggers (in-flight requests, queued rows) keep growing with
-    the offered load while the fleet is saturated."""
+def _warm_size(rate: float, platform: Platform, curve: LatencyCurve, planned_rps: float) -> int:
+    """Replicas the scaler would settle on for `rate`: the fewest whose in flight per replica is
+    within the target (or, on the rate signal, whose rate per replica is)."""
+    target = platform.in_flight_target
+    if target is None or curve.mean_ms is None or platform.service == "azure_ml":
+        return _recommend(rate, 0, planned_rps, 0.0)
+    size = max(1, math.ceil(rate / curve.capacity_rps))
+    while rate > 0 and curve.in_flight(rate / size) > target:
+        size += 1
+    return size if rate > 0 else 0
+
+
+def _signal(
+    queue: Backlog, platform: Platform, curve: LatencyCurve, planned_rps: float
+) -> tuple[Callable[[float, float], float], float, str]:
+    """The shipped trigger where the curve can say what it reads (in flight per replica);
+    otherwise its rate equivalent at the planned utilisation."""
+    if platform.in_flight_target is not None and curve.mean_ms is not None:
+        target = platform.in_flight_target
+        return queue.mean_in_flight, target, f"in flight, {target:g} per replica"
+    return _offered(queue.trace), planned_rps, f"offered rate, {planned_rps:,.0f} req/s per replica"
+
+
+def _offered(trace: FloatArray) -> Callable[[float, float], float]:
+    """Mean offered rate over the `window` seconds before `now` (prefix sums: O(1) a query)."""
     sums = np.concatenate(([0.0], np.cumsum(trace)))
 
     def mean(now: float, window: float) -> float:
@@ -469,71 +366,63 @@ def _metric(trace: FloatArray) -> Callable[[float, float], float]:
     return mean
 
 
-def _series(fleet: Fleet, seconds: int) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """(ready, pods, nodes) per second from the change timeline."""
+def _series(fleet: Fleet, seconds: int) -> tuple[FloatArray, FloatArray]:
+    """(pods, nodes) per second from the change timeline."""
     times = np.array([t for t, *_ in fleet.timeline], dtype=np.float64)
     values = np.array([v for _, *v in fleet.timeline], dtype=np.float64)
     index = np.searchsorted(times, np.arange(seconds, dtype=np.float64), side="right") - 1
     picked = values[np.maximum(index, 0)]
-    return picked[:, 0], picked[:, 1], picked[:, 2]
+    return picked[:, 1], picked[:, 2]
 
 
 def _evaluate(
     platform: Platform,
     pricing: Pricing,
-    trace: FloatArray,
-    curve: LatencyCurve,
+    queue: Backlog,
     fleet: Fleet,
-    controller: str,
+    config: SimConfig,
+    names: tuple[str, str],
 ) -> SimResult:
-    ready, pods, nodes = _series(fleet, trace.size)
-    attained, p99 = _slo(trace, ready, curve)
+    trace = queue.trace
+    pods, nodes = _series(fleet, trace.size)
     total = float(trace.sum())
     hours = trace.size / 3600.0
     if platform.service == "container_apps":
-        cost, node_hours = _container_apps_cost(platform, pricing, trace, pods), 0.0
+        bill, node_hours = _container_apps_bill(platform, pricing, trace, pods), 0.0
     else:
-        per_node = platform.replicas_per_node
-        billed = nodes if platform.service == "aks" else np.ceil(pods / per_node)
+        billed = nodes if platform.service == "aks" else np.ceil(pods / platform.replicas_per_node)
         node_hours = float(billed.sum() / 3600.0)
-        price = node_usd_per_hour(platform, pricing)
-        cost = node_hours * price + fixed_usd_per_hour(platform, pricing) * hours
+        bill = {"nodes": node_hours * node_usd_per_hour(platform, pricing)}
+        if platform.service == "aks":
+            bill["control_plane_and_system_pool"] = fixed_usd_per_hour(platform, pricing) * hours
+    grant = trace.size / SECONDS_PER_MONTH
+    bill |= around_the_replicas(platform, pricing, hours, total, config.plan.traffic, grant)
     return SimResult(
         platform=platform.name,
-        controller=controller,
+        controller=names[0],
+        signal=names[1],
         requests=total,
-        attainment=float((trace * attained).sum() / total) if total else 1.0,
+        attainment=float(queue.within.sum() / total) if total else 1.0,
+        dropped=float(queue.dropped.sum()),
         replica_hours=float(pods.sum() / 3600.0),
-        node_hours=float(node_hours),
-        cost_usd=float(cost),
+        node_hours=node_hours,
+        cost_usd=float(sum(bill.values())),
         peak_replicas=int(pods.max()),
-        replicas=ready,
-        p99_ms=p99,
+        breakdown=bill,
+        replicas=queue.ready.copy(),
+        p99_ms=queue.p99_ms(),
+        backlog=queue.backlog.copy(),
+        in_flight=queue.in_flight.copy(),
     )
 
 
-def _slo(
-    trace: FloatArray, ready: FloatArray, curve: LatencyCurve
-) -> tuple[FloatArray, FloatArray]:
-    """Per second: the share of requests under the SLO, and the replicas' p99 (NaN when idle)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        load = np.where(ready > 0, trace / np.maximum(ready, 1), np.inf)
-        share = np.where(load <= curve.capacity_rps, 1.0, curve.capacity_rps / load)
-    share = np.where(trace > 0, share, 1.0)
-    p99 = np.interp(np.minimum(load, curve.rates[-1]), curve.rates, curve.p99_ms)
-    p99 = np.where(load > curve.rates[-1], curve.overload_p99_ms, p99)
-    p99 = np.where(trace > 0, p99, np.nan)
-    return share, p99
-
-
-def _container_apps_cost(
+def _container_apps_bill(
     platform: Platform, pricing: Pricing, trace: FloatArray, pods: FloatArray
-) -> float:
+) -> dict[str, float]:
     busy = trace > 0
     usage = ReplicaSeconds(
         active=float(pods[busy].sum()),
         idle=float(pods[~busy].sum()),
         requests=float(trace.sum()),
     )
-    bill = container_apps_bill(platform, pricing, usage, grant_share=trace.size / SECONDS_PER_MONTH)
-    return sum(bill.values())
+    return container_apps_bill(platform, pricing, usage, grant_share=trace.size / SECONDS_PER_MONTH)

@@ -7,7 +7,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: install.sh [--gpu] [--venv DIR] [--wheel-dir DIR] [--python PY]
+usage: install.sh [--gpu] [--venv DIR] [--wheel-dir DIR] [--python PY] [--constraints FILE]
                   [--example-model NAME PATH] [--self-test [MODEL]]
 
 Create a virtual environment and install batchserve into it with its runtime dependencies only
@@ -18,6 +18,8 @@ Create a virtual environment and install batchserve into it with its runtime dep
   --wheel-dir DIR        install the batchserve wheel found in DIR; when DIR has none, build it
                          there from this source tree first (default: a temporary directory)
   --python PY            interpreter the environment is made from (default python3)
+  --constraints FILE     the versions to install (default: constraints.txt in this source tree,
+                         the lock that `make lock` writes); every dependency comes from it
   --example-model NAME PATH
                          also write the example model NAME (mlp, wide-mlp, resnet50) to PATH;
                          onnx, which builds it, goes into a throwaway environment, not DIR
@@ -26,7 +28,7 @@ Create a virtual environment and install batchserve into it with its runtime dep
                          infer request, stop it with SIGTERM and require exit status 0
   -h, --help             this text
 
-pip's own settings apply (PIP_INDEX_URL, PIP_CONSTRAINT to pin versions, ...).
+pip's own settings apply too (PIP_INDEX_URL, ...).
 EOF
 }
 
@@ -41,6 +43,7 @@ GPU=0
 VENV=/opt/venv
 WHEEL_DIR=""
 PYTHON=python3
+CONSTRAINTS="$SOURCE/constraints.txt"
 EXAMPLE_NAME=""
 EXAMPLE_PATH=""
 SELF_TEST=0
@@ -52,6 +55,7 @@ while [ $# -gt 0 ]; do
     --venv) [ $# -ge 2 ] || die "--venv needs a directory"; VENV="$2"; shift ;;
     --wheel-dir) [ $# -ge 2 ] || die "--wheel-dir needs a directory"; WHEEL_DIR="$2"; shift ;;
     --python) [ $# -ge 2 ] || die "--python needs an interpreter"; PYTHON="$2"; shift ;;
+    --constraints) [ $# -ge 2 ] || die "--constraints needs a file"; CONSTRAINTS="$2"; shift ;;
     --example-model)
       [ $# -ge 3 ] || die "--example-model needs NAME and PATH"
       EXAMPLE_NAME="$2"; EXAMPLE_PATH="$3"; shift 2 ;;
@@ -67,6 +71,9 @@ done
 
 [ -e "$VENV" ] && die "$VENV already exists: give a new --venv directory"
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found (--python)"
+# Unpinned, a fresh install takes whatever is newest that day (a new onnxruntime, say): refuse.
+[ -f "$CONSTRAINTS" ] || die "no constraints file at $CONSTRAINTS (--constraints; make lock writes it)"
+CONSTRAINTS="$(cd "$(dirname "$CONSTRAINTS")" && pwd)/$(basename "$CONSTRAINTS")"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || die "batchserve needs Python >= 3.11; $PYTHON is $("$PYTHON" -V 2>&1)"
 
@@ -115,8 +122,8 @@ for requirement in requires("batchserve") or []:
     print(requirement)
 EOF
 )
-step "installing the runtime dependencies: ${REQUIREMENTS[*]}"
-"${PIP[@]}" install -q "${REQUIREMENTS[@]}"
+step "installing the runtime dependencies: ${REQUIREMENTS[*]}, as pinned in $CONSTRAINTS"
+"${PIP[@]}" install -q -c "$CONSTRAINTS" "${REQUIREMENTS[@]}"
 # With --gpu, batchserve's own onnxruntime requirement is unmet on purpose (pip says so above);
 # every other inconsistency fails the install.
 if ! CHECK="$("${PIP[@]}" check 2>&1)"; then
@@ -157,7 +164,8 @@ write_example() {
     "$PYTHON" -m venv "$generator"
     "$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
       >"$("$generator/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/runtime.pth"
-    "$generator/bin/python" -m pip --disable-pip-version-check --no-input install -q 'onnx>=1.15'
+    "$generator/bin/python" -m pip --disable-pip-version-check --no-input install -q \
+      -c "$CONSTRAINTS" 'onnx>=1.15'
   fi
   mkdir -p "$(dirname "$2")"
   "$generator/bin/python" -m batchserve example-model "$1" -o "$2"
