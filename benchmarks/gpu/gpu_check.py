@@ -1,7 +1,8 @@
 """GPU check: raw ONNX Runtime CUDA ceilings, then batchserve over HTTP against them.
 
     python benchmarks/gpu/gpu_check.py --out DIR [--models resnet50,bert-base]
-        [--instances 1,2,4] [--budget-s 330] [--cpu-dry-run]
+        [--instances 1,2,4] [--variants uint8,fp16] [--worker-counts 2,4]
+        [--budget-s 500] [--cpu-dry-run]
 
 For each model (generated here: the example `resnet50` and a BERT-base-sized encoder at
 sequence length 128):
@@ -11,7 +12,11 @@ sequence length 128):
 2. for each instance count: a real `python -m batchserve serve --device cuda` process, driven
    by `python -m batchserve bench --binary --sweep` (open loop, several load generator
    processes) to find the highest request rate whose p99 stays under the SLO, while
-   `nvidia-smi` samples GPU utilisation; then SIGTERM, and the server must exit 0.
+   `nvidia-smi` samples GPU utilisation; then SIGTERM, and the server must exit 0;
+3. ResNet-50 only, at the best instance count: the input variants (images sent as UINT8 with
+   FP32 weights, FP16 with FP16 weights: `serve --input-format` / `--fp16`), each against raw
+   ONNX Runtime on the same graph (same input type and precision); then the best variant with
+   `--workers` 2 and 4 (processes sharing the GPU), with each process's GPU memory.
 
 Every step is skipped (with a note) when its estimated cost would overrun `--budget-s`.
 First a one-second smoke test: on `--device cuda`, a session that does not really run on CUDA
@@ -40,6 +45,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -56,8 +63,44 @@ from batchserve.examples import BertConfig, build_bert, write_example  # noqa: E
 
 # Server output lines worth keeping whatever follows them (ORT's own prints included).
 WARNING_LINE = re.compile(r"warn|error|fail|fall(ing)? back", re.IGNORECASE)
+# ... except the FP16 converter's line per weight too small for FP16 (thousands with --fp16),
+# which would crowd out the lines that matter.
+CONVERTER_NOISE = re.compile(
+    r"onnxconverter_common/float16\.py:\d+: UserWarning|^\s*warnings\.warn\("
+)
 SWEEP_FACTOR = 2.0  # `batchserve bench --sweep` steps the rate by this factor
 BERT_SMALL = BertConfig(layers=2, hidden=128, heads=2, ffn=512, vocab=30522, seq=128)
+# torchvision's ImageNet normalisation in pixel units (0..255), as `serve --input-format` takes it.
+IMAGENET_PIXELS = "mean=123.675/116.28/103.53:std=58.395/57.12/57.375"
+IMAGE_MODELS = ("resnet50",)  # the models the input variants apply to (input `input`, NCHW)
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """How clients send an image model's input, and the precision of its weights."""
+
+    name: str
+    datatype: str  # what clients send: UINT8 (normalised by the graph) or FP16 (as it is)
+    fp16: bool  # weights converted to FP16 (`serve --fp16`)
+
+    @property
+    def input_format(self) -> str:
+        if self.datatype == "UINT8":
+            return f"input=UINT8:{IMAGENET_PIXELS}"
+        return f"input={self.datatype}"
+
+    def serve_args(self) -> list[str]:
+        return [*(["--fp16"] if self.fp16 else []), "--input-format", self.input_format]
+
+    def bytes_per_row(self, elements: int) -> int:
+        return elements * (1 if self.datatype == "UINT8" else 2)
+
+
+VARIANTS = {
+    "uint8": Variant("uint8", "UINT8", fp16=False),
+    "fp16": Variant("fp16", "FP16", fp16=True),
+    "uint8-fp16": Variant("uint8-fp16", "UINT8", fp16=True),
+}
 
 
 # ---------------------------------------------------------------------------- settings
@@ -87,6 +130,9 @@ class Settings:
     run_overhead_s: float = 2.5
     server_start_s: float = 10.0  # estimate before a configuration of the model was measured
     build_s: dict[str, float] = field(default_factory=lambda: {"resnet50": 8.0, "bert-base": 15.0})
+    # A variant's graph made here for its raw ceiling (the FP16 conversion of ResNet-50 takes a
+    # few seconds), on top of its raw measurement at one batch size.
+    variant_prepare_s: float = 8.0
 
     def __post_init__(self) -> None:
         if self.start_fraction <= 0 or self.max_fraction < self.start_fraction:
@@ -160,18 +206,31 @@ def raw_estimate_s(settings: Settings, batches: int) -> float:
     return 5.0 + batches * (settings.raw_seconds + 0.5)  # session build, warm-up per batch
 
 
-def plan_s(settings: Settings, models: Sequence[str], instances: Sequence[int]) -> float:
+def plan_s(
+    settings: Settings,
+    models: Sequence[str],
+    instances: Sequence[int],
+    variants: Sequence[str] = (),
+    worker_counts: Sequence[int] = (),
+) -> float:
     """The whole run as estimated before anything was measured (the raw ceiling sets the
     sweep's range, and only the ratio of its ends counts, so a ceiling of 1 stands in)."""
     start, max_rate = sweep_rates(1e6, settings)
     runs = max_sweep_runs(start, max_rate, settings.bisect_steps)
+    serve_s = serve_estimate_s(settings, runs, settings.server_start_s)
     per_model = [
         settings.build_s.get(name, 15.0)
         + raw_estimate_s(settings, len(settings.batches[name]))
-        + len(instances) * serve_estimate_s(settings, runs, settings.server_start_s)
+        + len(instances) * serve_s
+        + (variants_estimate_s(settings, len(variants), serve_s) if name in IMAGE_MODELS else 0)
+        + (len(worker_counts) * serve_s if name in IMAGE_MODELS and variants else 0)
         for name in models
     ]
     return sum(per_model)
+
+
+def variants_estimate_s(settings: Settings, count: int, serve_s: float) -> float:
+    return count * (settings.variant_prepare_s + raw_estimate_s(settings, 1) + serve_s)
 
 
 def fits(elapsed_s: float, estimate_s: float, budget_s: float) -> bool:
@@ -204,6 +263,19 @@ def gpu_utilisation(samples: Sequence[tuple[float, float]]) -> dict[str, float] 
         "util_max": max(util),
         "memory_max_mib": max(s[1] for s in samples),
     }
+
+
+def parse_apps_csv(text: str) -> dict[int, float]:
+    """{pid: MiB} from `nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,
+    nounits` (unreadable lines skipped)."""
+    apps = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            apps[int(parts[0])] = float(parts[1].split()[0])
+        except (ValueError, IndexError):
+            continue  # "[N/A]" (no permission to see it), a header
+    return apps
 
 
 def best_batch(rows_per_s: dict[int, float]) -> tuple[int, float]:
@@ -271,26 +343,131 @@ def model_markdown(name: str, model: dict[str, Any], slo_p99_ms: float) -> list[
                 f"{_num(gpu.get('memory_max_mib'))} | {r['exit']} |"
             )
         lines.append("")
+    lines += variant_markdown(model, slo_p99_ms)
+    lines += workers_markdown(model)
     lines += [f"- {note}" for note in model.get("notes", [])]
     return lines
 
 
+IMAGE_ELEMENTS = 3 * 224 * 224
+BYTES = {"FP32": 4, "FP16": 2, "UINT8": 1}
+
+
+def _util(gpu: dict[str, Any]) -> str:
+    return f"{gpu['util_mean']:.0f} / {gpu['util_max']:.0f}" if gpu else "n/a"
+
+
+def _per_process(entry: dict[str, Any]) -> str:
+    memory = entry.get("gpu_memory") or {}
+    mib = memory.get("processes_mib") or memory.get("all_mib")
+    return " / ".join(f"{m:,.0f}" for m in mib) if mib else "n/a"
+
+
+def _served(row: dict[str, Any]) -> str:
+    """best rate | achieved | p50 | p99 | ÷ raw, or 'none held'."""
+    if not row["held"]:
+        return "none held | | | |"
+    return (
+        f"{row['rate']:,.0f} | {row['achieved']:,.0f} | {row['p50']:.2f} | {row['p99']:.2f} "
+        f"| {_num(row['ratio'], '.2f')}×"
+    )
+
+
+def variant_markdown(model: dict[str, Any], slo_p99_ms: float) -> list[str]:
+    records = model.get("variants") or {}
+    if not records:
+        return []
+    lines = [
+        f"Input variants, one image per request, p99 < {slo_p99_ms:g} ms; ÷ raw is against raw "
+        "ORT on the same graph (same input type and weights) at the same batch:",
+        "",
+        "| input | weights | KB per image | instances | raw ORT rows/s | best rate "
+        "| achieved req/s | p50 ms | p99 ms | ÷ raw | GPU util mean / max % "
+        "| GPU MiB per process | exit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    fp32 = [(e, serve_row(e, model.get("raw_best"))) for e in model.get("serve", [])]
+    held = [pair for pair in fp32 if pair[1]["held"]]
+    if held:
+        entry, row = max(held, key=lambda pair: pair[1]["achieved"])
+        lines.append(_variant_line("FP32", False, model["raw_best"], entry, row))
+    for record in records.values():
+        for entry in record["serve"]:
+            row = serve_row(entry, record["raw_best"])
+            lines.append(
+                _variant_line(record["datatype"], record["fp16"], record["raw_best"], entry, row)
+            )
+    return [*lines, ""]
+
+
+def _variant_line(
+    datatype: str, fp16: bool, raw: float, entry: dict[str, Any], row: dict[str, Any]
+) -> str:
+    size = IMAGE_ELEMENTS * BYTES[datatype] / 1000
+    return (
+        f"| {datatype} | {'FP16' if fp16 else 'FP32'} | {size:,.0f} | {row['instances']} "
+        f"| {raw:,.0f} | {_served(row)} | {_util(row['gpu'] or {})} | {_per_process(entry)} "
+        f"| {row['exit']} |"
+    )
+
+
+def workers_markdown(model: dict[str, Any]) -> list[str]:
+    entries = model.get("workers") or []
+    if not entries:
+        return []
+    name = entries[0].get("variant")
+    record = model["variants"][name]
+    lines = [
+        f"Worker processes sharing the GPU (`--workers`), input variant {name}, "
+        f"{entries[0]['instances']} instance(s) each:",
+        "",
+        "| workers | best rate | achieved req/s | p50 ms | p99 ms | ÷ raw | GPU util mean / max % "
+        "| GPU mem max MiB | GPU MiB per process | exit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in [*record["serve"][:1], *entries]:
+        row = serve_row(entry, record["raw_best"])
+        gpu = row["gpu"] or {}
+        lines.append(
+            f"| {entry.get('workers', 1)} | {_served(row)} | {_util(gpu)} "
+            f"| {_num(gpu.get('memory_max_mib'))} | {_per_process(entry)} | {row['exit']} |"
+        )
+    return [*lines, ""]
+
+
+def all_rows(model: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, row) of every ResNet-50 configuration measured, each row's ratio against the
+    raw ceiling of its own graph."""
+    found = [
+        (f"{e['instances']} instance(s)", serve_row(e, model.get("raw_best")))
+        for e in model.get("serve", [])
+    ]
+    records = model.get("variants") or {}
+    for name, record in records.items():
+        for entry in record["serve"]:
+            label = f"{entry['instances']} instance(s), {name}"
+            found.append((label, serve_row(entry, record["raw_best"])))
+    for entry in model.get("workers") or []:
+        label = f"{entry['workers']} workers x {entry['instances']} instance(s), {entry['variant']}"
+        found.append((label, serve_row(entry, records[entry["variant"]]["raw_best"])))
+    return found
+
+
 def targets(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """The GPU issue's ResNet-50 targets against the best instance count measured."""
+    """The GPU issue's ResNet-50 targets against the best configuration measured (instance
+    counts, input variants, workers), its ratio against raw ORT on its own graph."""
     model = summary.get("models", {}).get("resnet50")
     if not model or summary.get("device") != "cuda":
         return []
-    rows = [serve_row(e, model.get("raw_best")) for e in model.get("serve", [])]
-    held = [r for r in rows if r["held"]]
+    held = [(label, row) for label, row in all_rows(model) if row["held"]]
     if not held:
         return [("ResNet-50: any rate under the SLO", "none", False)]
-    top = max(held, key=lambda r: r["achieved"])
+    label, top = max(held, key=lambda pair: pair[1]["achieved"])
     ratio = top["ratio"] or 0.0
-    label = f"{top['instances']} instance(s)"
     achieved = f"{top['achieved']:,.0f}"
     return [
         (
-            "ResNet-50 over HTTP ≥ 80% of raw ORT best batch",
+            "ResNet-50 over HTTP ≥ 80% of raw ORT best batch, same input and precision",
             f"{ratio:.2f}× ({label})",
             ratio >= 0.8,
         ),
@@ -339,6 +516,31 @@ def gpu_name() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
+
+
+def gpu_process_memory(group: int) -> dict[str, Any] | None:
+    """GPU memory of each process in process group `group` (a server and its workers), and of
+    every compute process, as nvidia-smi reports them now; None without nvidia-smi. In a
+    container that hides other PID namespaces the group's list can be empty: `all_mib` stays."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    apps = parse_apps_csv(out.stdout)
+    mine = [mib for pid, mib in sorted(apps.items()) if _group_of(pid) == group]
+    return {"processes_mib": mine, "all_mib": sorted(apps.values())}
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None  # gone, or in another PID namespace
 
 
 class GpuSampler:
@@ -396,6 +598,35 @@ class Model:
     path: Path
     feeds: Callable[[int, np.random.Generator], dict[str, np.ndarray]]
     bench_input: Path | None  # None: `bench` draws random inputs from the metadata
+    # What raw ONNX Runtime runs when it is not the served file: the graph the server makes
+    # from it (an input variant), so both sides compute the same thing.
+    raw_path: Path | None = None
+
+
+def variant_model(model: Model, variant: Variant, tmp: Path) -> Model:
+    """`model` as the server serves it with the variant's flags, made by the same code
+    (`batchserve.runtime`): the served file stays the original."""
+    from batchserve.runtime.fp16 import convert_fp16
+    from batchserve.runtime.input_prefix import add_prefixes, parse_input_format
+
+    data = model.path.read_bytes()
+    if variant.fp16:
+        with warnings.catch_warnings():
+            # One line per weight too small for FP16 (thousands for ResNet-50): not news here.
+            warnings.filterwarnings("ignore", category=UserWarning, module="onnxconverter_common")
+            data = convert_fp16(data, model.name)
+    data = add_prefixes(data, (parse_input_format(variant.input_format),), model.name)
+    raw_path = tmp / f"{model.name}-{variant.name}.onnx"
+    raw_path.write_bytes(data)
+
+    def images(rows: int, rng: np.random.Generator) -> dict[str, Any]:
+        if variant.datatype == "UINT8":
+            return {"input": rng.integers(0, 256, (rows, 3, 224, 224), dtype=np.uint8)}
+        return {
+            "input": rng.standard_normal((rows, 3, 224, 224), dtype=np.float32).astype(np.float16)
+        }
+
+    return Model(model.name, model.path, images, None, raw_path)
 
 
 def build_model(name: str, settings: Settings, tmp: Path) -> Model:
@@ -471,12 +702,15 @@ def smoke_test(device: str, tmp: Path) -> dict[str, Any]:
     return {"providers": session.get_providers(), "seconds": time.monotonic() - started}
 
 
-def raw_throughput(model: Model, settings: Settings) -> dict[int, float]:
+def raw_throughput(
+    model: Model, settings: Settings, batches: Sequence[int] | None = None
+) -> dict[int, float]:
     """Rows/s per batch size: one session, numpy inputs and outputs on the host."""
-    session = ort_session(model.path, settings.device, f"{model.name} raw ONNX Runtime")
+    path = model.raw_path or model.path
+    session = ort_session(path, settings.device, f"{path.stem} raw ONNX Runtime")
     rng = np.random.default_rng(0)
     result = {}
-    for batch in settings.batches[model.name]:
+    for batch in batches or settings.batches[model.name]:
         feeds = model.feeds(batch, rng)
         for _ in range(3):  # first runs per shape plan memory and pick kernels
             session.run(None, feeds)
@@ -499,6 +733,7 @@ class Server:
     def __init__(self, command: list[str]) -> None:
         self.command = command
         self.url: str | None = None
+        self.banner = ""
         self.log: collections.deque[str] = collections.deque(maxlen=60)
         # Kept apart: start-up warnings (TensorRT missing, CUDA libraries) scroll out of `log`.
         self.warnings: list[str] = []
@@ -520,11 +755,13 @@ class Server:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.log.append(line.rstrip())
-            if WARNING_LINE.search(line) and len(self.warnings) < 20:
+            keep = WARNING_LINE.search(line) and not CONVERTER_NOISE.search(line)
+            if keep and len(self.warnings) < 20:
                 self.warnings.append(line.rstrip()[:1000])
             found = re.search(r"listening on (http://\S+)", line)
             if found and self.url is None:
                 self.url = found.group(1)
+                self.banner = line.strip()  # says how many workers serve
                 self._listening.set()
         self._listening.set()  # exited: wake the waiter
 
@@ -546,6 +783,16 @@ class Server:
             self.log.append(f"killed after {timeout_s:g} s without exiting")
         self._reader.join(timeout=5)
         return code
+
+
+def served_inputs(url: str, name: str) -> list[str] | None:
+    """`NAME DATATYPE` of each input the server reports: proves what clients sent."""
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models/{name}", timeout=10) as response:
+            metadata = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return [f"{spec['name']} {spec['datatype']}" for spec in metadata.get("inputs", [])]
 
 
 def kill_group(process: subprocess.Popen[Any]) -> None:
@@ -587,15 +834,24 @@ def run_group(command: list[str], timeout_s: float) -> tuple[int | None, str, st
     return process.returncode, out, err
 
 
-def serve_command(model: Model, instances: int, batch: int, args: argparse.Namespace) -> list[str]:
+def serve_command(
+    model: Model,
+    instances: int,
+    batch: int,
+    args: argparse.Namespace,
+    extra: Sequence[str] = (),
+    workers: int | None = None,
+) -> list[str]:
+    # gRPC off: the load goes over HTTP, and workers would otherwise share port 8001 too.
     return [
         sys.executable, "-m", "batchserve", "serve", str(model.path),
         "--name", model.name,
         "--device", args.settings.device,
         "--instances", str(instances),
         "--max-batch-size", str(batch),
-        "--workers", str(args.workers),
-        "--host", "127.0.0.1", "--port", "0",
+        "--workers", str(workers or args.workers),
+        "--host", "127.0.0.1", "--port", "0", "--grpc-port", "off",
+        *extra,
         *shlex.split(args.serve_args),
     ]  # fmt: skip
 
@@ -628,22 +884,35 @@ def serve_once(
     args: argparse.Namespace,
     deadline: float,
     tmp: Path,
+    variant: Variant | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """One instance count: start, sweep under the GPU sampler, SIGTERM, exit code."""
-    entry: dict[str, Any] = {"instances": instances, "max_batch_size": batch}
+    """One configuration: start, sweep under the GPU sampler, each process's GPU memory,
+    SIGTERM, exit code."""
+    workers = workers or args.workers
+    entry: dict[str, Any] = {"instances": instances, "max_batch_size": batch, "workers": workers}
+    extra: list[str] = []
+    if variant is not None:
+        entry.update(variant=variant.name, datatype=variant.datatype, fp16=variant.fp16)
+        extra = variant.serve_args()
+    label = f"{model.name}-{variant.name if variant else 'fp32'}-{instances}-{workers}"
     started = time.monotonic()
-    with serving(serve_command(model, instances, batch, args)) as server:
+    with serving(serve_command(model, instances, batch, args, extra, workers)) as server:
         url = server.wait_listening(timeout_s=max(10.0, min(240.0, deadline - time.monotonic())))
         entry["start_s"] = time.monotonic() - started
-        json_path = tmp / f"bench-{model.name}-{instances}.json"
+        entry["listening"] = server.banner
+        entry["inputs"] = served_inputs(url, model.name)
+        json_path = tmp / f"bench-{label}.json"
         command = bench_command(url, model, rates, args.settings, json_path)
-        with GpuSampler(tmp / f"smi-{model.name}-{instances}.csv") as sampler:
+        with GpuSampler(tmp / f"smi-{label}.csv") as sampler:
             code, out, err = run_group(command, max(10.0, deadline - time.monotonic()))
             entry["bench_exit"] = code
             if code is None:
                 entry["bench_error"] = "bench overran the hard deadline and was stopped"
             elif code != 0:
                 entry["bench_error"] = (err or out)[-1500:]
+            # Before SIGTERM: the sessions (and their arenas) are still held.
+            entry["gpu_memory"] = gpu_process_memory(server.process.pid)
         entry["gpu"] = sampler.summary()
         entry["bench"] = json.loads(json_path.read_text()) if json_path.exists() else None
         entry["exit"] = server.stop()
@@ -736,9 +1005,129 @@ def check_model(run: Run, model: Model, tmp: Path) -> None:
         entry["serve"].append(result)
         run.save()
         last_seconds = result.get("seconds", last_seconds)
-        row = serve_row(result, ceiling)
-        rate = f"{row['achieved']:,.0f} req/s, p99 {row['p99']:.1f} ms" if row["held"] else "none"
-        run.log(f"  -> best under SLO: {rate}; server exit {result.get('exit')}")
+        log_result(run, result, ceiling)
+    if model.name not in IMAGE_MODELS or not run.args.variants:
+        return
+    instances = best_instances(entry["serve"], ceiling) or run.args.instances[0]
+    best = check_variants(run, model, tmp, batch, instances, last_seconds)
+    if best is not None:
+        check_workers(run, model, tmp, batch, instances, best)
+
+
+def log_result(run: Run, result: dict[str, Any], ceiling: float | None) -> None:
+    row = serve_row(result, ceiling)
+    rate = f"{row['achieved']:,.0f} req/s, p99 {row['p99']:.1f} ms" if row["held"] else "none"
+    run.log(f"  -> best under SLO: {rate}; server exit {result.get('exit')}")
+
+
+def best_instances(entries: Sequence[dict[str, Any]], ceiling: float | None) -> int | None:
+    """The instance count that served the most under the SLO (None: none held)."""
+    held = [row for row in (serve_row(e, ceiling) for e in entries) if row["held"]]
+    return max(held, key=lambda row: row["achieved"])["instances"] if held else None
+
+
+def check_variants(
+    run: Run, model: Model, tmp: Path, batch: int, instances: int, last_seconds: float | None
+) -> str | None:
+    """Each input variant at `instances`, against raw ORT on the same graph at `batch`; the
+    name of the one that served the most under the SLO."""
+    settings: Settings = run.args.settings
+    entry = run.summary["models"][model.name]
+    records: dict[str, Any] = entry.setdefault("variants", {})
+    start, max_rate = sweep_rates(1e6, settings)
+    runs = max_sweep_runs(start, max_rate, settings.bisect_steps)
+    for name in run.args.variants:
+        variant = VARIANTS[name]
+        estimate = settings.variant_prepare_s + raw_estimate_s(settings, 1)
+        estimate += next_serve_estimate_s(settings, runs, last_seconds)
+        if not run.fits(estimate):
+            entry["notes"].append(
+                f"skipped variant {name}: ~{estimate:.0f} s more would overrun the "
+                f"{run.args.budget_s:g} s budget at {run.elapsed:.0f} s"
+            )
+            continue
+        run.log(f"{model.name} {name}: raw ONNX Runtime on the same graph, batch {batch}")
+        try:
+            served = variant_model(model, variant, tmp)
+        except Exception as err:  # the conversion's own errors (e.g. no onnxconverter-common)
+            entry["notes"].append(f"variant {name}: cannot build its graph: {err}")
+            continue
+        try:
+            result = measure_variant(run, served, variant, batch, instances, tmp)
+        except CheckStopped as err:
+            # The smoke test already proved the device: this graph alone failed (an operator
+            # without an FP16 kernel, say). Later steps still measure.
+            entry["notes"].append(f"variant {name}: {err}")
+            continue
+        finally:
+            if served.raw_path is not None:
+                served.raw_path.unlink()
+        last_seconds = result.get("seconds", last_seconds)
+    achieved = {}
+    for name, record in records.items():
+        rows = [serve_row(e, record["raw_best"]) for e in record["serve"]]
+        if rows and rows[0]["held"]:
+            achieved[name] = rows[0]["achieved"]
+    return max(achieved, key=lambda n: achieved[n]) if achieved else None
+
+
+def measure_variant(
+    run: Run, served: Model, variant: Variant, batch: int, instances: int, tmp: Path
+) -> dict[str, Any]:
+    """The variant's raw ceiling at `batch`, then the server with its flags."""
+    settings: Settings = run.args.settings
+    ceiling = raw_throughput(served, settings, [batch])[batch]
+    record: dict[str, Any] = {
+        "datatype": variant.datatype,
+        "fp16": variant.fp16,
+        "raw_rows_per_s": {str(batch): ceiling},
+        "raw_best": ceiling,
+        "serve": [],
+    }
+    run.summary["models"][served.name]["variants"][variant.name] = record
+    run.save()
+    run.log(f"{served.name} {variant.name}: serve --instances {instances} {variant.serve_args()}")
+    rates = sweep_rates(ceiling, settings)
+    try:
+        result = serve_once(
+            served, instances, batch, rates, run.args, run.hard_deadline, tmp, variant
+        )
+    except RuntimeError as err:  # the server did not start: its log says why
+        result = {"instances": instances, "variant": variant.name, "error": str(err), "exit": None}
+    record["serve"].append(result)
+    run.save()
+    log_result(run, result, ceiling)
+    return result
+
+
+def check_workers(run: Run, model: Model, tmp: Path, batch: int, instances: int, name: str) -> None:
+    """The best variant with several server processes sharing the GPU."""
+    settings: Settings = run.args.settings
+    entry = run.summary["models"][model.name]
+    record = entry["variants"][name]
+    results: list[dict[str, Any]] = entry.setdefault("workers", [])
+    last_seconds = record["serve"][0].get("seconds")
+    start, max_rate = sweep_rates(1e6, settings)
+    runs = max_sweep_runs(start, max_rate, settings.bisect_steps)
+    for workers in run.args.worker_counts:
+        # More processes take longer to start: scale the last estimate by them.
+        estimate = next_serve_estimate_s(settings, runs, last_seconds) * (1 + 0.05 * workers)
+        if not run.fits(estimate):
+            entry["notes"].append(
+                f"skipped {workers} workers: ~{estimate:.0f} s more would overrun the "
+                f"{run.args.budget_s:g} s budget at {run.elapsed:.0f} s"
+            )
+            continue
+        run.log(f"{model.name} {name}: serve --workers {workers} --instances {instances}")
+        rates = sweep_rates(record["raw_best"], settings)
+        result = serve_once(
+            model, instances, batch, rates, run.args, run.hard_deadline, tmp, VARIANTS[name],
+            workers,
+        )  # fmt: skip
+        results.append(result)
+        run.save()
+        last_seconds = result.get("seconds", last_seconds)
+        log_result(run, result, record["raw_best"])
 
 
 def describe_ort(summary: dict[str, Any], device: str) -> None:
@@ -766,9 +1155,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="resnet50,bert-base")
     parser.add_argument("--instances", default=None, help="default 1,2,4 (dry run: 1,2)")
     parser.add_argument(
+        "--variants",
+        default="uint8,fp16",
+        help=f"ResNet-50 input variants after the instance counts, of {', '.join(VARIANTS)} "
+        "('' for none)",
+    )
+    parser.add_argument(
+        "--worker-counts",
+        default=None,
+        help="--workers of the best variant's extra runs: default 2,4 (dry run 2; '' for none)",
+    )
+    parser.add_argument(
         "--budget-s",
         type=float,
-        default=330.0,
+        default=500.0,
         help="no step starts if its estimate would end past this",
     )
     parser.add_argument(
@@ -790,6 +1190,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default = "1,2" if args.cpu_dry_run else "1,2,4"
     args.instances = [int(k) for k in (args.instances or default).split(",")]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+    counts = (
+        args.worker_counts
+        if args.worker_counts is not None
+        else ("2" if args.cpu_dry_run else "2,4")
+    )
+    args.worker_counts = [int(n) for n in counts.split(",") if n.strip()]
     return args
 
 
@@ -804,6 +1214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget_s": args.budget_s,
         "processes": settings.processes,
         "workers": args.workers,
+        "variants": args.variants,
+        "worker_counts": args.worker_counts,
         "serve_args": args.serve_args,
         "bench_duration_s": settings.bench_duration_s,
         "bench_warmup_s": settings.bench_warmup_s,
@@ -830,7 +1242,9 @@ def check(run: Run) -> int:
     stopped = False
     try:
         describe_ort(summary, settings.device)
-        summary["planned_s"] = plan_s(settings, args.models, args.instances)
+        summary["planned_s"] = plan_s(
+            settings, args.models, args.instances, args.variants, args.worker_counts
+        )
         run.log(f"plan: ~{summary['planned_s']:.0f} s estimated, budget {args.budget_s:g} s")
         ort_line = f"onnxruntime {summary['onnxruntime']} {summary['providers']}"
         run.log(f"GPU {summary['gpu']}; {ort_line}")

@@ -7,7 +7,7 @@
 #
 # numpy is left out on purpose: the GPU machine has one that its torch and CuPy were built
 # against, and a second copy on PYTHONPATH would shadow it. onnxruntime-gpu travels on its
-# own (benchmarks/gpu/split_wheel.sh). The total stays under 20 MB (a transfer carries at
+# own (benchmarks/gpu/split_wheel.sh). The total stays under 30 MB (a transfer carries at
 # most 64 MiB).
 set -euo pipefail
 top=$(git rev-parse --show-toplevel)
@@ -21,8 +21,11 @@ packages=(
   uvloop orjson prometheus-client redis
   # the load generator's HTTP/1.1 response parser
   httptools
-  # building the example models
-  onnx protobuf ml_dtypes typing_extensions
+  # the gRPC front end (imported by every server) and the protocol's messages
+  grpcio 'grpcio-health-checking>=1.81,<1.82' tritonclient python-rapidjson packaging
+  # building the example models; --fp16 and the FP16 input variant convert with
+  # onnxconverter-common
+  onnx protobuf ml_dtypes typing_extensions onnxconverter-common
 )
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
