@@ -4,15 +4,28 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-busy lint bench bench-micro install clean
+.PHONY: demo test test-fast test-busy lint bench bench-micro install lock clean
 
-$(STAMP): pyproject.toml
+# Every dependency at the version in constraints.txt, the lock (`make lock` refreshes it).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench,cost,deploy,gpu,images]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench,cost,deploy,gpu,images,otel]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Recompile constraints.txt from pyproject.toml (dependencies and every extra) and constraints.in,
+## for every platform and Python >= 3.11. Pins still allowed are kept; UPGRADE=1 moves every
+## package to its newest allowed release. Needs PyPI; uv goes into its own venv under build/.
+UV_VERSION ?= 0.13.9
+LOCK_TOOLS := build/lock-tools
+lock:
+	test -d $(LOCK_TOOLS) || $(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/pip install -q 'uv==$(UV_VERSION)'
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml constraints.in --all-extras --universal \
+	  --python-version 3.11 $(if $(UPGRADE),--upgrade) --custom-compile-command 'make lock' \
+	  --quiet -o constraints.txt
 
 ## Build the example model, serve it, show one answer and a 10 s load, stop it with SIGTERM.
 demo: $(STAMP)

@@ -34,6 +34,7 @@ from batchserve.metrics import BatchserveCollector, build_registry
 from batchserve.repository import EngineFactory, ModelConfig, ModelRepository
 from batchserve.rpc import GrpcServer
 from batchserve.settings import ServeSettings
+from batchserve.tracing import Tracing
 
 log = logging.getLogger("batchserve.server")
 
@@ -41,10 +42,12 @@ log = logging.getLogger("batchserve.server")
 def build_server(settings: ServeSettings) -> Server:
     """The server one process runs for `settings`: its engines, its repository, its front end.
     Nothing starts until the server is entered (`async with server`)."""
-    return Server(build_repository(settings), settings.server)
+    # Tracing off: no Tracing at all, so the request path never calls into one.
+    tracing = Tracing(settings.tracing) if settings.tracing.enabled else None
+    return Server(build_repository(settings, tracing), settings.server, tracing=tracing)
 
 
-def build_repository(settings: ServeSettings) -> ModelRepository:
+def build_repository(settings: ServeSettings, tracing: Tracing | None = None) -> ModelRepository:
     grace = settings.server.shutdown_grace_s
     # A server sharing its port with other workers shares its models with them: its own
     # load/unload API cannot reach the others, so it refuses that API.
@@ -53,8 +56,9 @@ def build_repository(settings: ServeSettings) -> ModelRepository:
     if settings.model_repository is not None:
         limits = HandlerLimits.of(settings.handler_run())
         factory = engine_factory(
-            settings.batch, settings.runtime, settings.cache, handler, handler_limits=limits
-        )
+            settings.batch, settings.runtime, settings.cache, handler, handler_limits=limits,
+            tracing=tracing,
+        )  # fmt: skip
         return ModelRepository.from_directory(
             Path(settings.model_repository),
             factory,
@@ -64,7 +68,7 @@ def build_repository(settings: ServeSettings) -> ModelRepository:
         )
     assert settings.model is not None  # ServeSettings holds exactly one of the two
     engine = Engine(settings.model, settings.batch, settings.runtime, name=settings.name,
-                    cache=settings.cache, handler=handler)  # fmt: skip
+                    cache=settings.cache, handler=handler, tracing=tracing)  # fmt: skip
     return ModelRepository([engine], drain_timeout_s=grace, shared=shared)
 
 
@@ -119,6 +123,7 @@ def engine_factory(
     handler: HandlerConfig | None = None,
     *,
     handler_limits: HandlerLimits | None = None,
+    tracing: Tracing | None = None,
 ) -> EngineFactory:
     """Engines with the server's settings, overridden by each model's config.toml (a model's
     `handler` key replaces the server's `--handler`, and runs with `handler_limits`: by default
@@ -133,7 +138,8 @@ def engine_factory(
         if config.handler is not None:
             model_handler = limits.apply(config.handler, config.handler_options)
         return Engine(path, config.batch(batch), config.runtime(runtime), name=name,
-                      version=version, cache=model_cache, handler=model_handler)  # fmt: skip
+                      version=version, cache=model_cache, handler=model_handler,
+                      tracing=tracing)  # fmt: skip
 
     return build
 
@@ -142,12 +148,15 @@ def create_app(
     repository: ModelRepository,
     config: ServerConfig,
     grpc_requests: RequestStatistics | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """The aiohttp application; its startup loads every model, its cleanup drains them.
-    `grpc_requests`: the gRPC front end's counts, for /metrics beside HTTP's."""
+    `grpc_requests`: the gRPC front end's counts, for /metrics beside HTTP's. `tracing`: the
+    request spans' tracer (None: off), started and closed by its owner."""
     app = web.Application(client_max_size=config.max_body_bytes)
     app[REPOSITORY] = repository
     state = app[STATE] = ServerState(config)
+    state.tracer = tracing
     counts = {"http": state.requests}
     if grpc_requests is not None:
         counts["grpc"] = grpc_requests
@@ -208,13 +217,19 @@ class Server(Lifecycle):
     the same time, gRPC streams stop reading and gRPC calls in flight finish (up to the grace
     period) while new HTTP handshakes are refused and connections already queued accepted and
     answered → listening sockets closed → in-flight HTTP requests finished (up to the grace
-    period) → queues drained → sessions closed.
+    period) → queues drained → sessions closed → the last spans exported.
+
+    `tracing` (None: off) is the server's: started first, closed last. The engines of
+    `repository` are to hold the same one (`build_server` wires both).
     """
 
-    def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
+    def __init__(
+        self, repository: ModelRepository, config: ServerConfig, *, tracing: Tracing | None = None
+    ) -> None:
         self.config = config
+        self.tracing = tracing
         grpc_requests = RequestStatistics() if config.grpc_port is not None else None
-        self.app = create_app(repository, config, grpc_requests)
+        self.app = create_app(repository, config, grpc_requests, tracing)
         self.grpc: GrpcServer | None = None
         if grpc_requests is not None:
             self.grpc = GrpcServer(repository, self.app[STATE], grpc_requests, config)
@@ -243,6 +258,18 @@ class Server(Lifecycle):
         self._port: int | None = None
 
     async def start(self) -> None:
+        tracing = self.tracing
+        # Before the engines: their batchers trace runs from the first request on.
+        if tracing is not None:
+            await tracing.start()
+        try:
+            await self._start()
+        except BaseException:
+            if tracing is not None:
+                await tracing.aclose()
+            raise
+
+    async def _start(self) -> None:
         await self._runner.setup()
         config = self.config
         guard = self.connections
@@ -300,7 +327,12 @@ class Server(Lifecycle):
                 grace = min(2.0, self.config.shutdown_grace_s)
                 closing.create_task(drain_listeners(listeners, self.connections, grace))
         finally:
-            await self._runner.cleanup()
+            try:
+                await self._runner.cleanup()
+            finally:
+                # Last, so the spans of the requests that drained are exported too.
+                if self.tracing is not None:
+                    await self.tracing.aclose()
 
 
 async def serve_until_signalled(

@@ -17,6 +17,8 @@ from batchserve.errors import InvalidInput
 if TYPE_CHECKING:
     import numpy as np
 
+    from batchserve.tracing import RequestTrace
+
 # How the response cache served a call: not consulted (off, or the call opted out), a local
 # or Redis hit, or a miss that computed (and stored) the answer.
 CacheOutcome = Literal["off", "hit", "miss"]
@@ -37,8 +39,10 @@ class Call:
     `cache`: False computes the answer even when the response cache holds it (and stores
     nothing). `timeout_s`: the seconds the call may still take (None: no deadline); past it,
     DeadlineExceeded (504). `max_output_bytes`: PayloadTooLarge (413) when the outputs, or a
-    handler's answer, would take more. `priority`: for a queue that orders by it, higher
-    first; every call is served in arrival order today.
+    handler's answer, would take more. `priority`: the V2 `parameters.priority` (1 highest; 0
+    the model's default level), read by models that have priority levels (docs/batching.md);
+    other models serve every call in arrival order. `trace`: the request's span when tracing is
+    on and the request was sampled (None otherwise), for the batch that runs it to link to.
     """
 
     inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -52,6 +56,7 @@ class Call:
     timeout_s: float | None = None
     max_output_bytes: int | None = None
     priority: int = 0
+    trace: RequestTrace | None = None
 
 
 class Result:
@@ -96,6 +101,18 @@ def request_timeout_s(parameters: Mapping[str, Any] | None, default: float | Non
         raise InvalidInput("parameters.timeout must be a positive integer (microseconds)")
     seconds = requested / 1e6
     return seconds if default is None else min(seconds, default)
+
+
+def request_priority(parameters: Mapping[str, Any] | None) -> int:
+    """A call's priority: the V2 `parameters.priority` (as Triton reads it: 1 is the highest
+    level, 0 or none the model's default), a non-negative integer; InvalidInput otherwise.
+    Which levels exist is the model's (`PriorityConfig.tier` checks the range)."""
+    requested = parameters.get("priority") if parameters else None
+    if requested is None:
+        return 0
+    if type(requested) is not int or requested < 0:
+        raise InvalidInput("parameters.priority must be a non-negative integer (1 is highest)")
+    return requested
 
 
 def remaining_s(timeout_s: float | None, waited_s: float) -> float | None:

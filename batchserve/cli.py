@@ -75,6 +75,11 @@ def _add_bench(commands: Any) -> None:
         help="extra header on every request, metadata and statistics GETs included (repeatable)",
     )  # fmt: skip
     bench.add_argument(
+        "--parameter", action="append", metavar="KEY=VALUE",
+        help="a V2 request parameter on every request, VALUE read as JSON, else as text: "
+        "priority=1, timeout=50000 (repeatable)",
+    )  # fmt: skip
+    bench.add_argument(
         "--api-key", default=env("api-key", None),
         help="send Authorization: Bearer KEY (default: $BATCHSERVE_API_KEY)",
     )  # fmt: skip

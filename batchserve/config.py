@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:
+    # Only the type: the runtime package loads ONNX Runtime, which config must not.
+    from batchserve.queue.priority import PriorityConfig
+    from batchserve.runtime.input_prefix import InputFormat
 
 
 def _positive(name: str, value: float) -> None:
@@ -17,6 +23,29 @@ def _non_negative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def _unique_inputs(formats: tuple[InputFormat, ...]) -> None:
+    names = [spec.name for spec in formats]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"input format given more than once for {twice}")
+
+
+def _check_redis_url(url: str | None) -> None:
+    """Refuse at start what would fail every Redis call later: a scheme redis-py does not
+    know, or TLS options (`ssl_ca_certs=...`) on a URL without TLS. The messages never quote
+    the URL, which may hold a password."""
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError(
+            f"redis_url must start with redis://, rediss:// or unix://, not {parts.scheme}:"
+        )
+    tls_options = sorted(name for name in parse_qs(parts.query) if name.startswith("ssl_"))
+    if tls_options and parts.scheme != "rediss":
+        raise ValueError(f"redis_url: {', '.join(tls_options)} needs rediss:// (TLS)")
+
+
 @dataclass(frozen=True, slots=True)
 class BatchConfig:
     """How requests are merged into ONNX Runtime runs.
@@ -27,12 +56,15 @@ class BatchConfig:
     max_queue_rows: rows allowed to wait; past it new requests are rejected (429).
     max_shape_groups: distinct input shapes (non-batch dimensions) allowed to wait at once;
         a request that would open one more is rejected (429).
+    priority: the model's priority levels and their queue policies (a model's config.toml
+        `[priority]`; docs/batching.md); None: one queue, first come first served.
     """
 
     max_batch_size: int = 64
     max_latency_ms: float = 2.0
     max_queue_rows: int = 8192
     max_shape_groups: int = 1024
+    priority: PriorityConfig | None = None
 
     def __post_init__(self) -> None:
         _positive("max_batch_size", self.max_batch_size)
@@ -119,6 +151,9 @@ class RuntimeConfig:
     cuda_graphs: capture a CUDA graph per power-of-two batch bucket and replay it; inputs are
         padded up to their bucket (CUDA only, needs I/O binding and fixed shapes but the batch).
     gpu_mem_limit_mb: cap on each session's CUDA memory arena (0 = no cap; CUDA only).
+    input_formats: FP32 inputs that clients send as UINT8 or FP16 instead, cast and normalised
+        by nodes added in front of the model's graph (runtime/input_prefix.py; cached under
+        build_cache_dir).
     """
 
     instances: int = 1
@@ -135,9 +170,11 @@ class RuntimeConfig:
     build_cache_dir: str | None = None
     cuda_graphs: bool = False
     gpu_mem_limit_mb: int = 0
+    input_formats: tuple[InputFormat, ...] = ()
 
     def __post_init__(self) -> None:
         _positive("instances", self.instances)
+        _unique_inputs(self.input_formats)
         _non_negative("intra_op_threads", self.intra_op_threads)
         _non_negative("replace_after_failures", self.replace_after_failures)
         _non_negative("stall_timeout_s", self.stall_timeout_s)
@@ -176,7 +213,8 @@ class CacheConfig:
     """The response cache (see docs/caching.md).
 
     size_mb: in-process LRU size in MiB of cached outputs (0 = no local tier).
-    redis_url: shared tier, e.g. redis://host:6379/0 (None = no Redis).
+    redis_url: shared tier, e.g. redis://host:6379/0, or rediss://:KEY@host:10000/0 over TLS
+        (`?ssl_ca_certs=FILE` for a private CA) (None = no Redis).
     ttl_s: lifetime of Redis entries.
     redis_timeout_ms: a Redis call slower than this is a miss.
     redis_retry_after_s: how long the circuit stays open after repeated Redis failures.
@@ -195,6 +233,7 @@ class CacheConfig:
         _positive("ttl_s", self.ttl_s)
         _positive("redis_timeout_ms", self.redis_timeout_ms)
         _positive("redis_retry_after_s", self.redis_retry_after_s)
+        _check_redis_url(self.redis_url)
 
     @property
     def enabled(self) -> bool:

@@ -41,6 +41,8 @@ from batchserve.runtime import (
     capture_rows,
     sample_inputs,
 )
+from batchserve.runtime.input_prefix import formats_key
+from batchserve.tracing import RequestTrace, Tracing
 
 log = logging.getLogger("batchserve.engine")
 
@@ -73,9 +75,11 @@ class Engine(Lifecycle):
         clock: Clock | None = None,
         cache: CacheConfig | None = None,
         handler: HandlerConfig | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.handler_config = handler
+        self.tracing = tracing  # spans of its runs, when tracing is on (started by its owner)
         # The handler around the model (pre- and post-processing off the event loop), if any.
         self.pipeline: HandlerPipeline | None = None
         self.batch_config = batch or BatchConfig()
@@ -101,7 +105,7 @@ class Engine(Lifecycle):
         the unloaded engine may still be draining, and its drain closes it, not the new one."""
         return Engine(self.model_path, self.batch_config, self.runtime_config, name=self.name,
                       version=self.version, clock=self._clock, cache=self.cache_config,
-                      handler=self.handler_config)  # fmt: skip
+                      handler=self.handler_config, tracing=self.tracing)  # fmt: skip
 
     async def start(self) -> None:
         """Load the model, build and warm up the sessions; returns when ready to serve."""
@@ -114,8 +118,11 @@ class Engine(Lifecycle):
         sessions, metadata = await asyncio.to_thread(builder.load)
         self.digest = builder.digest
         # Keys carry the file's digest: a new file never gets the old file's answers; and the
-        # precision: replicas with and without --fp16 may share one Redis.
+        # precision and input formats: replicas with and without --fp16, or normalising
+        # UINT8 inputs differently, may share one Redis.
         precision = ":fp16" if self.runtime_config.fp16 else ""
+        if self.runtime_config.input_formats:
+            precision += ":" + formats_key(self.runtime_config.input_formats)
         self._cache_version = f"{self.version}:{builder.digest}{precision}"
         runtime = self.runtime_config
         health = HealthPolicy(
@@ -136,6 +143,8 @@ class Engine(Lifecycle):
                 max_queue_rows=self.batch_config.max_queue_rows,
                 batched=metadata.batched,
                 max_shape_groups=self.batch_config.max_shape_groups,
+                priority=self.batch_config.priority,
+                tracer=self.tracing.batches(self.name, self.version) if self.tracing else None,
             )
             # Closed in reverse: the batcher drains before the pool stops its threads.
             self._batcher = await stack.enter_async_context(batcher)
@@ -309,8 +318,9 @@ class Engine(Lifecycle):
         """The batched run between a handler's two steps, under the call's cache choice and
         output limit, with what is left of its deadline."""
         model_call = Call(
-            inputs, cache=call.cache, timeout_s=timeout_s, max_output_bytes=call.max_output_bytes
-        )
+            inputs, cache=call.cache, timeout_s=timeout_s, max_output_bytes=call.max_output_bytes,
+            trace=call.trace,
+        )  # fmt: skip
         return (await self._infer(model_call, result)).outputs
 
     def retire(self) -> None:
@@ -386,9 +396,16 @@ class Engine(Lifecycle):
         if call.max_output_bytes is not None:
             metadata.check_output_bytes(rows, call.max_output_bytes)
         timeout_s = call.timeout_s
+        tier = 0
+        priority = self.batch_config.priority
+        if priority is not None:
+            tier = priority.tier(call.priority)
+            timeout_s = priority.deadline_s(tier, timeout_s)
         response_cache = self._cache
         if response_cache is None or not call.cache:
-            answer = self._run(batcher, metadata, arrays, rows, selected, result, timeout_s)
+            answer = self._run(
+                batcher, metadata, arrays, rows, selected, result, timeout_s, tier, call.trace
+            )
         else:
             named = dict(zip(metadata.input_names, arrays, strict=True))
             key = cache_key(self.name, self._cache_version, named, call.outputs)
@@ -402,8 +419,9 @@ class Engine(Lifecycle):
             # that live as long as it waits, enough of them under load to set off the cyclic
             # collector every few dozen requests.
             compute = functools.partial(
-                self._run, batcher, metadata, arrays, rows, selected, result, timeout_s
-            )
+                self._run, batcher, metadata, arrays, rows, selected, result, timeout_s, tier,
+                call.trace,
+            )  # fmt: skip
             answer = response_cache.get_or_compute(key, compute, checked_local=True)
         # Counted while it waits, so an engine being unloaded can let it finish first.
         self._calls += 1
@@ -431,6 +449,8 @@ class Engine(Lifecycle):
         selected: list[int],
         result: Result,
         timeout_s: float | None,
+        tier: int = 0,
+        trace: RequestTrace | None = None,
     ) -> dict[str, np.ndarray]:
         signature = tuple([a.shape[1:] for a in arrays])
         empty = not rows
@@ -438,7 +458,9 @@ class Engine(Lifecycle):
             # Zero rows: merged into a batch, it would shift every other request's rows; alone
             # (a signature no other queued request has: no shape holds -1), counted as one row.
             signature, rows = (*signature, (-1, id(arrays))), 1
-        item = batcher.submit(arrays, rows, signature, timeout_s)
+        item = batcher.submit(arrays, rows, signature, timeout_s, tier)
+        if trace is not None:
+            item.trace = trace  # before its run is dispatched (the next loop iteration at best)
         try:
             results = await item.future
         except asyncio.CancelledError:

@@ -17,6 +17,7 @@ from typing import Any
 
 from batchserve.config import BatchConfig, CacheConfig, Device, RuntimeConfig, ServerConfig
 from batchserve.settings import ServeSettings, field_default
+from batchserve.tracing import TracingConfig
 
 EXIT_USAGE = 2
 MiB = 1024 * 1024
@@ -84,6 +85,17 @@ AUTO_ON_OFF = Units({"on": True, "off": False}.get, {None: "auto", True: "on", F
 NEGATED = Units(operator.not_, operator.not_)  # --no-cache sets cacheable=False
 LISTED = Units(tuple, list)
 DEVICE = Units(lambda device: device, str)
+
+
+def _input_formats(texts: list[str] | None) -> tuple[Any, ...]:
+    # Imported here: the runtime package loads ONNX Runtime, which other commands must not.
+    from batchserve.runtime.input_prefix import parse_input_format
+
+    return tuple(parse_input_format(text) for text in texts or ())
+
+
+# None when there are none: argparse's "append" would otherwise add to the default list.
+INPUT_FORMATS = Units(_input_formats, lambda formats: [s.describe() for s in formats] or None)
 
 _FROM_FIELD: Any = object()
 
@@ -186,6 +198,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--fp16", RuntimeConfig,
          ("half precision: TensorRT's FP16 with --trt, else the model is converted once "
           "(needs batchserve[gpu]) and the result cached")),
+    Flag("--input-format", RuntimeConfig,
+         ("clients send this FP32 input as UINT8 or FP16, cast and normalised by the graph "
+          "as (x * scale - mean) / std (repeatable), e.g. "
+          "input=UINT8:mean=123.675/116.28/103.53:std=58.395/57.12/57.375"),
+         field="input_formats", units=INPUT_FORMATS, env="input-formats", repeatable=True,
+         metavar="NAME=TYPE[:scale=S][:mean=M/...][:std=S/...][:channel_axis=A]"),
     Flag("--trt-cache-dir", RuntimeConfig,
          "TensorRT engine cache, so restarts do not rebuild (default: BUILD_CACHE_DIR/trt)"),
     Flag("--build-cache-dir", RuntimeConfig,
@@ -202,7 +220,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--shutdown-grace-s", ServerConfig, "how long SIGTERM waits for in-flight requests"),
     Flag("--cache-size-mb", CacheConfig,
          "in-process response cache size (0 = off; see docs/caching.md)", field="size_mb"),
-    Flag("--redis-url", CacheConfig, "shared response cache tier, e.g. redis://host:6379/0"),
+    Flag("--redis-url", CacheConfig,
+         ("shared response cache tier, e.g. redis://host:6379/0, or rediss://:KEY@host:10000/0 "
+          "(TLS; ?ssl_ca_certs=FILE for a private CA); prefer BATCHSERVE_REDIS_URL for a key")),
     Flag("--cache-ttl-s", CacheConfig, "lifetime of Redis cache entries", field="ttl_s"),
     Flag("--redis-timeout-ms", CacheConfig, "a slower Redis call counts as a miss"),
     Flag("--redis-retry-s", CacheConfig, "how long Redis is skipped after repeated failures",
@@ -273,6 +293,14 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--reuse-port", ServerConfig, argparse.SUPPRESS, env=None),
     Flag("--ready-fd", None, argparse.SUPPRESS, kind=int, default=None, env=None),
     Flag("--log-level", ServeSettings, choices=("debug", "info", "warning", "error")),
+    Flag("--otel-endpoint", TracingConfig,
+         ("send OpenTelemetry traces over OTLP/HTTP to this collector, e.g. "
+          "http://collector:4318 (or set OTEL_EXPORTER_OTLP_ENDPOINT); off without either"),
+         field="endpoint"),
+    Flag("--otel-sample-ratio", TracingConfig,
+         ("share of requests traced when the caller's traceparent does not decide "
+          "(parent-based)"),
+         field="sample_ratio"),
 )  # fmt: skip
 
 
@@ -283,7 +311,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """The settings the parsed flags give; ValueError names the first invalid one."""
-    sections = (BatchConfig, RuntimeConfig, CacheConfig, ServerConfig, ServeSettings)
+    sections = (BatchConfig, RuntimeConfig, CacheConfig, ServerConfig, TracingConfig, ServeSettings)
     values: dict[type, dict[str, Any]] = {owner: {} for owner in sections}
     for flag in SERVE_FLAGS:
         if flag.owner is not None:
@@ -292,9 +320,21 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     runtime = RuntimeConfig(**values[RuntimeConfig])
     cache = CacheConfig(**values[CacheConfig])
     server = ServerConfig(**_server_values(values[ServerConfig], values[ServeSettings], batch))
+    tracing = TracingConfig(**values[TracingConfig], from_environment=_otlp_endpoint_set())
+    tracing.check_installed()
     return ServeSettings(
-        batch=batch, runtime=runtime, cache=cache, server=server, **values[ServeSettings]
-    )
+        batch=batch, runtime=runtime, cache=cache, server=server, tracing=tracing,
+        **values[ServeSettings],
+    )  # fmt: skip
+
+
+def _otlp_endpoint_set() -> bool:
+    """Whether the OpenTelemetry SDK's own variables name a collector for traces (and the SDK
+    is not switched off): tracing is on then, without --otel-endpoint."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    names = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    return any(os.environ.get(name, "").strip() for name in names)
 
 
 def _server_values(

@@ -223,6 +223,22 @@ def _engine_families() -> dict[str, Any]:
         "circuit": GaugeMetricFamily(
             "batchserve_cache_circuit_state",
             "Redis circuit breaker: 0 closed, 1 open, 2 half-open.", labels=labels),
+        # Models with priority levels only (config.toml [priority]); level "delayed" holds
+        # the late requests of levels whose policy delays them.
+        "level_wait": HistogramMetricFamily(
+            "batchserve_priority_queue_wait_seconds",
+            "Time requests waited in the batching queue, by priority level.",
+            labels=[*labels, "level"]),
+        "level_queued": GaugeMetricFamily(
+            "batchserve_priority_queue_rows", "Rows waiting, by priority level.",
+            labels=[*labels, "level"]),
+        "level_rejected": CounterMetricFamily(
+            "batchserve_priority_rejected_requests",
+            "Requests refused (429) by the queue, by priority level.", labels=[*labels, "level"]),
+        "level_delayed": CounterMetricFamily(
+            "batchserve_priority_delayed_requests",
+            "Requests of a level that delays late requests, moved behind the others.",
+            labels=[*labels, "level"]),
     }  # fmt: skip
     return f
 
@@ -256,6 +272,12 @@ def _add_engine(f: dict[str, Any], engine: Engine) -> None:
     f["live"].add_metric(values, 0.0 if engine.problem() else 1.0)
     if stats.cache is not None:
         _add_cache(f, values, stats.cache)
+    for level in batcher.levels:
+        by_level = [*values, level.level]
+        _histogram(f["level_wait"], by_level, level.queue_wait)
+        f["level_queued"].add_metric(by_level, level.queued_rows)
+        f["level_rejected"].add_metric(by_level, level.rejected)
+        f["level_delayed"].add_metric(by_level, level.delayed)
 
 
 def _add_cache(f: dict[str, Any], values: list[str], cache: CacheStatistics) -> None:

@@ -10,6 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from batchserve.config import BatchConfig, CacheConfig, RuntimeConfig, ServerConfig
+from batchserve.tracing import TracingConfig
 
 if TYPE_CHECKING:
     from batchserve.handlers.config import ExecutorKind, HandlerConfig
@@ -40,6 +41,7 @@ class ServeSettings:
     workers: server processes sharing the port; more than one is the CLI's supervisor's work
         (each of its processes builds one server from these settings).
     metrics_port: with several workers, worker i also listens on this port + i.
+    tracing: OpenTelemetry traces (off unless it names where to send them).
     log_level: the CLI's logging level.
     """
 
@@ -51,6 +53,7 @@ class ServeSettings:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     handler: str | None = None
     handler_options: tuple[str, ...] = ()
     # HandlerConfig's defaults, restated: the handlers package loads ONNX Runtime, which the
@@ -67,6 +70,12 @@ class ServeSettings:
             raise ValueError("give a model file or --model-repository DIR (one of them)")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.model_repository is not None and self.runtime.input_formats:
+            # Input names belong to one model: each model's config.toml says its own.
+            raise ValueError(
+                "--input-format is for one model file; in a model repository, give each "
+                "model its [inputs.NAME] table in config.toml"
+            )
         self.handler_config()  # validates the handler settings, with a handler or without
         self.handler_run()
 

@@ -13,7 +13,10 @@ Servers:
 * ``batchserve``: ``python -m batchserve serve MODEL --name NAME ...``;
 * ``fastapi-async`` / ``fastapi-sync``: ``benchmarks/baselines/fastapi_server.py``;
 * ``before``: batchserve from another source tree (``--before DIR``, e.g. ``git archive`` of
-  an older commit unpacked there), for a same-run before/after check of a change.
+  an older commit unpacked there), for a same-run before/after check of a change;
+* ``otel-1pct`` / ``otel-100pct``: batchserve with OpenTelemetry tracing on, 1% and 100% of
+  requests sampled, exporting to ``--otel-endpoint`` (by default ``benchmarks/otlp_sink.py``,
+  started for the run on a free port). Needs ``batchserve[otel]``.
 
 Example::
 
@@ -39,7 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,10 +111,20 @@ def before_command(args: argparse.Namespace, port: int) -> list[str]:
     return ["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={args.before}", *batchserve_command(args, port)]
 
 
+def otel_command(ratio: str) -> CommandBuilder:
+    def build(args: argparse.Namespace, port: int) -> list[str]:
+        tracing = ["--otel-endpoint", args.otel_endpoint, "--otel-sample-ratio", ratio]
+        return [*current_command(args, port), *tracing]
+
+    return build
+
+
 SERVERS: dict[str, CommandBuilder] = {
     "bare": bare_command,
     "batchserve": current_command,
     "before": before_command,
+    "otel-1pct": otel_command("0.01"),
+    "otel-100pct": otel_command("1"),
     "fastapi-async": fastapi_command("async"),
     "fastapi-sync": fastapi_command("sync"),
 }
@@ -283,6 +296,29 @@ def measure(args: argparse.Namespace, server: str, repeat: int, workdir: Path) -
     return result
 
 
+@contextlib.contextmanager
+def otlp_sink(args: argparse.Namespace, workdir: Path) -> Iterator[None]:
+    """For the otel-* servers without --otel-endpoint: an OTLP sink for the whole run."""
+    if args.otel_endpoint or not any(s.startswith("otel-") for s in args.servers):
+        yield
+        return
+    port = free_port()
+    command = [sys.executable, str(HERE / "otlp_sink.py"), "--host", HOST, "--port", str(port)]
+    log_path = workdir / "otlp-sink.log"
+    sink = start_server(command, log_path)
+    args.otel_endpoint = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while http_status(f"{args.otel_endpoint}/v1/traces", b"")[0] != 200:
+            if sink.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the OTLP sink did not start:\n{log_tail(log_path)}")
+            time.sleep(0.1)
+        yield
+    finally:
+        stop_server(sink)
+        print(log_tail(log_path, 1), file=sys.stderr)
+
+
 def run_all(args: argparse.Namespace, servers: list[str], workdir: Path) -> list[RunResult]:
     results: list[RunResult] = []
     for repeat in range(args.repeats):
@@ -413,6 +449,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--before", metavar="DIR", help="source tree whose batchserve the 'before' server runs"
     )
+    parser.add_argument(
+        "--otel-endpoint", metavar="URL",
+        help="OTLP/HTTP collector for the otel-* servers (default: an otlp_sink.py of the run's)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.model = str(Path(args.model).resolve())
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -433,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="batchserve-compare-") as tmp:
         workdir = Path(tmp)
         args.header_length = write_body(workdir / "body.json", args.model, args.binary)
-        results = run_all(args, args.servers, workdir)
+        with otlp_sink(args, workdir):
+            results = run_all(args, args.servers, workdir)
     summary = summarize(results, args.servers)
     print(markdown_table(summary, args))
     if args.json:

@@ -190,3 +190,25 @@ def logical_not(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.BOOL, ["batch", "n"])],
     )
     return _save(graph, path)
+
+
+def tiny_image(path: Path, size: int = 8, seed: int = 0) -> Path:
+    """`input` FP32 [batch, 3, size, size] -> `logits` FP32 [batch, 4]: a 3x3 Conv, Relu,
+    global average pool and Flatten, a ResNet's first and last steps in miniature."""
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["logits"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_image",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        [weight, bias],
+    )
+    return _save(graph, path)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from batchserve.bench.errors import BenchError
 from batchserve.bench.loadgen import LoadConfig
@@ -36,6 +39,24 @@ def _config(args: argparse.Namespace, **load: Any) -> LoadConfig:
     )
 
 
+def request_parameters(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--parameter KEY=VALUE` as V2 parameters: VALUE read as JSON (`1`, `true`, `"x"`), or
+    as text when it is not JSON."""
+    parameters: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--parameter {pair!r}: expected KEY=VALUE")
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            value = text
+        if not isinstance(value, bool | int | float | str):
+            raise BenchError(f"--parameter {pair!r}: a number, true/false or text")
+        parameters[key] = value
+    return parameters
+
+
 def run_bench(args: argparse.Namespace, url: str, model: str | None) -> int:
     if model is None:
         raise BenchError("name the model with --model")
@@ -56,6 +77,7 @@ def run_bench(args: argparse.Namespace, url: str, model: str | None) -> int:
         unique_fraction=args.unique_fraction,
         headers=headers,
         protocol=protocol,
+        parameters=request_parameters(args.parameter or ()),
     )
     output: dict[str, Any] = {
         "url": url,

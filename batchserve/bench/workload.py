@@ -61,6 +61,7 @@ def build_workload(
     unique_pool: int = 10_000,
     headers: Mapping[str, str] | None = None,
     protocol: Protocol = "http",
+    parameters: Mapping[str, Any] | None = None,
 ) -> Workload:
     """Random inputs shaped by `metadata` (variable dims → `rows` for the first, 1 otherwise),
     or the arrays of `input_file` (.npy for a single input, .npz or JSON name → data).
@@ -68,7 +69,8 @@ def build_workload(
     With `unique_fraction` > 0, that share of requests carries inputs seen nowhere else in the
     first `unique_pool` of them, and the rest repeat one of the `variants` bodies at random: a
     cache's hit ratio is then about 1 - unique_fraction. `headers` go on every request (gRPC:
-    as metadata, `base_url` then being the gRPC server's; gRPC tensors are always raw bytes)."""
+    as metadata, `base_url` then being the gRPC server's; gRPC tensors are always raw bytes),
+    and so do the V2 request `parameters` (`priority`, `timeout`)."""
     if input_file:
         samples = [load_inputs(input_file, metadata)]
     else:
@@ -91,12 +93,12 @@ def build_workload(
     if protocol != "http":
         from batchserve.bench.grpc_client import call_metadata
 
-        bodies = tuple(_encode_grpc(model, version, sample) for sample in samples)
+        bodies = tuple(_encode_grpc(model, version, sample, parameters) for sample in samples)
         pairs = call_metadata(extra)
         return Workload(base_url, bodies, rows_per_request, order, protocol, pairs)
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
     url = base_url.rstrip("/") + path
-    bodies = tuple(_encode(url, sample, binary, extra) for sample in samples)
+    bodies = tuple(_encode(url, sample, binary, extra, parameters) for sample in samples)
     return Workload(url, bodies, rows_per_request, order)
 
 
@@ -136,8 +138,16 @@ def load_inputs(path: str, metadata: dict[str, Any]) -> dict[str, np.ndarray]:
     return {name: np.asarray(raw[name], dtype=dtypes[name]) for name in names}
 
 
-def _encode(url: str, inputs: dict[str, np.ndarray], binary: bool, extra: dict[str, str]) -> Body:
-    data, header_length = encode_request(inputs, binary=binary, binary_outputs=binary)
+def _encode(
+    url: str,
+    inputs: dict[str, np.ndarray],
+    binary: bool,
+    extra: dict[str, str],
+    parameters: Mapping[str, Any] | None = None,
+) -> Body:
+    data, header_length = encode_request(
+        inputs, binary=binary, binary_outputs=binary, parameters=parameters
+    )
     headers = {**extra, "Content-Type": "application/json"}
     if header_length is not None:
         headers["Content-Type"] = "application/octet-stream"
@@ -145,11 +155,26 @@ def _encode(url: str, inputs: dict[str, np.ndarray], binary: bool, extra: dict[s
     return Body(data, headers, encode_post(url, data, headers))
 
 
-def _encode_grpc(model: str, version: str | None, inputs: dict[str, np.ndarray]) -> Body:
+def _encode_grpc(
+    model: str,
+    version: str | None,
+    inputs: dict[str, np.ndarray],
+    parameters: Mapping[str, Any] | None = None,
+) -> Body:
     """A serialized ModelInferRequest with raw tensor contents, asking for every output."""
     from tritonclient.grpc import service_pb2
 
     request = service_pb2.ModelInferRequest(model_name=model, model_version=version or "")
+    for key, value in (parameters or {}).items():
+        field = request.parameters[key]
+        if isinstance(value, bool):
+            field.bool_param = value
+        elif isinstance(value, int):
+            field.int64_param = value
+        elif isinstance(value, float):
+            field.double_param = value
+        else:
+            field.string_param = str(value)
     for name, array in inputs.items():
         request.inputs.add(name=name, datatype=v2_name(array.dtype), shape=array.shape)
         request.raw_input_contents.append(to_binary(array))

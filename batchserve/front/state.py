@@ -13,6 +13,7 @@ from batchserve.front.access import AccessLog, RequestIds
 from batchserve.front.lag import LoopLag
 from batchserve.front.stats import RequestStatistics
 from batchserve.protocol import DecodeLimits
+from batchserve.tracing import Tracing
 
 
 class ServerState:
@@ -34,6 +35,7 @@ class ServerState:
         "request_ids",
         "requests",
         "timeout_s",
+        "tracer",
     )  # fmt: skip
 
     def __init__(self, config: ServerConfig) -> None:
@@ -55,6 +57,8 @@ class ServerState:
         self.api_key = config.api_key.encode() if config.api_key else None
         self.timeout_s = timeout_s  # server default deadline per request, None = no deadline
         self.metrics_public = config.metrics_public
+        # Request spans (batchserve.tracing), set by the composition root; None: tracing off.
+        self.tracer: Tracing | None = None
 
     def check_credentials(self, authorization: str) -> None:
         """`authorization`: the value of an HTTP `Authorization` header or of gRPC

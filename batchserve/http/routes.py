@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from batchserve import __version__
 from batchserve.cache import CacheStatistics
-from batchserve.call import Call, Result, remaining_s, request_timeout_s
+from batchserve.call import Call, Result, remaining_s, request_priority, request_timeout_s
 from batchserve.engine import Engine
 from batchserve.errors import (
     BatchserveError,
@@ -42,6 +42,7 @@ from batchserve.protocol import (
 )
 from batchserve.protocol.triton import EXTENSIONS, model_config, statistics_entry
 from batchserve.repository import ModelRepository
+from batchserve.tracing import CLIENT_GONE
 
 log = logging.getLogger("batchserve.http")
 
@@ -188,6 +189,8 @@ class InferEndpoint:
         decoded: InferRequest | None  # None: a raw payload for the model's handler
         match = request.match_info
         waited = _waited(request, state.lag)
+        tracer = state.tracer  # None: tracing is off, and nothing below does any
+        trace = None if tracer is None else tracer.request(request.headers, "http")
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
         try:
             engine = self.admit(request, waited)
@@ -211,13 +214,21 @@ class InferEndpoint:
                     decoded.inputs, decoded.outputs, cache=_cache_allowed(request, parameters),
                     timeout_s=remaining_s(timeout_s, waited),
                     max_output_bytes=state.max_response_bytes,
+                    priority=request_priority(parameters) if parameters else 0,
                 )  # fmt: skip
             else:
                 call, decoded = _handler_model_call(engine, request, body, state, waited)
+            if trace is not None:
+                trace.decoded(call, engine.version)
             served = engine.call(call)  # kept: a failed call still says how far it got
-            response = _respond(engine, decoded, await served, state.max_response_bytes)
+            result = await served
+            if trace is not None:
+                trace.answered()
+            response = _respond(engine, decoded, result, state.max_response_bytes)
         except asyncio.CancelledError:
             if _cancelled_by_caller():
+                if trace is not None:
+                    trace.end(model, CLIENT_GONE, served)
                 raise  # the client went away or the server stops: nobody to answer
             # Cancelled from inside (the handler executor of an engine being retired shut
             # down under it): the client still gets an answer it can retry on.
@@ -239,6 +250,8 @@ class InferEndpoint:
                 request_id, request.headers.get("traceparent"), model, response.status,
                 elapsed, served, received, sent, "http",
             )  # fmt: skip
+        if trace is not None:
+            trace.end(model, response.status, served)
         return response
 
 
@@ -268,7 +281,7 @@ def _handler_model_call(
         decoded.inputs, decoded.outputs, parameters=parameters, headers=request.headers,
         cache=_cache_allowed(request, parameters),
         timeout_s=remaining_s(request_timeout_s(parameters, state.timeout_s), waited_s),
-        max_output_bytes=state.max_response_bytes,
+        max_output_bytes=state.max_response_bytes, priority=request_priority(parameters),
     )  # fmt: skip
     return call, decoded
 

@@ -578,8 +578,10 @@ def encode_request(
     outputs: list[str] | None = None,
     binary_outputs: bool = False,
     request_id: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
-    """A V2 request body (the client side), and its JSON header length when binary."""
+    """A V2 request body (the client side), and its JSON header length when binary;
+    `parameters`: the request's own (`priority`, `timeout`)."""
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, array in inputs.items():
@@ -604,6 +606,8 @@ def encode_request(
         ]
     elif binary_outputs:
         body["parameters"] = {"binary_data_output": True}
+    if parameters:
+        body["parameters"] = {**body.get("parameters", {}), **parameters}
     header = orjson.dumps(body, option=_NUMPY)
     if not blobs:
         return header, None

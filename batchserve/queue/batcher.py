@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from statistics import median_high, median_low
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -19,6 +19,10 @@ from batchserve.errors import InferenceFailed, NotReady, Overloaded
 from batchserve.histogram import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, HistogramSnapshot
 from batchserve.lifecycle import Lifecycle
 from batchserve.queue.policy import ArrivalRate, BatchPolicy, QueueState
+from batchserve.queue.priority import PriorityConfig, choose_tier, expired
+
+if TYPE_CHECKING:
+    from batchserve.tracing import BatchTracer, RequestTrace
 
 Signature = tuple[tuple[int, ...], ...]
 DEADLINE_HEADROOM = 0.8
@@ -48,7 +52,8 @@ class Runner(Protocol):
 class Pending:
     """One request in the queue; the caller's future travels with it."""
 
-    __slots__ = ("arrays", "batch_rows", "enqueued_at", "future", "rows", "seq", "signature")
+    __slots__ = ("arrays", "batch_rows", "enqueued_at", "future", "rows", "seq", "signature",
+                 "tier", "trace")  # fmt: skip
 
     def __init__(
         self,
@@ -58,6 +63,7 @@ class Pending:
         future: asyncio.Future[RunOutputs],
         now: float,
         seq: int = 0,
+        tier: int = 0,
     ) -> None:
         self.arrays = arrays
         self.rows = rows
@@ -66,6 +72,39 @@ class Pending:
         self.enqueued_at = now
         self.seq = seq  # arrival order: ties in the clock must not reorder requests
         self.batch_rows = 0  # rows of the run it went into, once dispatched
+        self.tier = tier  # its priority level's queue (0: the highest, or the only one)
+        self.trace: RequestTrace | None = None  # its span, when traced (set by the engine)
+
+
+class _Tier:
+    """The queue of one priority level (a model without priorities has one): its requests in
+    shape groups, each group under the arrival order of its head (a heap, so that the oldest
+    group is found in O(log n) rather than by a scan: an entry goes stale when its group's
+    head changes, a new one is pushed then, and stale ones are dropped when met)."""
+
+    __slots__ = ("delayed", "groups", "heads", "queued_rows", "rejected", "sojourns", "wait")
+
+    def __init__(self) -> None:
+        self.groups: dict[Signature, deque[Pending]] = {}
+        self.heads: list[tuple[int, Signature]] = []
+        self.queued_rows = 0
+        self.rejected = 0
+        self.delayed = 0  # requests moved from this level to the delayed queue
+        # (dispatch time, mean wait of its requests) of this queue's recent runs.
+        self.sojourns: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW)
+        self.wait = Histogram(LATENCY_BUCKETS)
+
+
+@dataclass(frozen=True, slots=True)
+class LevelStatistics:
+    """One priority level's queue (the last one, `delayed`, holds late requests of levels
+    whose policy delays them)."""
+
+    level: str
+    queued_rows: int
+    rejected: int
+    delayed: int
+    queue_wait: HistogramSnapshot
 
 
 @dataclass(slots=True)
@@ -95,15 +134,18 @@ class BatcherStatistics:
     queue_wait: HistogramSnapshot | None = None
     run_time: HistogramSnapshot | None = None
     batch_rows_histogram: HistogramSnapshot | None = None
+    levels: tuple[LevelStatistics, ...] = ()  # by priority level, when the model has levels
 
 
 class Batcher(Lifecycle):
     """Merges requests with the same non-batch shapes into runs of at most `max_rows` rows.
 
-    Requests are served FIFO across shape groups. A request with more rows than `max_rows` runs
-    alone as one batch (it is not split). For models without a batch dimension every request is
-    its own run. When a merged run fails, its requests are rerun in halves until the failure is
-    pinned on the requests that fail alone: only those get the error.
+    Requests are served FIFO across shape groups; with `priority`, from the highest level that
+    has requests waiting, FIFO within it, one run in every `priority.share` going to the oldest
+    request whatever its level (see queue/priority.py). A request with more rows than
+    `max_rows` runs alone as one batch (it is not split). For models without a batch dimension
+    every request is its own run. When a merged run fails, its requests are rerun in halves
+    until the failure is pinned on the requests that fail alone: only those get the error.
     """
 
     def __init__(
@@ -115,6 +157,8 @@ class Batcher(Lifecycle):
         max_queue_rows: int,
         batched: bool = True,
         max_shape_groups: int = 1024,
+        priority: PriorityConfig | None = None,
+        tracer: BatchTracer | None = None,
     ) -> None:
         if max_shape_groups < 1:
             raise ValueError("max_shape_groups must be >= 1")
@@ -125,11 +169,10 @@ class Batcher(Lifecycle):
         self._max_rows = policy.max_rows if batched else 1
         self._batched = batched
         self._max_shape_groups = max_shape_groups
-        self._groups: dict[Signature, deque[Pending]] = {}
-        # Every group under the arrival order of its head request, so the oldest group is
-        # found in O(log n) rather than by a scan. An entry goes stale when its group's head
-        # changes (a new entry is pushed then); stale entries are dropped when met.
-        self._heads: list[tuple[int, Signature]] = []
+        self._priority = priority
+        self._tracer = tracer  # None: tracing off, and no run costs anything for it
+        self._tiers = [_Tier() for _ in range(priority.tiers if priority else 1)]
+        self._turns = 0  # runs dispatched: every `priority.share`-th goes to the oldest request
         self._seq = itertools.count()
         # Halves of failed merged runs, rerun before anything else: they have waited already.
         self._retries: deque[list[Pending]] = deque()
@@ -154,11 +197,10 @@ class Batcher(Lifecycle):
         self._run_times: deque[float] = deque(maxlen=RATE_WINDOW)
         self._row_rate = 0.0
         self._run_s = 0.0
-        # (dispatch time, mean wait of its requests) of recent runs. Where the queue drains at
-        # the event loop's pace rather than the sessions' (a cheap model on a busy loop), rows
-        # ahead ÷ row rate sees only the compute, while what requests really waited shows
-        # the wait a new arrival will meet.
-        self._sojourns: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW)
+        # Each queue's recent runs' waits (`_Tier.sojourns`): where the queue drains at the
+        # event loop's pace rather than the sessions' (a cheap model on a busy loop), rows
+        # ahead ÷ row rate sees only the compute, while what requests really waited shows the
+        # wait a new arrival will meet. Kept per priority level: a high level waits less.
 
     async def start(self) -> None:
         """Bind to the running loop; requests are accepted from now on."""
@@ -174,38 +216,44 @@ class Batcher(Lifecycle):
         rows: int,
         signature: Signature,
         deadline_s: float | None = None,
+        tier: int = 0,
     ) -> Pending:
         """Queue a request; await `.future` for its own output rows. With `deadline_s`, a
-        request the queue's expected wait would make late is refused at once (Overloaded)."""
+        request the queue's expected wait would make late is refused at once (Overloaded).
+        `tier`: its priority level's queue (`PriorityConfig.tier`; 0 without priorities)."""
         loop = self._loop
         if loop is None or self._closing:
             raise NotReady("the model is not accepting requests")
         stats = self._stats
+        queue = self._tiers[tier]
         if stats.queued_rows + rows > self._max_queue_rows and stats.queued_rows:
-            stats.rejected += 1
+            self._reject(queue)
             raise Overloaded(
                 f"queue full ({stats.queued_rows} rows waiting, limit {self._max_queue_rows})"
             )
+        if self._priority is not None:
+            self._check_level_room(queue, tier, rows)
         if deadline_s is not None and stats.queued_rows:
-            self._check_deadline(rows, deadline_s)
-        group = self._groups.get(signature)
-        if group is None and len(self._groups) >= self._max_shape_groups:
+            self._check_deadline(rows, deadline_s, 0.0, tier)
+        group = queue.groups.get(signature)
+        if group is None and self._shape_groups() >= self._max_shape_groups:
             # Each group is its own queue the dispatcher must track: bound how many a client
             # sending ever-new shapes can open.
-            stats.rejected += 1
+            self._reject(queue)
             raise Overloaded(
-                f"too many distinct input shapes waiting ({len(self._groups)}, "
+                f"too many distinct input shapes waiting ({self._shape_groups()}, "
                 f"limit {self._max_shape_groups})"
             )
         now = self._clock.now()
-        item = Pending(arrays, rows, signature, loop.create_future(), now, next(self._seq))
+        item = Pending(arrays, rows, signature, loop.create_future(), now, next(self._seq), tier)
         if group is None:
-            group = self._groups[signature] = deque()
+            group = queue.groups[signature] = deque()
         group.append(item)
         if len(group) == 1:
-            self._push_head(signature, group)
+            self._push_head(queue, signature, group)
         stats.requests += 1
         stats.queued_rows += rows
+        queue.queued_rows += rows
         self._arrivals.observe(now)
         assert self._idle is not None
         self._idle.clear()
@@ -215,31 +263,47 @@ class Batcher(Lifecycle):
     def check_room(self, deadline_s: float | None = None, waited_s: float = 0.0) -> None:
         """Refuse now, before the request is even read, when the queue is already full or its
         expected wait, after the `waited_s` the request already spent reaching us, already
-        exceeds `deadline_s`."""
+        exceeds `deadline_s`. Its priority is in its body, not read yet: with priorities, the
+        wait is the highest level's, and `submit` checks the request's own level."""
         stats = self._stats
         if stats.queued_rows >= self._max_queue_rows:
-            stats.rejected += 1
+            self._reject(self._tiers[0])
             raise Overloaded(
                 f"queue full ({stats.queued_rows} rows waiting, limit {self._max_queue_rows})"
             )
         if deadline_s is not None and (stats.queued_rows or waited_s):
             self._check_deadline(1, deadline_s, waited_s)
 
-    def expected_wait_s(self, rows: int) -> float:
-        """Estimated time until `rows` more rows would be computed: the rows queued ahead
-        served at the measured rate by every session, plus one run; or, when longer, what
-        requests dispatched in the last `SOJOURN_INTERVAL_S` waited in the queue (their
-        median), plus one run. 0 before any run."""
+    def expected_wait_s(self, rows: int, tier: int = 0) -> float:
+        """Estimated time until `rows` more rows of priority queue `tier` would be computed:
+        the rows queued ahead (at its level and above) served at the measured rate by every
+        session, plus one run; or, when longer, what its queue's requests dispatched in the
+        last `SOJOURN_INTERVAL_S` waited (their median), plus one run. 0 before any run."""
         if not self._row_rate:
             return 0.0
         sessions = max(1, self._runner.size)
-        ahead = (self._stats.queued_rows + rows) / (self._row_rate * sessions)
-        return max(ahead, self.recent_wait_s()) + self._run_s
+        priority = self._priority
+        if priority is not None and priority.share > 1:
+            served = self._rows_until(tier, rows, priority.share)
+        else:  # one queue, or levels served in arrival order (share 1)
+            served = self._stats.queued_rows + rows
+        ahead = served / (self._row_rate * sessions)
+        return max(ahead, self.recent_wait_s(tier)) + self._run_s
 
-    def recent_wait_s(self) -> float:
-        """The median queue wait of the runs dispatched in the last `SOJOURN_INTERVAL_S`
-        (0 when none were): a standing queue shows here however fast the sessions are."""
-        sojourns = self._sojourns
+    def _rows_until(self, tier: int, rows: int, share: int) -> int:
+        """Rows of run time until `rows` new rows of queue `tier` are served. The levels above
+        go first; while they have work, this level gets only the share turns (one run in
+        `share`), so its rows drain `share` times slower than runs go."""
+        tiers = self._tiers
+        above = sum([t.queued_rows for t in tiers[:tier]])
+        own = tiers[tier].queued_rows + rows
+        return max(above + own, own * share) if above else own
+
+    def recent_wait_s(self, tier: int = 0) -> float:
+        """The median queue wait of priority queue `tier`'s runs dispatched in the last
+        `SOJOURN_INTERVAL_S` (0 when none were): a standing queue shows here however fast the
+        sessions are."""
+        sojourns = self._tiers[tier].sojourns
         if not sojourns:
             return 0.0
         since = self._clock.now() - SOJOURN_INTERVAL_S
@@ -247,16 +311,36 @@ class Batcher(Lifecycle):
             sojourns.popleft()
         return median_low([wait for _, wait in sojourns]) if sojourns else 0.0
 
-    def _check_deadline(self, rows: int, deadline_s: float, waited_s: float = 0.0) -> None:
-        wait = self.expected_wait_s(rows) + waited_s
+    def _check_deadline(
+        self, rows: int, deadline_s: float, waited_s: float = 0.0, tier: int = 0
+    ) -> None:
+        wait = self.expected_wait_s(rows, tier) + waited_s
         # A fifth of the deadline stays for what the estimate does not see: HTTP, scheduling
         # jitter, a run slower than the average.
         if wait > DEADLINE_HEADROOM * deadline_s:
-            self._stats.rejected += 1
+            self._reject(self._tiers[tier])
             raise Overloaded(
                 f"the queue's expected wait ({wait * 1000:.0f} ms) exceeds the request's "
                 f"deadline ({deadline_s * 1000:g} ms)"
             )
+
+    def _check_level_room(self, queue: _Tier, tier: int, rows: int) -> None:
+        assert self._priority is not None
+        limit = self._priority.policy(tier).max_queue_rows
+        if limit is not None and queue.queued_rows + rows > limit and queue.queued_rows:
+            self._reject(queue)
+            raise Overloaded(
+                f"priority level {tier + 1}'s queue full ({queue.queued_rows} rows waiting, "
+                f"limit {limit})"
+            )
+
+    def _reject(self, queue: _Tier) -> None:
+        self._stats.rejected += 1
+        queue.rejected += 1
+
+    def _shape_groups(self) -> int:
+        tiers = self._tiers
+        return len(tiers[0].groups) if len(tiers) == 1 else sum([len(t.groups) for t in tiers])
 
     def withdraw(self, item: Pending) -> None:
         """The caller gave up (client gone): drop the item unless its batch already runs."""
@@ -268,7 +352,8 @@ class Batcher(Lifecycle):
             self._stats.cancelled += 1
 
     def _remove(self, item: Pending) -> bool:
-        group = self._groups.get(item.signature)
+        queue = self._tiers[item.tier]
+        group = queue.groups.get(item.signature)
         if group is None:
             return False
         was_head = group[0] is item
@@ -277,10 +362,11 @@ class Batcher(Lifecycle):
         except ValueError:
             return False  # already taken into a running batch
         self._stats.queued_rows -= item.rows
+        queue.queued_rows -= item.rows
         if not group:
-            del self._groups[item.signature]
+            del queue.groups[item.signature]
         elif was_head:
-            self._push_head(item.signature, group)
+            self._push_head(queue, item.signature, group)
         self._check_idle()
         return True
 
@@ -310,15 +396,19 @@ class Batcher(Lifecycle):
             if not runner.idle and runner.size:
                 return
             now = self._clock.now()
-            signature = self._oldest()
+            queue, signature = self._next(now)
             if runner.size:
-                decision = self._policy.decide(self._state(signature), now)
+                decision = self._policy.decide(self._state(queue, signature), now)
                 if not decision.dispatch:
                     if decision.wake_at is not None:
                         self._arm(decision.wake_at, now)
                     return
-            batch, rows = self._take(signature)
-            done = partial(self._done, batch, rows, now)
+            batch, rows = self._take(queue, signature)
+            done = (
+                partial(self._done, batch, rows, now)
+                if self._tracer is None
+                else self._traced(batch, rows, now)
+            )
             if not runner.try_run(self._assemble(batch), done):
                 self._requeue(batch)
                 return
@@ -331,7 +421,12 @@ class Batcher(Lifecycle):
             batch = [item for item in retries[0] if not item.future.done()]
             if batch:
                 rows = sum(item.rows for item in batch)
-                done = partial(self._done, batch, rows, self._clock.now())
+                started = self._clock.now()
+                done = (
+                    partial(self._done, batch, rows, started)
+                    if self._tracer is None
+                    else self._traced(batch, rows, started)
+                )
                 if not self._runner.try_run(self._assemble(batch), done):
                     return False
                 stats.retry_runs += 1
@@ -342,9 +437,58 @@ class Batcher(Lifecycle):
         self._check_idle()
         return True
 
-    def _oldest(self) -> Signature:
-        """The group whose head request arrived first (the queue must not be empty)."""
-        heads, groups, stats = self._heads, self._groups, self._stats
+    def _next(self, now: float) -> tuple[_Tier, Signature]:
+        """The queue the next run comes from and its oldest shape group (something waits)."""
+        tiers = self._tiers
+        priority = self._priority
+        if priority is None:
+            return tiers[0], self._oldest(tiers[0])
+        if priority.delays:
+            self._delay_late(priority, now)
+        oldest = [self._oldest_seq(t) for t in tiers]
+        queue = tiers[choose_tier(oldest, self._turns, priority.share)]
+        return queue, self._oldest(queue)
+
+    def _oldest_seq(self, queue: _Tier) -> int | None:
+        if not queue.groups:
+            return None
+        return queue.groups[self._oldest(queue)][0].seq
+
+    def _delay_late(self, priority: PriorityConfig, now: float) -> None:
+        """Move the requests of `delay` levels that outlived their level's timeout to the
+        delayed queue (the last), oldest first: only each level's oldest can be the next."""
+        tiers = self._tiers
+        delayed = tiers[-1]
+        for tier, queue in enumerate(tiers[:-1]):
+            policy = priority.policy(tier)
+            if policy.on_timeout != "delay":
+                continue
+            while queue.groups:
+                signature = self._oldest(queue)
+                group = queue.groups[signature]
+                item = group[0]
+                if not expired(item.enqueued_at, policy, now):
+                    break
+                group.popleft()
+                heapq.heappop(queue.heads)  # its entry: `_oldest` just found it on top
+                if group:
+                    self._push_head(queue, signature, group)
+                else:
+                    del queue.groups[signature]
+                queue.queued_rows -= item.rows
+                queue.delayed += 1
+                item.tier = len(tiers) - 1
+                late = delayed.groups.get(signature)
+                if late is None:
+                    late = delayed.groups[signature] = deque()
+                late.append(item)
+                if len(late) == 1:
+                    self._push_head(delayed, signature, late)
+                delayed.queued_rows += item.rows
+
+    def _oldest(self, queue: _Tier) -> Signature:
+        """The group of `queue` whose head request arrived first (it must not be empty)."""
+        heads, groups, stats = queue.heads, queue.groups, self._stats
         while True:
             seq, signature = heads[0]
             stats.groups_scanned += 1
@@ -353,30 +497,30 @@ class Batcher(Lifecycle):
                 return signature
             heapq.heappop(heads)
 
-    def _push_head(self, signature: Signature, group: deque[Pending]) -> None:
-        heads = self._heads
+    def _push_head(self, queue: _Tier, signature: Signature, group: deque[Pending]) -> None:
+        heads, groups = queue.heads, queue.groups
         heapq.heappush(heads, (group[0].seq, signature))
-        if len(heads) > 2 * len(self._groups) + 64:
+        if len(heads) > 2 * len(groups) + 64:
             # Mostly stale entries of groups that left: rebuild, amortized O(1) per push.
-            self._stats.groups_scanned += len(self._groups)
-            heads[:] = [(g[0].seq, s) for s, g in self._groups.items()]
+            self._stats.groups_scanned += len(groups)
+            heads[:] = [(g[0].seq, s) for s, g in groups.items()]
             heapq.heapify(heads)
 
-    def _state(self, signature: Signature) -> QueueState:
+    def _state(self, queue: _Tier, signature: Signature) -> QueueState:
         idle = self._runner.idle
         return QueueState(
             queued_rows=self._stats.queued_rows,
-            oldest_enqueued_at=self._groups[signature][0].enqueued_at,
+            oldest_enqueued_at=queue.groups[signature][0].enqueued_at,
             idle_sessions=idle,
             busy_sessions=self._runner.size - idle,
             arrival_gap_s=self._arrivals.gap_s,
             flush=self._closing,
         )
 
-    def _take(self, signature: Signature) -> tuple[list[Pending], int]:
+    def _take(self, queue: _Tier, signature: Signature) -> tuple[list[Pending], int]:
         """The group's head requests, in order, up to max rows (at least one request)."""
-        heapq.heappop(self._heads)  # the group's own entry: `_oldest` just found it on top
-        group = self._groups[signature]
+        heapq.heappop(queue.heads)  # the group's own entry: `_oldest` just found it on top
+        group = queue.groups[signature]
         batch = [group.popleft()]
         rows = batch[0].rows
         while group and rows + group[0].rows <= self._max_rows and self._batched:
@@ -384,18 +528,22 @@ class Batcher(Lifecycle):
             batch.append(item)
             rows += item.rows
         if group:
-            self._push_head(signature, group)
+            self._push_head(queue, signature, group)
         else:
-            del self._groups[signature]
+            del queue.groups[signature]
         self._stats.queued_rows -= rows
+        queue.queued_rows -= rows
         return batch, rows
 
     def _requeue(self, batch: list[Pending]) -> None:
         signature = batch[0].signature
-        group = self._groups.setdefault(signature, deque())
+        queue = self._tiers[batch[0].tier]
+        group = queue.groups.setdefault(signature, deque())
         group.extendleft(reversed(batch))
-        self._push_head(signature, group)
-        self._stats.queued_rows += sum(item.rows for item in batch)
+        self._push_head(queue, signature, group)
+        rows = sum(item.rows for item in batch)
+        self._stats.queued_rows += rows
+        queue.queued_rows += rows
 
     @staticmethod
     def _assemble(batch: list[Pending]) -> list[np.ndarray]:
@@ -420,7 +568,13 @@ class Batcher(Lifecycle):
             total += wait
             observe(wait)
         stats.queue_wait_s += total
-        self._sojourns.append((now, total / len(batch)))
+        queue = self._tiers[batch[0].tier]
+        queue.sojourns.append((now, total / len(batch)))
+        if self._priority is not None:
+            self._turns += 1
+            observe = queue.wait.observe
+            for item in batch:
+                observe(now - item.enqueued_at)
 
     def _done(
         self, batch: list[Pending], rows: int, started: float, result: RunOutputs | BaseException
@@ -443,6 +597,30 @@ class Batcher(Lifecycle):
         self._check_idle()
         if self._stats.queued_rows or self._retries:
             self._schedule()
+
+    def _traced(
+        self, batch: list[Pending], rows: int, started: float
+    ) -> Callable[[RunOutputs | BaseException], None]:
+        """`_done` for a run that a span records, with the session it is about to start on."""
+        session = getattr(self._runner, "next_session", None)  # a SessionPool's; fakes: None
+        return partial(self._done_traced, batch, rows, started, session)
+
+    def _done_traced(
+        self,
+        batch: list[Pending],
+        rows: int,
+        started: float,
+        session: int | None,
+        result: RunOutputs | BaseException,
+    ) -> None:
+        assert self._tracer is not None
+        error = result if isinstance(result, BaseException) else None
+        # Before `_done` resolves the futures: the request spans are still open to link to it.
+        # A tracing fault must never keep the requests from their answers.
+        try:
+            self._tracer.ran(batch, rows, session, started, self._clock.now(), error)
+        finally:
+            self._done(batch, rows, started, result)
 
     def _count_run(self, rows: int, elapsed: float, now: float) -> None:
         runs, seconds = self._stats.run_stats.get(rows, (0, 0.0))
@@ -535,7 +713,8 @@ class Batcher(Lifecycle):
     def statistics(self) -> BatcherStatistics:
         return replace(
             self._stats,
-            shape_groups=len(self._groups),
+            shape_groups=self._shape_groups(),
+            levels=self._level_statistics(),
             batch_sizes=dict(self._stats.batch_sizes),
             run_stats=dict(self._stats.run_stats),
             since_last_run_s=(
@@ -545,6 +724,16 @@ class Batcher(Lifecycle):
             run_time=self._run_time.snapshot(),
             batch_rows_histogram=self._batch_rows.snapshot(),
         )
+
+    def _level_statistics(self) -> tuple[LevelStatistics, ...]:
+        priority = self._priority
+        if priority is None:
+            return ()
+        return tuple(
+            LevelStatistics(str(i + 1) if i < priority.levels else "delayed", t.queued_rows,
+                            t.rejected, t.delayed, t.wait.snapshot())
+            for i, t in enumerate(self._tiers)
+        )  # fmt: skip
 
 
 def _resolve(future: asyncio.Future[RunOutputs], outputs: RunOutputs) -> None:

@@ -16,6 +16,20 @@ latest = 2                   # or: specific = ["1", "3"]   or: all = true
 [traffic]                    # split requests that name no version (A/B tests, canaries)
 weights = { "1" = 90, "2" = 10 }
 sticky_header = "X-User-Id"  # requests with this header always reach the same version
+
+[priority]                   # request priorities (parameters.priority; docs/batching.md)
+levels = 2                   # 1 is the highest
+default = 2                  # the level of a request that names none (default: the lowest)
+share = 8                    # one run in 8 goes to the oldest request, whatever its level
+[priority.level.1]           # a level's queue policy (every key optional)
+max_queue_rows = 256         # 429 past it
+timeout_ms = 50              # its requests' default deadline
+on_timeout = "reject"        # or "delay": served after the requests still within theirs
+
+[inputs.input]               # clients send this FP32 input as UINT8 (or FP16); the graph
+datatype = "UINT8"           # computes (x * scale - mean) / std per channel (docs/gpu.md)
+mean = [123.675, 116.28, 103.53]
+std = [58.395, 57.12, 57.375]
 """
 
 from __future__ import annotations
@@ -23,10 +37,14 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchserve.config import BatchConfig, Device, RuntimeConfig
 from batchserve.errors import ModelLoadError
+from batchserve.queue.priority import LevelPolicy, PriorityConfig
+
+if TYPE_CHECKING:
+    from batchserve.runtime.input_prefix import InputFormat
 
 CONFIG_FILE = "config.toml"
 DEFAULT_STICKY_HEADER = "X-User-Id"
@@ -75,6 +93,8 @@ class ModelConfig:
     handler_options: tuple[tuple[str, str], ...] = ()
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     traffic: TrafficSplit | None = None
+    priority: PriorityConfig | None = None
+    inputs: tuple[InputFormat, ...] | None = None
 
     def batch(self, default: BatchConfig) -> BatchConfig:
         # replace(): settings config.toml cannot set (e.g. max_shape_groups) keep the server's.
@@ -83,6 +103,7 @@ class ModelConfig:
             max_batch_size=_pick(self.max_batch_size, default.max_batch_size),
             max_latency_ms=_pick(self.max_latency_ms, default.max_latency_ms),
             max_queue_rows=_pick(self.max_queue_rows, default.max_queue_rows),
+            priority=_pick(self.priority, default.priority),
         )
 
     def runtime(self, default: RuntimeConfig) -> RuntimeConfig:
@@ -93,6 +114,7 @@ class ModelConfig:
             instances=_pick(self.instances, default.instances),
             intra_op_threads=_pick(self.intra_op_threads, default.intra_op_threads),
             device=_pick(self.device, default.device),
+            input_formats=_pick(self.inputs, default.input_formats),
         )
 
 
@@ -113,7 +135,8 @@ def version_order(version: str) -> tuple[int, int | str]:
 
 _TOP = {"max_batch_size": int, "max_latency_ms": float, "max_queue_rows": int, "instances": int,
         "intra_op_threads": int, "device": str, "cache": bool, "handler": str,
-        "handler_options": dict, "version_policy": dict, "traffic": dict}  # fmt: skip
+        "handler_options": dict, "version_policy": dict, "traffic": dict,
+        "inputs": dict, "priority": dict}  # fmt: skip
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:
@@ -153,6 +176,10 @@ def parse_model_config(raw: dict[str, Any], where: str = "config") -> ModelConfi
             values["version_policy"] = _policy(values["version_policy"], where)
         if "traffic" in values:
             values["traffic"] = _traffic(values["traffic"], where)
+        if "inputs" in values:
+            values["inputs"] = _inputs(values["inputs"], where)
+        if "priority" in values:
+            values["priority"] = _priority(values["priority"], where)
         config = ModelConfig(**values)
         # Validate the numbers the same way the server's own configs do.
         config.batch(BatchConfig())
@@ -197,3 +224,62 @@ def _traffic(raw: dict[str, Any], where: str) -> TrafficSplit:
     if type(header) is not str or not header:
         raise ModelLoadError(f"{where}: traffic.sticky_header must be a header name")
     return TrafficSplit(tuple(sorted(pairs, key=lambda p: version_order(p[0]))), header)
+
+
+def _inputs(raw: dict[str, Any], where: str) -> tuple[InputFormat, ...]:
+    # Imported here: the runtime package loads ONNX Runtime.
+    from batchserve.runtime.input_prefix import input_format
+
+    formats = []
+    for name, table in raw.items():
+        if type(table) is not dict:
+            raise ModelLoadError(f"{where}: inputs.{name} must be a table (datatype = ...)")
+        formats.append(input_format(name, table))
+    return tuple(formats)
+
+
+_PRIORITY = {"levels": int, "default": int, "share": int, "level": dict}
+_LEVEL = {"max_queue_rows": int, "timeout_ms": float, "on_timeout": str}
+
+
+def _priority(raw: dict[str, Any], where: str) -> PriorityConfig:
+    """`[priority]` and its `[priority.level.N]` tables; ValueError (reported with `where`)
+    for what PriorityConfig and LevelPolicy refuse."""
+    _check_keys(raw, _PRIORITY, f"{where}: priority")
+    levels = raw.get("levels", 2)
+    tables = raw.get("level", {})
+    named = sorted(tables, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    bad = [k for k in named if not (k.isascii() and k.isdigit() and 1 <= int(k) <= levels)]
+    if bad:
+        raise ModelLoadError(
+            f"{where}: priority.level: {bad} are not levels from 1 to {levels} (priority.levels)"
+        )
+    policies: list[LevelPolicy] = []
+    for level in range(1, max(map(int, named), default=0) + 1):
+        table = tables.get(str(level), {})
+        if type(table) is not dict:
+            raise ModelLoadError(f"{where}: priority.level.{level} must be a table")
+        _check_keys(table, _LEVEL, f"{where}: priority.level.{level}")
+        try:
+            policies.append(LevelPolicy(**table))
+        except (TypeError, ValueError) as err:
+            raise ModelLoadError(f"{where}: priority.level.{level}: {err}") from None
+    options = {k: v for k, v in raw.items() if k != "level"}
+    try:
+        return PriorityConfig(**options, policies=tuple(policies))
+    except ValueError as err:
+        raise ModelLoadError(f"{where}: priority: {err}") from None
+
+
+def _check_keys(raw: dict[str, Any], kinds: dict[str, type], where: str) -> None:
+    unknown = sorted(set(raw) - set(kinds))
+    if unknown:
+        raise ModelLoadError(f"{where}: unknown key(s) {unknown}; known: {sorted(kinds)}")
+    for key, kind in kinds.items():
+        value = raw.get(key)
+        if value is None:
+            continue
+        if kind is float and type(value) is int:
+            raw[key] = float(value)
+        elif type(value) is not kind:
+            raise ModelLoadError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")

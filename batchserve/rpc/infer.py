@@ -14,13 +14,14 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from batchserve.call import Call, Result, remaining_s, request_timeout_s
+from batchserve.call import Call, Result, remaining_s, request_priority, request_timeout_s
 from batchserve.engine import Engine
 from batchserve.front import ServerState
 from batchserve.front.stats import UNKNOWN_MODEL, RequestStatistics
 from batchserve.repository import ModelRepository
 from batchserve.rpc.convert import decode_inputs, infer_response, parameters, requested_outputs
-from batchserve.rpc.errors import Refusal, refusal
+from batchserve.rpc.errors import Code, Refusal, refusal
+from batchserve.tracing import CLIENT_GONE
 
 Metadata = Mapping[str, str]
 
@@ -56,17 +57,25 @@ class InferCalls:
         stats.in_flight += 1
         model, response, refused = UNKNOWN_MODEL, None, None
         served: Result | None = None
+        tracer = self._state.tracer  # None: tracing is off, and nothing below does any
+        trace = None if tracer is None else tracer.request(metadata, "grpc")
         try:
             engine = self._engine(request, metadata)
             model = engine.name
             call = self._call(engine, request, metadata, context.time_remaining())
+            if trace is not None:
+                trace.decoded(call, engine.version)
             served = engine.call(call)  # kept: a failed call still says how far it got
             outputs = (await served).outputs
+            if trace is not None:
+                trace.answered()
             response = infer_response(engine.name, engine.version, request.id, outputs,
                                       call.outputs, self._state.max_response_bytes)  # fmt: skip
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
+                if trace is not None:
+                    trace.end(model, CLIENT_GONE, served, Code.CANCELLED.value[0])
                 raise  # the client went away or the server stops: nobody to answer
             # Cancelled from inside (the handler executor of an engine being retired shut
             # down under it): the client still gets an answer it can retry on.
@@ -79,6 +88,8 @@ class InferCalls:
             stats.in_flight -= 1
         status = 200 if refused is None else refused.status
         self._record(model, status, started, request, response, served, metadata)
+        if trace is not None:
+            trace.end(model, status, served, (refused.code if refused else Code.OK).value[0])
         return response, refused
 
     def _engine(self, request: Any, metadata: Metadata) -> Engine:
@@ -101,13 +112,14 @@ class InferCalls:
         state.admit(engine, timeout_s, waited)
         inputs = decode_inputs(request, state.limits, raw_bytes=engine.raw_bytes)
         cache = not params or params.get("cache") is not False
+        priority = request_priority(params) if params else 0
         if engine.pipeline is None:
             return Call(inputs, requested_outputs(request), cache=cache,
                         timeout_s=remaining_s(timeout_s, waited),
-                        max_output_bytes=state.max_response_bytes)  # fmt: skip
+                        max_output_bytes=state.max_response_bytes, priority=priority)  # fmt: skip
         return Call(inputs, requested_outputs(request), parameters=params, headers=metadata,
                     cache=cache, timeout_s=remaining_s(timeout_s, waited),
-                    max_output_bytes=state.max_response_bytes)  # fmt: skip
+                    max_output_bytes=state.max_response_bytes, priority=priority)  # fmt: skip
 
     def _record(
         self,

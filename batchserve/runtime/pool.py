@@ -128,6 +128,12 @@ class SessionPool(Lifecycle):
     def size(self) -> int:
         return len(self._slots) - self._lost
 
+    @property
+    def next_session(self) -> int | None:
+        """The index of the session the next `try_run` starts on (None: none is idle), so a
+        trace can say which session ran a batch."""
+        return self._idle[-1].index if self._idle else None
+
     def try_run(self, arrays: list[np.ndarray], done: RunCallback) -> bool:
         """Start a run on an idle session; False (and nothing started) when none is idle."""
         if self._loop is None or self._drained is None:

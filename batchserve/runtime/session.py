@@ -16,7 +16,13 @@ from batchserve.config import Device, RuntimeConfig
 from batchserve.errors import BatchserveError, DeviceUnavailable, ModelLoadError
 from batchserve.runtime.binding import CpuBinding, CudaBinding, bindable
 from batchserve.runtime.cuda import CudaRuntime, CudaStream, PinnedAllocator, ort_cuda_major
+from batchserve.runtime.driver import (
+    DriverVersionReader,
+    installed_driver_version,
+    warn_if_old_driver,
+)
 from batchserve.runtime.fp16 import default_build_cache_dir, fp16_model
+from batchserve.runtime.input_prefix import prefixed_model
 from batchserve.runtime.metadata import ModelMetadata, TensorSpec
 from batchserve.runtime.providers import (
     CUDA,
@@ -142,11 +148,13 @@ class SessionBuilder:
         config: RuntimeConfig,
         *,
         factory: SessionFactory | None = None,
+        driver_version: DriverVersionReader = installed_driver_version,
     ) -> None:
         self.path = path
         self.config = config
         self.digest = ""
         self._factory = factory or ort_session
+        self._driver_version = driver_version
         self._cuda: CudaRuntime | None = None
         self._tensorrt = False
         self._trt_cache: Path | None = None
@@ -157,6 +165,10 @@ class SessionBuilder:
         self.digest = model_digest(model)
         config = self.config
         available = ort.get_available_providers()
+        if config.device.kind == "cuda":
+            # Before anything CUDA can fail: an old driver is the likeliest reason it would.
+            major = ort_cuda_major()
+            warn_if_old_driver(self._driver_version, int(major) if major else None)
         check_device(config.device, available)
         if config.device.kind == "cuda":
             _preload_cuda()
@@ -167,7 +179,7 @@ class SessionBuilder:
         sessions: list[Session] = []
         try:
             first, model, self._tensorrt = first_session(
-                model, self._tensorrt, self._session, self._prepare
+                model, self._tensorrt, self._session, self._prepare, self._prepare_trt
             )
             sessions.append(first)
             for _ in range(config.instances - 1):
@@ -192,8 +204,7 @@ class SessionBuilder:
                 f"{self.path} changed since it was loaded; it is served once loaded again "
                 "(a restart, or the model repository's next poll or load)"
             )
-        if not self._tensorrt:
-            model = self._prepare(model)
+        model = self._prepare(model, self._tensorrt)
         session = self._session(model, self._tensorrt)
         stop_capturing(session)
         return session
@@ -208,14 +219,26 @@ class SessionBuilder:
             raise ModelLoadError(f"cannot create the {kind} cache directory {path}: {err}") from err
         return path
 
-    def _prepare(self, model: bytes) -> bytes:
-        """The model as sessions without TensorRT run it (with TensorRT, its own FP16 mode,
-        trt_fp16_enable, does the conversion)."""
+    def _prepare(self, model: bytes, tensorrt: bool = False) -> bytes:
+        """The model as the sessions run it: converted to FP16 without TensorRT (with it,
+        its own FP16 mode, trt_fp16_enable, does the conversion), then with the prefixes of
+        the inputs clients send as UINT8 or FP16 (input_prefix.py)."""
         config = self.config
-        if not config.fp16:
-            return model
         root = Path(config.build_cache_dir or default_build_cache_dir())
-        return fp16_model(model, self.digest, root, str(self.path))
+        fp16 = config.fp16 and not tensorrt
+
+        def converted() -> bytes:
+            return fp16_model(model, self.digest, root, str(self.path)) if fp16 else model
+
+        if not config.input_formats:
+            return converted()
+        return prefixed_model(
+            converted, config.input_formats, digest=self.digest, cache_dir=root,
+            source=str(self.path), fp16=fp16,
+        )  # fmt: skip
+
+    def _prepare_trt(self, model: bytes) -> bytes:
+        return self._prepare(model, tensorrt=True)
 
     def _session(self, model: bytes, tensorrt: bool) -> Session:
         config = self.config
@@ -266,14 +289,17 @@ def first_session(
     tensorrt: bool,
     build: Callable[[bytes, bool], Session],
     prepare: Callable[[bytes], bytes],
+    prepare_trt: Callable[[bytes], bytes] | None = None,
 ) -> tuple[Session, bytes, bool]:
     """A load's first session, and what it decided: the model bytes the other sessions use and
     whether TensorRT runs. PyPI's onnxruntime-gpu always lists TensorRT, so only a build tells
     whether its libraries load: when the TensorRT chain fails, say why once and build with CUDA
-    (after `prepare`, the FP16 conversion, which TensorRT's own FP16 mode would have done)."""
+    (after `prepare`, the FP16 conversion, which TensorRT's own FP16 mode would have done).
+    `prepare_trt` makes what TensorRT runs (the input prefixes, no conversion)."""
     if tensorrt:
+        trt_model = prepare_trt(model) if prepare_trt is not None else model
         try:
-            return build(model, True), model, True
+            return build(trt_model, True), trt_model, True
         except BatchserveError as err:
             cause = err.__cause__
             log.warning("%s: %s", TRT_MISSING, ort_reason(cause) if cause else err.message)
