@@ -9,7 +9,10 @@ processes at the capacity each (2x in total), one sending `parameters.priority =
 `2`. Reported per client: the rate of 200s, the share refused (429) or late (504), and the
 p50/p99 of the 200s.
 
-    python benchmarks/priorities.py --duration 8 --json docs/results/priorities.json
+    python benchmarks/priorities.py --example resnet50 --binary --concurrency 16 \
+        --max-batch-size 8 --timeout-ms 1000 --duration 15 \
+        --json docs/results/priorities-resnet50.json
+    python benchmarks/priorities.py --duration 8 --json docs/results/priorities-wide-mlp.json
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--example", default="wide-mlp", help="batchserve example model")
+    parser.add_argument("--binary", action="store_true", help="binary tensors (large inputs)")
+    parser.add_argument("--concurrency", type=int, default=64, help="callers for the capacity")
+    parser.add_argument("--max-batch-size", type=int, default=64,
+                        help="the server's; a run must fit well within the deadline")  # fmt: skip
     parser.add_argument("--timeout-ms", type=float, default=100.0,
                         help="the server's deadline per request")  # fmt: skip
     parser.add_argument("--json", help="write the results here")
@@ -95,17 +102,22 @@ def main() -> int:
         command = ["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={REPO}", sys.executable, "-m",
                    "batchserve", "serve", "--model-repository", str(root), "--host",
                    "127.0.0.1", "--port", str(port), "--grpc-port", "off",
-                   "--request-timeout-ms", f"{args.timeout_ms:g}"]  # fmt: skip
+                   "--request-timeout-ms", f"{args.timeout_ms:g}",
+                   "--max-batch-size", str(args.max_batch_size)]  # fmt: skip
         server = compare.start_server(command, Path(tmp) / "server.log")
         try:
             compare.wait_ready(server, base)
-            probe = bench(base, "fifo", ["--concurrency", "64"], args.duration)
+            binary = ["--binary"] if args.binary else []
+            probe = bench(base, "fifo", ["--concurrency", str(args.concurrency), *binary],
+                          args.duration)  # fmt: skip
             capacity = report(probe, args.duration)["ok"] / args.duration
-            print(f"capacity (closed loop, 64 callers): {capacity:,.0f} req/s", flush=True)
+            print(f"capacity (closed loop, {args.concurrency} callers): {capacity:,.0f} req/s",
+                  flush=True)  # fmt: skip
             rows: dict[str, Any] = {"example": args.example, "capacity_rps": capacity,
-                                    "timeout_ms": args.timeout_ms}  # fmt: skip
+                                    "timeout_ms": args.timeout_ms, "binary": args.binary,
+                                    "max_batch_size": args.max_batch_size}  # fmt: skip
             for model in ("prio", "fifo"):
-                load = ["--rate", f"{capacity:.0f}", "--arrivals", "poisson"]
+                load = ["--rate", f"{capacity:.1f}", "--arrivals", "poisson", *binary]
                 clients = {level: bench(base, model, [*load, "--parameter", f"priority={level}"],
                                         args.duration) for level in (1, 2)}  # fmt: skip
                 rows[model] = {f"priority {level}": summary(report(p, args.duration))

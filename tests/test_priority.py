@@ -320,6 +320,62 @@ async def test_deadline_admission_counts_only_the_rows_at_or_above_a_level() -> 
     assert order == [60, *range(1, 21)]  # the session was idle: the high one ran first
 
 
+async def test_room_left_in_a_run_goes_to_lower_levels_of_the_same_shape() -> None:
+    runner, clock = ManualRunner(), FakeClock()
+    priority = PriorityConfig(levels=3, share=100)
+    policy = BatchPolicy(4, 0.0)
+    async with Batcher(runner, policy, clock, max_queue_rows=100, priority=priority) as batcher:
+        blocker = batcher.submit(rows(1, 0), 1, SIG, tier=2)
+        await settle()
+        items = [
+            batcher.submit(rows(1, 1), 1, SIG, tier=2),
+            batcher.submit(rows(1, 2), 1, SIG, tier=1),
+            batcher.submit(rows(1, 3), 1, ((3,),), tier=1),  # another shape: not in this run
+            batcher.submit(rows(1, 4), 1, SIG, tier=0),
+            batcher.submit(rows(1, 5), 1, SIG, tier=2),
+            batcher.submit(rows(1, 6), 1, SIG, tier=2),
+        ]
+        runner.finish()
+        await settle()
+        run = runner.running[0][0][0]
+        # Level 1's one request, then level 2's, then level 3's oldest: four rows, one run.
+        assert list(run[:, 0]) == [4, 2, 1, 5]
+        levels = {s.level: s for s in batcher.statistics().levels}
+        assert [levels[k].queued_rows for k in ("1", "2", "3")] == [0, 1, 1]
+        assert batcher.statistics().queued_rows == 2
+        await _drain(runner, 3)
+        await asyncio.gather(blocker.future, *(i.future for i in items))
+        assert batcher.statistics().queued_rows == 0
+
+
+class RefusingOnce(ManualRunner):
+    """A runner that turns the first run down (a session just lost), then takes them."""
+
+    refused = False
+
+    def try_run(self, arrays: list[np.ndarray], done: Any) -> bool:
+        if not self.refused:
+            self.refused = True
+            return False
+        return super().try_run(arrays, done)
+
+
+async def test_a_mixed_run_the_runner_turns_down_goes_back_to_each_level() -> None:
+    runner, clock = RefusingOnce(), FakeClock()
+    priority = PriorityConfig(levels=2, share=100)
+    async with Batcher(runner, BatchPolicy(4, 0.0), clock, max_queue_rows=100,
+                       priority=priority) as batcher:  # fmt: skip
+        items = [batcher.submit(rows(1, v), 1, SIG, tier=t) for v, t in ((1, 1), (2, 0), (3, 1))]
+        await settle()  # the runner refused the mixed run: every request is back in its level
+        levels = {s.level: s for s in batcher.statistics().levels}
+        assert [levels[k].queued_rows for k in ("1", "2")] == [1, 2]
+        batcher.wake()
+        await settle()
+        assert list(runner.running[0][0][0][:, 0]) == [2, 1, 3]
+        runner.finish()
+        await asyncio.gather(*(i.future for i in items))
+
+
 async def test_a_low_level_s_wait_is_priced_at_its_share_of_runs_while_higher_ones_wait() -> None:
     runner, clock = ManualRunner(), FakeClock()
     async with _batcher(runner, PriorityConfig(levels=2, share=8), clock) as batcher:

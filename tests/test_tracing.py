@@ -355,6 +355,41 @@ async def test_ratio_one_traces_unsampled_callers_as_they_asked_not_to(
     assert unsampled not in {s.trace_id for s in receiver.spans}
 
 
+@pytest.mark.parametrize(
+    ("header", "sampled"),
+    [
+        (None, None),
+        ("00-" + "1" * 32 + "-" + "2" * 16 + "-01", True),
+        ("00-" + "1" * 32 + "-" + "2" * 16 + "-00", False),
+        ("00-" + "1" * 32 + "-" + "2" * 16 + "-03", True),  # other flags beside sampled
+        ("  00-" + "1" * 32 + "-" + "2" * 16 + "-01\t", True),
+        ("01-" + "1" * 32 + "-" + "2" * 16 + "-01-future", True),  # a later version's fields
+        ("00-" + "1" * 32 + "-" + "2" * 16 + "-01-more", None),  # version 00 has four
+        ("ff-" + "1" * 32 + "-" + "2" * 16 + "-01", None),
+        ("00-" + "0" * 32 + "-" + "2" * 16 + "-01", None),
+        ("00-" + "1" * 32 + "-" + "0" * 16 + "-01", None),
+        ("00-" + "A" * 32 + "-" + "2" * 16 + "-01", None),  # uppercase hex is not valid
+        ("00-" + "1" * 31 + "-" + "2" * 16 + "-01", None),
+        ("garbage", None),
+    ],
+)
+def test_the_sampling_decision_reads_the_traceparent_as_the_propagator_does(
+    header: str | None, sampled: bool | None
+) -> None:
+    # Requests the SDK is never asked about must be exactly the ones it would drop.
+    from opentelemetry.trace import get_current_span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from batchserve.tracing import _parent_sampled
+
+    assert _parent_sampled(header) is sampled
+    carrier = {} if header is None else {"traceparent": header}
+    context = get_current_span(TraceContextTextMapPropagator().extract(carrier)).get_span_context()
+    assert context.is_valid is (sampled is not None)
+    if sampled is not None:
+        assert context.trace_flags.sampled is sampled
+
+
 # -------------------------------------------------------------------------------- lifecycle
 
 

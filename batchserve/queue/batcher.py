@@ -267,12 +267,12 @@ class Batcher(Lifecycle):
         wait is the highest level's, and `submit` checks the request's own level."""
         stats = self._stats
         if stats.queued_rows >= self._max_queue_rows:
-            self._reject(self._tiers[0])
+            stats.rejected += 1  # no level: the request's priority is in its body, unread
             raise Overloaded(
                 f"queue full ({stats.queued_rows} rows waiting, limit {self._max_queue_rows})"
             )
         if deadline_s is not None and (stats.queued_rows or waited_s):
-            self._check_deadline(1, deadline_s, waited_s)
+            self._check_deadline(1, deadline_s, waited_s, level=False)
 
     def expected_wait_s(self, rows: int, tier: int = 0) -> float:
         """Estimated time until `rows` more rows of priority queue `tier` would be computed:
@@ -297,7 +297,11 @@ class Batcher(Lifecycle):
         tiers = self._tiers
         above = sum([t.queued_rows for t in tiers[:tier]])
         own = tiers[tier].queued_rows + rows
-        return max(above + own, own * share) if above else own
+        if above < self._max_rows:
+            # The next run has room after the levels above, and room goes to this level
+            # (`_take`): it drains as fast as the runs go.
+            return above + own
+        return max(above + own, own * share)
 
     def recent_wait_s(self, tier: int = 0) -> float:
         """The median queue wait of priority queue `tier`'s runs dispatched in the last
@@ -312,13 +316,16 @@ class Batcher(Lifecycle):
         return median_low([wait for _, wait in sojourns]) if sojourns else 0.0
 
     def _check_deadline(
-        self, rows: int, deadline_s: float, waited_s: float = 0.0, tier: int = 0
+        self, rows: int, deadline_s: float, waited_s: float = 0.0, tier: int = 0, level: bool = True
     ) -> None:
         wait = self.expected_wait_s(rows, tier) + waited_s
         # A fifth of the deadline stays for what the estimate does not see: HTTP, scheduling
         # jitter, a run slower than the average.
         if wait > DEADLINE_HEADROOM * deadline_s:
-            self._reject(self._tiers[tier])
+            if level:
+                self._reject(self._tiers[tier])
+            else:  # before the body: the request's level is not known
+                self._stats.rejected += 1
             raise Overloaded(
                 f"the queue's expected wait ({wait * 1000:.0f} ms) exceeds the request's "
                 f"deadline ({deadline_s * 1000:g} ms)"
@@ -518,32 +525,63 @@ class Batcher(Lifecycle):
         )
 
     def _take(self, queue: _Tier, signature: Signature) -> tuple[list[Pending], int]:
-        """The group's head requests, in order, up to max rows (at least one request)."""
+        """The group's head requests, in order, up to max rows (at least one request). With
+        priorities, room left in the run goes to the requests of the same shape in the other
+        levels, highest first: levels order the requests, not the runs, so runs are as full
+        as without them (Triton's priority queue batches the same way)."""
         heapq.heappop(queue.heads)  # the group's own entry: `_oldest` just found it on top
         group = queue.groups[signature]
-        batch = [group.popleft()]
-        rows = batch[0].rows
+        first = group.popleft()
+        batch = [first]
+        self._stats.queued_rows -= first.rows
+        queue.queued_rows -= first.rows
+        rows = self._fill(queue, signature, group, batch, first.rows, moved=True)
+        if self._priority is not None and self._batched:
+            for other in self._tiers:
+                if rows >= self._max_rows:
+                    break
+                more = None if other is queue else other.groups.get(signature)
+                if more:
+                    rows = self._fill(other, signature, more, batch, rows, moved=False)
+        return batch, rows
+
+    def _fill(
+        self,
+        queue: _Tier,
+        signature: Signature,
+        group: deque[Pending],
+        batch: list[Pending],
+        rows: int,
+        *,
+        moved: bool,
+    ) -> int:
+        """Move `group`'s head requests into `batch` while they fit in max rows, and keep the
+        group's heap entry and the row counts right; `moved`: its head left already. Returns
+        the batch's rows."""
         while group and rows + group[0].rows <= self._max_rows and self._batched:
             item = group.popleft()
             batch.append(item)
             rows += item.rows
-        if group:
+            self._stats.queued_rows -= item.rows
+            queue.queued_rows -= item.rows
+            moved = True
+        if not group:
+            del queue.groups[signature]  # its heap entries go stale and are dropped when met
+        elif moved:
             self._push_head(queue, signature, group)
-        else:
-            del queue.groups[signature]
-        self._stats.queued_rows -= rows
-        queue.queued_rows -= rows
-        return batch, rows
+        return rows
 
     def _requeue(self, batch: list[Pending]) -> None:
+        # Each request back at the head of its own level's group, in the order it left.
         signature = batch[0].signature
-        queue = self._tiers[batch[0].tier]
-        group = queue.groups.setdefault(signature, deque())
-        group.extendleft(reversed(batch))
-        self._push_head(queue, signature, group)
-        rows = sum(item.rows for item in batch)
-        self._stats.queued_rows += rows
-        queue.queued_rows += rows
+        for item in reversed(batch):
+            queue = self._tiers[item.tier]
+            queue.groups.setdefault(signature, deque()).appendleft(item)
+            queue.queued_rows += item.rows
+            self._stats.queued_rows += item.rows
+        for tier in sorted({item.tier for item in batch}):
+            queue = self._tiers[tier]
+            self._push_head(queue, signature, queue.groups[signature])
 
     @staticmethod
     def _assemble(batch: list[Pending]) -> list[np.ndarray]:
@@ -568,13 +606,20 @@ class Batcher(Lifecycle):
             total += wait
             observe(wait)
         stats.queue_wait_s += total
-        queue = self._tiers[batch[0].tier]
-        queue.sojourns.append((now, total / len(batch)))
-        if self._priority is not None:
-            self._turns += 1
-            observe = queue.wait.observe
-            for item in batch:
-                observe(now - item.enqueued_at)
+        tiers = self._tiers
+        if self._priority is None:
+            tiers[0].sojourns.append((now, total / len(batch)))
+            return
+        self._turns += 1
+        # Each level's recent waits from its own requests: a run mixes levels (`_take`), and
+        # the low ones' long waits must not price the high level's.
+        waits: dict[int, list[float]] = {}
+        for item in batch:
+            wait = now - item.enqueued_at
+            tiers[item.tier].wait.observe(wait)
+            waits.setdefault(item.tier, []).append(wait)
+        for tier, level_waits in waits.items():
+            tiers[tier].sojourns.append((now, sum(level_waits) / len(level_waits)))
 
     def _done(
         self, batch: list[Pending], rows: int, started: float, result: RunOutputs | BaseException
