@@ -12,6 +12,7 @@ from batchserve.errors import NotReady, Overloaded, Unauthorized
 from batchserve.front.access import AccessLog, RequestIds
 from batchserve.front.lag import LoopLag
 from batchserve.front.stats import RequestStatistics
+from batchserve.front.turns import DecodeTurns
 from batchserve.protocol import DecodeLimits
 from batchserve.tracing import Tracing
 
@@ -25,6 +26,7 @@ class ServerState:
         "access_log",
         "api_key",
         "body_timeout_s",
+        "decode_turns",
         "lag",
         "lag_shed",
         "limits",
@@ -47,6 +49,7 @@ class ServerState:
         timeout_s = config.request_timeout_s
         # Measured whenever there is a deadline: the wait before a handler runs counts in it.
         self.lag = LoopLag(config.max_loop_lag_ms / 1000.0, measure=timeout_s is not None)
+        self.decode_turns = DecodeTurns()  # big bodies decode one per loop iteration
         self.lag_shed = 0  # requests refused because the event loop ran late
         self.limits = DecodeLimits(config.max_inputs, config.max_tensor_elements)
         self.body_timeout_s = config.body_timeout_s

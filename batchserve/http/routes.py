@@ -28,6 +28,7 @@ from batchserve.errors import (
 from batchserve.front import ServerState
 from batchserve.front.lag import LoopLag
 from batchserve.front.stats import UNKNOWN_MODEL
+from batchserve.front.turns import BIG_BODY_BYTES
 from batchserve.http.bodies import (
     UnsupportedContentEncoding,
     check_content_encoding,
@@ -203,7 +204,11 @@ class InferEndpoint:
             if engine.retired:  # unloaded or replaced while the body arrived: route again
                 engine = self._repository.get(match["name"], match.get("version"), request.headers)
             if engine.pipeline is None:  # every body is a V2 request: the hot path, inline
-                decoded = _decode(request, body, state)
+                if received < BIG_BODY_BYTES:
+                    decoded = _decode(request, body, state)
+                else:  # one per loop iteration, so the loop stays on time (front/turns.py)
+                    async with state.decode_turns:
+                        decoded = _decode(request, body, state)
                 parameters = decoded.parameters
                 timeout_s = (
                     request_timeout_s(parameters, state.timeout_s)
@@ -216,8 +221,11 @@ class InferEndpoint:
                     max_output_bytes=state.max_response_bytes,
                     priority=request_priority(parameters) if parameters else 0,
                 )  # fmt: skip
-            else:
+            elif received < BIG_BODY_BYTES:
                 call, decoded = _handler_model_call(engine, request, body, state, waited)
+            else:
+                async with state.decode_turns:
+                    call, decoded = _handler_model_call(engine, request, body, state, waited)
             if trace is not None:
                 trace.decoded(call, engine.version)
             served = engine.call(call)  # kept: a failed call still says how far it got
