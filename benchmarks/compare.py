@@ -11,6 +11,7 @@ Servers:
 
 * ``bare``: ``benchmarks/baselines/bare_aiohttp.py``, the HTTP ceiling;
 * ``batchserve``: ``python -m batchserve serve MODEL --name NAME ...``;
+* ``batchserve-2w`` / ``batchserve-4w``: the same with ``--workers 2`` / ``4``;
 * ``fastapi-async`` / ``fastapi-sync``: ``benchmarks/baselines/fastapi_server.py``;
 * ``before``: batchserve from another source tree (``--before DIR``, e.g. ``git archive`` of
   an older commit unpacked there), for a same-run before/after check of a change;
@@ -119,9 +120,18 @@ def otel_command(ratio: str) -> CommandBuilder:
     return build
 
 
+def workers_command(workers: int) -> CommandBuilder:
+    def build(args: argparse.Namespace, port: int) -> list[str]:
+        return [*current_command(args, port), "--workers", str(workers)]
+
+    return build
+
+
 SERVERS: dict[str, CommandBuilder] = {
     "bare": bare_command,
     "batchserve": current_command,
+    "batchserve-2w": workers_command(2),
+    "batchserve-4w": workers_command(4),
     "before": before_command,
     "otel-1pct": otel_command("0.01"),
     "otel-100pct": otel_command("1"),

@@ -74,10 +74,10 @@ def create_app() -> web.Application:
     return app
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, reuse_port: bool = False) -> None:
     runner = web.AppRunner(create_app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
     try:
         await asyncio.Event().wait()  # serve until the process is signalled
     finally:
@@ -88,13 +88,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--reuse-port", action="store_true",
+        help="share the port with other copies (SO_REUSEPORT): the ceiling of N processes",
+    )  # fmt: skip
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(args.host, args.port))
+        uvloop.run(serve(args.host, args.port, args.reuse_port))
 
 
 if __name__ == "__main__":
