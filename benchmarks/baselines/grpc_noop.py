@@ -3,7 +3,10 @@
 Every `inference.GRPCInferenceService/ModelInfer` call's request is parsed (the protobuf decode
 stays in the measurement) and answered with one constant ModelInferResponse shaped like a real
 answer from the benchmark mlp (`probabilities`, FP32, [1, 10], raw contents). No inference, no
-batching: whatever a real gRPC server on that implementation reaches is bounded by this.
+batching: whatever a real gRPC server on that implementation reaches is bounded by this. On
+grpc.aio, ModelStreamInfer answers each message of a stream the same way (with its id), and
+ModelMetadata describes the mlp, so `batchserve bench --protocol grpc [--streaming]` can drive
+it as it drives batchserve.
 
 Usage::
 
@@ -27,12 +30,33 @@ SERVICE = "inference.GRPCInferenceService"
 RESPONSE = pb.ModelInferResponse(model_name="mlp", model_version="1")
 RESPONSE.outputs.add(name="probabilities", datatype="FP32", shape=[1, 10])
 RESPONSE.raw_output_contents.append(bytes(40))
+METADATA = pb.ModelMetadataResponse(name="mlp", versions=["1"], platform="constant")
+METADATA.inputs.add(name="input", datatype="FP32", shape=[-1, 64])
+METADATA.outputs.add(name="probabilities", datatype="FP32", shape=[-1, 10])
+
+
+def _answer(request_id: str) -> Any:
+    if not request_id:
+        return RESPONSE
+    answer = pb.ModelInferResponse()
+    answer.CopyFrom(RESPONSE)
+    answer.id = request_id
+    return answer
 
 
 async def serve_aio(host: str, port: int, stop: asyncio.Event) -> None:
     async def infer(request: Any, context: Any) -> Any:
         del request, context  # parsed by the deserializer: that is the work measured
         return RESPONSE
+
+    async def stream(requests: Any, context: Any) -> Any:
+        del context
+        async for request in requests:
+            yield pb.ModelStreamInferResponse(infer_response=_answer(request.id))
+
+    async def metadata(request: Any, context: Any) -> Any:
+        del request, context
+        return METADATA
 
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
@@ -41,7 +65,17 @@ async def serve_aio(host: str, port: int, stop: asyncio.Event) -> None:
                 infer,
                 request_deserializer=pb.ModelInferRequest.FromString,
                 response_serializer=pb.ModelInferResponse.SerializeToString,
-            )
+            ),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                stream,
+                request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+            ),
+            "ModelMetadata": grpc.unary_unary_rpc_method_handler(
+                metadata,
+                request_deserializer=pb.ModelMetadataRequest.FromString,
+                response_serializer=pb.ModelMetadataResponse.SerializeToString,
+            ),
         },
     )
     server = grpc.aio.server(handlers=[handler])
