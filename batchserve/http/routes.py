@@ -506,6 +506,11 @@ def add_routes(app: web.Application) -> None:
     # `Expect: 100-continue` is answered after the checks the headers allow.
     infer_expect = expect_handler(endpoint.admit, to_response)
     body_expect = expect_handler(_body_precheck, to_response)
+    # The infer routes first: aiohttp tries the routes under one path prefix in the order they
+    # were added, and every infer request would otherwise be matched against the four model
+    # routes before it (no other route's path ends in /infer, so the order changes no answer).
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.router.add_post(prefix + "/infer", infer, expect_handler=infer_expect)
     get = app.router.add_get
     get("/v2", guarded(server_metadata))
     # Probes must work without credentials; metrics too unless the operator says otherwise.
@@ -519,7 +524,6 @@ def add_routes(app: web.Application) -> None:
         get(prefix + "/ready", guarded(model_ready))
         get(prefix + "/config", guarded(model_configuration))
         get(prefix + "/stats", guarded(model_statistics))
-        app.router.add_post(prefix + "/infer", infer, expect_handler=infer_expect)
     post = functools.partial(app.router.add_post, expect_handler=body_expect)
     post("/v2/repository/index", guarded(repository_index))
     post("/v2/repository/models/{name}/load", guarded(repository_load))
