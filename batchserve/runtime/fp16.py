@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from batchserve.errors import ModelLoadError
@@ -21,21 +22,32 @@ def default_build_cache_dir() -> Path:
 def fp16_model(model: bytes, digest: str, cache_dir: Path, source: str) -> bytes:
     """The FP16 version of `model` (inputs and outputs stay FP32): from the cache when this
     digest was converted before, else converted now and cached."""
-    cached = cache_dir / "fp16" / f"{digest}.onnx"
+    return built_once(
+        cache_dir / "fp16" / f"{digest}.onnx",
+        lambda: convert_fp16(model, source),
+        reused=f"using the FP16 conversion of {source}",
+        built=f"converted {source} to FP16 (inputs and outputs stay FP32)",
+        what="the FP16 model",
+    )
+
+
+def built_once(
+    cached: Path, build: Callable[[], bytes], *, reused: str, built: str, what: str
+) -> bytes:
+    """The bytes a build left at `cached` before (logged as `reused`), else `build()`, written
+    there atomically for the next start (logged as `built`, with whether it was cached; `what`
+    names it when it cannot be): the build cache of FP16 conversions and input prefixes, keyed
+    by the caller's file name."""
     try:
         data = cached.read_bytes()
     except OSError:
-        pass  # not converted yet (or unreadable: convert again)
+        pass  # not built yet (or unreadable: build again)
     else:
-        log.info("using the FP16 conversion of %s cached at %s", source, cached)
+        log.info("%s cached at %s", reused, cached)
         return data
-    data = convert_fp16(model, source)
-    if _write_atomically(cached, data):
-        log.info(
-            "converted %s to FP16 (inputs and outputs stay FP32), cached at %s", source, cached
-        )
-    else:
-        log.info("converted %s to FP16 (inputs and outputs stay FP32), not cached", source)
+    data = build()
+    where = f"cached at {cached}" if _write_atomically(cached, data, what) else "not cached"
+    log.info("%s, %s", built, where)
     return data
 
 
@@ -58,7 +70,7 @@ def convert_fp16(model: bytes, source: str) -> bytes:
     return data
 
 
-def _write_atomically(path: Path, data: bytes) -> bool:
+def _write_atomically(path: Path, data: bytes, what: str) -> bool:
     """Whether `data` is now at `path`; a failure is logged, not raised (the cache is optional)."""
     # Another replica may convert the same model into a shared cache at the same time: a
     # rename never leaves a half-written file behind.
@@ -70,7 +82,7 @@ def _write_atomically(path: Path, data: bytes) -> bool:
             out.write(data)
         os.replace(temp, path)
     except OSError as err:
-        log.warning("cannot cache the FP16 model at %s (it will be converted again): %s", path, err)
+        log.warning("cannot cache %s at %s (it will be built again): %s", what, path, err)
         if temp is not None:
             Path(temp).unlink(missing_ok=True)
         return False

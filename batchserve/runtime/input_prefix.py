@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from batchserve.errors import ModelLoadError
+from batchserve.runtime.fp16 import built_once
 
 if TYPE_CHECKING:
     import onnx
@@ -182,19 +181,14 @@ def prefixed_model(
     the cache when this digest was built with these formats before, else built now and cached
     (`model` is called only then)."""
     precision = "-fp16" if fp16 else ""
-    cached = cache_dir / "inputs" / f"{digest}-{formats_key(formats)}{precision}.onnx"
-    try:
-        data = cached.read_bytes()
-    except OSError:
-        pass  # not built yet (or unreadable: build again)
-    else:
-        log.info("using the input formats of %s cached at %s", source, cached)
-        return data
-    data = add_prefixes(model(), formats, source)
     wanted = ", ".join(f"{f.name} as {f.datatype}" for f in formats)
-    where = f"cached at {cached}" if _write_atomically(cached, data) else "not cached"
-    log.info("%s takes %s (cast and normalised in the graph), %s", source, wanted, where)
-    return data
+    return built_once(
+        cache_dir / "inputs" / f"{digest}-{formats_key(formats)}{precision}.onnx",
+        lambda: add_prefixes(model(), formats, source),
+        reused=f"using the input formats of {source}",
+        built=f"{source} takes {wanted} (cast and normalised in the graph)",
+        what="the model with input formats",
+    )
 
 
 def add_prefixes(model: bytes, formats: tuple[InputFormat, ...], source: str) -> bytes:
@@ -338,20 +332,3 @@ def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-
-
-def _write_atomically(path: Path, data: bytes) -> bool:
-    """Whether `data` is now at `path`; a failure is logged, not raised (the cache is optional)."""
-    temp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(temp, path)  # a reader never sees a half-written file
-    except OSError as err:
-        log.warning("cannot cache the model with input formats at %s: %s", path, err)
-        if temp is not None:
-            Path(temp).unlink(missing_ok=True)
-        return False
-    return True
