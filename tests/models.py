@@ -98,22 +98,31 @@ def variable(path: Path) -> Path:
     return _save(graph, path)
 
 
-def slow(path: Path, width: int = 1024, layers: int = 8, seed: int = 0) -> Path:
-    """`x` FP32 [batch, width] -> `y`: dense layers, slow enough to keep a session busy."""
+def slow(
+    path: Path, width: int = 1024, layers: int = 8, seed: int = 0, *, summed: bool = False
+) -> Path:
+    """`x` FP32 [batch, width] -> `y`: dense layers, slow enough to keep a session busy; with
+    `summed`, `y` is each row's sum, [batch] (a big run with a small answer: answers then
+    arrive in the order the runs finish, however long a large one would take to send)."""
     rng = np.random.default_rng(seed)
     nodes, weights, prev = [], [], "x"
     for i in range(layers):
         w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
         weights.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
-        out = "y" if i == layers - 1 else f"t{i}"
+        out = "y" if i == layers - 1 and not summed else f"t{i}"
         nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
         prev = out
+    shape: list[str | int] = ["batch", width]
+    if summed:
+        weights.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"))
+        nodes.append(helper.make_node("ReduceSum", [prev, "axes"], ["y"], keepdims=0))
+        shape = ["batch"]
     graph = helper.make_graph(
         nodes,
         "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
         weights,
     )
     return _save(graph, path)
