@@ -472,8 +472,9 @@ async def test_a_high_priority_request_overtakes_queued_ones_over_http_and_grpc(
             finished.append(name)
 
         async def send(call: Coroutine[Any, Any, None], count: int, what: str) -> None:
-            """Send one request and wait until it is in the queue: the queue's order is the
-            order of sending (a request that failed says why, rather than as a wait that never ends)."""
+            """Send one request and wait until it is in the queue, so the queue's order is
+            the order of sending (a request that failed says why, rather than as a wait that
+            never ends)."""
             tasks.append(asyncio.create_task(call))
 
             def reached() -> bool:
