@@ -11,12 +11,13 @@ import aiohttp
 import numpy as np
 import onnxruntime as ort
 import orjson
+import pytest
 from onnx import TensorProto, helper, numpy_helper, save
 
 from batchserve import Engine
 from batchserve.front.turns import BIG_BODY_BYTES, DecodeTurns
 
-from helpers import StartServer
+from helpers import StartServer, wait_until
 from models import OPSET
 
 
@@ -51,12 +52,12 @@ async def test_a_cancelled_waiter_gives_up_its_place_and_the_turn_goes_on() -> N
                 await release.wait()  # holds the turn until told
 
     first = asyncio.create_task(decode("a"))
-    await asyncio.sleep(0)
+    await wait_until(lambda: order == ["a"], "a holding the turn")
     waiting = [asyncio.create_task(decode(name)) for name in ("b", "c")]
-    await asyncio.sleep(0)
-    assert turns.waiting == 2
+    await wait_until(lambda: turns.waiting == 2, "b and c waiting for it")
     waiting[0].cancel()
-    await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[0]
     assert turns.waiting == 1
     release.set()
     await asyncio.gather(first, waiting[1])
@@ -75,7 +76,7 @@ async def test_a_waiter_cancelled_as_the_turn_reaches_it_passes_the_turn_on() ->
     async with turns:  # the turn is taken; b and c queue behind it
         b = asyncio.create_task(decode("b"))
         c = asyncio.create_task(decode("c"))
-        await asyncio.sleep(0)
+        await wait_until(lambda: turns.waiting == 2, "b and c waiting for the turn")
     # Leaving hands the turn to b at the next iteration; cancel b in that same iteration,
     # before it resumes: the turn it was given must go on to c.
     asyncio.get_running_loop().call_soon(b.cancel)
