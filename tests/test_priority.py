@@ -495,7 +495,9 @@ async def test_a_high_priority_request_overtakes_queued_ones_over_http_and_grpc(
     # (the first, or at most a low one that had started meanwhile), they overtake the lows
     # still waiting; each level keeps its own arrival order.
     assert [name for name in finished if name.startswith("low")] == [f"low{i}" for i in range(4)]
-    assert finished.index("high-grpc") < finished.index("high-http") < finished.index("low2")
+    # (The two high ones run back to back, one row each: which answer lands first is the
+    # transport's business, so only their place before the big runs is asserted.)
+    assert max(finished.index("high-grpc"), finished.index("high-http")) < finished.index("low2")
     assert finished[-2:] == ["low2", "low3"], finished
     levels = {s.level: s for s in _queue(engine).levels}
     assert levels["1"].queue_wait.count == 2
