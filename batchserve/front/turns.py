@@ -27,19 +27,17 @@ class DecodeTurns:
     """`async with turns:` around one big decode. Holders come one per loop iteration, first
     come first served; the turn passes on at the start of the next iteration."""
 
-    __slots__ = ("_busy", "_loop", "_waiters")
+    __slots__ = ("_busy", "_waiters")
 
     def __init__(self) -> None:
         self._busy = False
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> None:
         if not self._busy and not self._waiters:
             self._busy = True
             return
-        loop = self._loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             await waiter
@@ -58,9 +56,7 @@ class DecodeTurns:
     ) -> None:
         # Not now: the next holder would decode in this same iteration. call_soon runs in the
         # next one, after the timers that fell due meanwhile.
-        loop = self._loop or asyncio.get_running_loop()
-        self._loop = loop
-        loop.call_soon(self._pass_on)
+        asyncio.get_running_loop().call_soon(self._pass_on)
 
     def _pass_on(self) -> None:
         waiters = self._waiters

@@ -170,6 +170,7 @@ class Batcher(Lifecycle):
         self._batched = batched
         self._max_shape_groups = max_shape_groups
         self._priority = priority
+        self._delays = priority is not None and priority.delays  # a `delayed` queue to feed
         self._tracer = tracer  # None: tracing off, and no run costs anything for it
         self._tiers = [_Tier() for _ in range(priority.tiers if priority else 1)]
         self._turns = 0  # runs dispatched: every `priority.share`-th goes to the oldest request
@@ -450,7 +451,7 @@ class Batcher(Lifecycle):
         priority = self._priority
         if priority is None:
             return tiers[0], self._oldest(tiers[0])
-        if priority.delays:
+        if self._delays:
             self._delay_late(priority, now)
         oldest = [self._oldest_seq(t) for t in tiers]
         queue = tiers[choose_tier(oldest, self._turns, priority.share)]

@@ -152,19 +152,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
 
 
 def parse_model_config(raw: dict[str, Any], where: str = "config") -> ModelConfig:
-    unknown = sorted(set(raw) - set(_TOP))
-    if unknown:
-        raise ModelLoadError(f"{where}: unknown key(s) {unknown}; known: {sorted(_TOP)}")
-    values: dict[str, Any] = {}
-    for key, kind in _TOP.items():
-        if key not in raw:
-            continue
-        value = raw[key]
-        if kind is float and type(value) is int:
-            value = float(value)
-        if type(value) is not kind:
-            raise ModelLoadError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
-        values[key] = value
+    values = _checked(raw, _TOP, where)
     try:
         if "device" in values:
             values["device"] = Device.parse(values["device"])
@@ -245,41 +233,45 @@ _LEVEL = {"max_queue_rows": int, "timeout_ms": float, "on_timeout": str}
 def _priority(raw: dict[str, Any], where: str) -> PriorityConfig:
     """`[priority]` and its `[priority.level.N]` tables; ValueError (reported with `where`)
     for what PriorityConfig and LevelPolicy refuse."""
-    _check_keys(raw, _PRIORITY, f"{where}: priority")
-    levels = raw.get("levels", 2)
-    tables = raw.get("level", {})
-    named = sorted(tables, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
-    bad = [k for k in named if not (k.isascii() and k.isdigit() and 1 <= int(k) <= levels)]
+    options = _checked(raw, _PRIORITY, f"{where}: priority")
+    levels = options.get("levels", 2)
+    tables = options.pop("level", {})
+    bad = sorted(k for k in tables if not (k.isascii() and k.isdigit() and 1 <= int(k) <= levels))
     if bad:
         raise ModelLoadError(
             f"{where}: priority.level: {bad} are not levels from 1 to {levels} (priority.levels)"
         )
     policies: list[LevelPolicy] = []
-    for level in range(1, max(map(int, named), default=0) + 1):
+    for level in range(1, max(map(int, tables), default=0) + 1):
         table = tables.get(str(level), {})
         if type(table) is not dict:
             raise ModelLoadError(f"{where}: priority.level.{level} must be a table")
-        _check_keys(table, _LEVEL, f"{where}: priority.level.{level}")
         try:
-            policies.append(LevelPolicy(**table))
-        except (TypeError, ValueError) as err:
+            policies.append(
+                LevelPolicy(**_checked(table, _LEVEL, f"{where}: priority.level.{level}"))
+            )
+        except ValueError as err:
             raise ModelLoadError(f"{where}: priority.level.{level}: {err}") from None
-    options = {k: v for k, v in raw.items() if k != "level"}
     try:
         return PriorityConfig(**options, policies=tuple(policies))
     except ValueError as err:
         raise ModelLoadError(f"{where}: priority: {err}") from None
 
 
-def _check_keys(raw: dict[str, Any], kinds: dict[str, type], where: str) -> None:
+def _checked(raw: dict[str, Any], kinds: dict[str, type], where: str) -> dict[str, Any]:
+    """The keys of one TOML table, each of its kind (an integer where a float is wanted is
+    read as one); ModelLoadError for a key not in `kinds` or a value of another type."""
     unknown = sorted(set(raw) - set(kinds))
     if unknown:
         raise ModelLoadError(f"{where}: unknown key(s) {unknown}; known: {sorted(kinds)}")
+    values: dict[str, Any] = {}
     for key, kind in kinds.items():
-        value = raw.get(key)
-        if value is None:
+        if key not in raw:
             continue
+        value = raw[key]
         if kind is float and type(value) is int:
-            raw[key] = float(value)
-        elif type(value) is not kind:
+            value = float(value)
+        if type(value) is not kind:
             raise ModelLoadError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+        values[key] = value
+    return values
