@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+
+sys.path.insert(0, str(HERE))
+
+from compare import free_port  # noqa: E402
+from grpc_ceiling import run_h2load  # noqa: E402
 
 from batchserve.protocol import decode_request, encode_request  # noqa: E402
 
@@ -79,16 +83,10 @@ def per_call_s(fn: Callable[[], Any], rounds: int) -> float:
 
 def receive_s(port: int, body: Path, seconds: float) -> float:
     """Seconds per request for this body over one connection, one request at a time."""
-    done = subprocess.run(
-        ["h2load", "--h1", "-t1", "-c1", "-m1", f"-D{seconds:g}", "--warm-up-time=1", "-d",
-         str(body), "-H", "content-type: application/octet-stream",
-         f"http://127.0.0.1:{port}/sink"],
-        capture_output=True, text=True, timeout=seconds + 60, check=False,
-    )  # fmt: skip
-    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)
-    if done.returncode != 0 or rate is None or not float(rate.group(1)):
-        raise RuntimeError(f"h2load failed: {done.stdout[-800:]} {done.stderr[-800:]}")
-    return 1.0 / float(rate.group(1))
+    result = run_h2load(f"http://127.0.0.1:{port}/sink", body,
+                        ["content-type: application/octet-stream"], connections=1, streams=1,
+                        seconds=seconds, warmup_s=1, h1=True)  # fmt: skip
+    return 1.0 / float(result["rps"])
 
 
 def main() -> int:
@@ -100,13 +98,9 @@ def main() -> int:
     if shutil.which("h2load") is None:
         print("h2load is needed (Debian: apt-get install nghttp2-client)", file=sys.stderr)
         return 2
-    import socket
-
     import onnxruntime as ort
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    port = free_port()
     rng = np.random.default_rng(0)
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="body-path-") as tmp:

@@ -42,14 +42,9 @@ from tritonclient.grpc import service_pb2 as pb
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+sys.path.insert(0, str(HERE))
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from compare import free_port  # noqa: E402
 
 
 def grpc_request() -> Any:
@@ -107,19 +102,27 @@ def h2load(url: str, body: Path, headers: list[str], args: argparse.Namespace,
            h1: bool) -> dict[str, Any]:  # fmt: skip
     streams = 1 if h1 else max(1, args.concurrency // args.connections)
     connections = args.concurrency if h1 else args.connections
-    command = ["h2load", "-t1", f"-c{connections}", f"-m{streams}", f"-D{args.duration:g}",
-               "--warm-up-time=2", "-d", str(body)]  # fmt: skip
+    return run_h2load(url, body, headers, connections=connections, streams=streams,
+                      seconds=args.duration, warmup_s=2, h1=h1)  # fmt: skip
+
+
+def run_h2load(url: str, body: Path, headers: list[str], *, connections: int, streams: int,
+               seconds: float, warmup_s: float, h1: bool) -> dict[str, Any]:  # fmt: skip
+    """One closed-loop `h2load` run posting `body`: req/s, mean ms, failed requests.
+    RuntimeError when it did not run or no request succeeded (nothing listening yet)."""
+    command = ["h2load", "-t1", f"-c{connections}", f"-m{streams}", f"-D{seconds:g}",
+               f"--warm-up-time={warmup_s:g}", "-d", str(body)]  # fmt: skip
     for header in headers:
         command += ["-H", header]
     if h1:
         command.append("--h1")
     done = subprocess.run([*command, url], capture_output=True, text=True,
-                          timeout=args.duration + 60, check=False)  # fmt: skip
+                          timeout=seconds + warmup_s + 60, check=False)  # fmt: skip
     text = done.stdout
     rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
     counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", text)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", text)
-    if done.returncode != 0 or not rate or not counts:
+    if done.returncode != 0 or not rate or not counts or not float(rate.group(1)):
         raise RuntimeError(f"h2load failed:\n{text[-1500:]}\n{done.stderr[-1500:]}")
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
     return {"rps": float(rate.group(1)),
