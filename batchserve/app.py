@@ -29,6 +29,7 @@ from batchserve.http.connections import (
     default_max_connections,
     drain_listeners,
 )
+from batchserve.http.routes import InferEndpoint
 from batchserve.lifecycle import Lifecycle
 from batchserve.metrics import BatchserveCollector, build_registry
 from batchserve.repository import EngineFactory, ModelConfig, ModelRepository
@@ -252,7 +253,9 @@ class Server(Lifecycle):
             max_connections=config.max_connections or default_max_connections(),
             max_active_requests=config.max_active_requests,
         )
-        self.connections = ConnectionGuard(limits, handler_kwargs)
+        # Requests that waited in line for the cap meet the infer endpoint's admission first.
+        screen = InferEndpoint(repository, self.app[STATE]).screen
+        self.connections = ConnectionGuard(limits, handler_kwargs, screen)
         self.app[METRICS].register(ConnectionCollector(self.connections.statistics))
         self._sites: list[GuardedSite] = []
         self._port: int | None = None

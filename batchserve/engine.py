@@ -345,6 +345,13 @@ class Engine(Lifecycle):
         if batcher is not None:
             batcher.check_room(timeout_s, waited_s)
 
+    def count_refusal(self) -> None:
+        """A request for this engine refused in front of it (by the connection gate, on its
+        deadline): counted with the queue's own refusals."""
+        batcher = self._batcher
+        if batcher is not None:
+            batcher.count_refusal()
+
     def problem(self) -> str | None:
         """Why this engine cannot serve although loaded (a wedged or lost session pool), or
         None. The liveness probe reports it: only a restart fixes it."""

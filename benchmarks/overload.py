@@ -273,6 +273,10 @@ def _metric_counts(base: str) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("batchserve_requests_total{"):
             counts[line.split('status_class="')[1][:3]] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(
+            ("process_cpu_seconds_total ", "batchserve_http_gate_refusals_total ")
+        ):
+            counts[line.split(" ", 1)[0]] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("batchserve_request_duration_seconds_bucket{"):
             le = line.split('le="')[1].split('"')[0]
             counts[f"le_{le}"] = float(line.rsplit(" ", 1)[1])
@@ -316,10 +320,16 @@ def wrk_load(base: str, model: str, clients: int, args: argparse.Namespace) -> d
     share = ok / answers
     tail = 100 - share
     p99_ok = _interpolate(pct, tail)
+
+    def rate(key: str) -> float:
+        return (after.get(key, 0.0) - before.get(key, 0.0)) / seconds
+
     return {"clients": clients, "ok_rps": ok / seconds, "shed_rps": c4 / seconds,
             "late_rps": c5 / seconds, "late_share": c5 / answers, "ok_p99_ms": p99_ok,
             "all_latency_ms": {f"p{k:g}": v for k, v in pct.items()},
-            "server_p99_ms": _server_p99_ms(before, after)}  # fmt: skip
+            "server_p99_ms": _server_p99_ms(before, after),
+            "server_cpu": rate("process_cpu_seconds_total"),
+            "gate_refusals_rps": rate("batchserve_http_gate_refusals_total")}  # fmt: skip
 
 
 def _interpolate(pct: dict[float, float], at: float) -> float:

@@ -19,6 +19,8 @@ Done = Callable[[list[np.ndarray] | BaseException], None]
 class ManualRunner:
     """A one-session runner whose runs finish only when the test says so."""
 
+    last_run_s: float | None = None  # the batcher times the run itself
+
     def __init__(self, size: int = 1) -> None:
         self.size = size
         self.running: list[tuple[list[np.ndarray], Done]] = []
@@ -150,6 +152,33 @@ async def test_a_request_the_queue_would_make_late_is_refused_on_arrival() -> No
             await item.future
 
 
+async def test_runs_are_priced_by_their_own_time_not_by_when_the_loop_took_the_answer() -> None:
+    runner, clock = ManualRunner(), FakeClock()
+    async with Batcher(runner, BatchPolicy(4, 0.0), clock, max_queue_rows=1000) as batcher:
+        first = batcher.submit(rows(4, 1), 4, ((2,),))
+        await settle()
+        # The run took 10 ms in its thread; a busy event loop took its answer 90 ms later.
+        # That delay is the loop's lag, which admission counts itself: priced into every run
+        # too, it outlived the lag in the median and refused every request while no run went.
+        clock.advance(0.1)
+        runner.last_run_s = 0.01
+        runner.finish()
+        await first.future
+        blocker = batcher.submit(rows(4, 1), 4, ((2,),))
+        await settle()
+        # 4 queued + 4 rows at 400 rows/s = 20 ms, plus a 10 ms run.
+        queued = batcher.submit(rows(4, 1), 4, ((2,),), deadline_s=1.0)
+        assert batcher.expected_wait_s(4) == pytest.approx(0.03)
+        runner.last_run_s = None  # a runner that cannot tell: the time until its answer
+        clock.advance(0.2)
+        runner.finish()
+        await blocker.future
+        assert batcher.expected_wait_s(4) > 0.03
+        await settle()
+        runner.finish()
+        await queued.future
+
+
 async def test_arrivals_while_no_session_is_free_scan_no_shape_groups() -> None:
     runner = ManualRunner()
     async with Batcher(
@@ -262,6 +291,7 @@ class FailingRunner:
 
     idle = 1
     size = 1
+    last_run_s: float | None = None
 
     def try_run(self, arrays: list[np.ndarray], done: Done) -> bool:
         self.runs.append(len(arrays[0]))

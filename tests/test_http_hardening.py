@@ -10,12 +10,19 @@ import zlib
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from batchserve import Engine
 from batchserve.app import Server
 from batchserve.http import STATE
-from batchserve.http.connections import default_max_connections
+from batchserve.http.connections import (
+    ANSWER_EVERY,
+    STALE_ANSWER_S,
+    ConnectionGuard,
+    ConnectionLimits,
+    default_max_connections,
+)
 
 from helpers import StartServer, StartServerProcess, wait_until
 
@@ -376,3 +383,85 @@ async def test_shutdown_answers_the_requests_held_back_by_the_cap(
     await closing
     for _, writer in held:
         writer.close()
+
+
+def _age_held(server: Server, seconds: float) -> None:
+    """Date every held request's first bytes `seconds` earlier: a wait in line the length of a
+    deadline, without the test spending it."""
+    for connection in server.connections._held:
+        connection.arrived_at -= seconds
+
+
+async def test_a_request_whose_wait_in_line_used_its_deadline_is_refused_at_the_gate(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    engine = Engine(mlp_path, name="mlp")
+    server = await start_server(engine, max_active_requests=1, request_timeout_ms=1000)
+    first_reader, first = await _one_request_in_progress(server)
+    late = [await connect(server) for _ in range(3)]
+    for i, (_, writer) in enumerate(late):
+        writer.write(infer_head(extra=f"X-Request-ID: late-{i}\r\n") + JSON)
+    probe_reader, probe = await connect(server)  # not an infer request: never screened
+    probe.write(LIVE)
+    unknown_reader, unknown = await connect(server)  # the handler's 404, not a 429
+    unknown.write(infer_head("no-such-model") + JSON)
+    piped_reader, piped = await connect(server)  # two requests in one read: both to the handler
+    piped.write(infer_head() + JSON + infer_head() + JSON)
+    await wait_until(lambda: server.connections.statistics().held == 6, "the requests held")
+    _age_held(server, 10.0)  # ten deadlines' wait
+    first.write(JSON[10:])
+    assert (await read_response(first_reader)).startswith(b"HTTP/1.1 200 ")
+    for i, (reader, _) in enumerate(late):
+        answer = await read_response(reader)
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), answer
+        assert b"\r\nRetry-After: 1\r\n" in head
+        assert f"\r\nX-Request-ID: late-{i}\r\n".encode() in head
+        assert b"\r\nContent-Type: application/json\r\n" in head
+        assert "deadline" in orjson.loads(body)["error"]
+    assert (await read_response(probe_reader)).startswith(b"HTTP/1.1 200 ")
+    assert (await read_response(unknown_reader)).startswith(b"HTTP/1.1 404 ")
+    # The handler refuses the first by the same rule; the second is timed afresh.
+    assert (await read_response(piped_reader)).startswith(b"HTTP/1.1 429 ")
+    assert (await read_response(piped_reader)).startswith(b"HTTP/1.1 200 ")
+    assert server.connections.statistics().screened == 3
+    assert engine.statistics().batcher.rejected == 4  # with the handler's one
+    statuses = server.app[STATE].requests.snapshot()["mlp"].statuses
+    assert statuses == {200: 2, 429: 4}
+    for reader, writer in late:  # kept alive: the next request on each is served
+        writer.write(infer_head() + JSON)
+        assert (await read_response(reader)).startswith(b"HTTP/1.1 200 ")
+    stats = server.connections.statistics()
+    assert (stats.active, stats.held) == (0, 0)
+    for w in (first, probe, unknown, piped, *(w for _, w in late)):
+        w.close()
+
+
+async def test_a_held_request_inside_its_deadline_goes_to_its_handler(
+    start_server: StartServer, mlp_path: Path
+) -> None:
+    server = await start_server(
+        Engine(mlp_path, name="mlp"), max_active_requests=1, request_timeout_ms=60_000
+    )
+    first_reader, first = await _one_request_in_progress(server)
+    reader, writer = await connect(server)
+    writer.write(infer_head() + JSON)
+    await wait_until(lambda: server.connections.statistics().held == 1, "the request held")
+    first.write(JSON[10:])
+    assert (await read_response(first_reader)).startswith(b"HTTP/1.1 200 ")
+    assert (await read_response(reader)).startswith(b"HTTP/1.1 200 ")
+    assert server.connections.statistics().screened == 0
+    for w in (first, writer):
+        w.close()
+
+
+def test_the_gate_prices_an_answer_by_recent_ones_and_forgets_an_old_figure() -> None:
+    guard = ConnectionGuard(ConnectionLimits(), {})
+    assert guard.answer_s(100.0) == 0.0  # nothing measured: nothing refused for it
+    for i in range(ANSWER_EVERY):
+        guard.answered(0.04 if i % 4 == 0 else 0.01, 100.0)
+    assert guard.answer_s(100.0) == 0.01  # the median: a slow few do not set the price
+    assert guard.answer_s(100.0 + STALE_ANSWER_S / 2) == 0.01
+    # Nothing answered for a while (everything refused): an old figure would go on refusing
+    # everything, so it no longer counts.
+    assert guard.answer_s(100.0 + 2 * STALE_ANSWER_S) == 0.0

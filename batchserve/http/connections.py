@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
@@ -72,6 +73,7 @@ class ConnectionStatistics:
     header_timeouts: int  # connections closed with 408 because their headers came too slowly
     active: int = 0  # requests read (or let through) and not yet answered
     held: int = 0  # connections whose next request waits for `active` to drop below the cap
+    screened: int = 0  # held requests answered at the gate (refused) when their turn came
 
 
 def _raw_response(status: str, message: str, extra: str = "") -> bytes:
@@ -88,6 +90,25 @@ def _raw_response(status: str, message: str, extra: str = "") -> bytes:
 _MAX_LINGERING_REFUSALS = 64
 
 
+# A request let through the cap after waiting in line, how long it waited (seconds since its
+# first bytes were read) and how long an answer takes from there lately: the whole HTTP answer
+# to write at once (a refusal), True (judged and let through: its handler does not judge its
+# deadline again, and its answer time is measured), or False (not the screen's to judge). It
+# sees the parsed request line and headers; its body, if any, is already read whole.
+Screen = Callable[[RawRequestMessage, float, float], "bytes | bool"]
+
+# Answer times after the gate: the window the quantile is taken over, how often it is taken,
+# and which quantile. The median: a high quantile feeds on itself under overload (refusals
+# busy the loop, which lengthens the answers' tail, which refuses more, until nearly all are
+# refused); the slow few it lets through are cut off by their own deadline (504), which the
+# overload benchmark keeps under 1%.
+ANSWER_WINDOW = 256
+ANSWER_EVERY = 32
+ANSWER_QUANTILE = 0.5
+# The least age at which that quantile counts as old (see `ConnectionGuard.answer_s`).
+STALE_ANSWER_S = 0.1
+
+
 class ConnectionGuard:
     """Counts the open connections and builds the protocol for each one the loop accepts.
 
@@ -95,11 +116,28 @@ class ConnectionGuard:
     refusal costs the loop most of what an answer does and its client comes straight back, so
     refusing turns the loop's time into refusals. A held connection's request stays unparsed
     and its socket unread (the kernel keeps the rest) until a request finishes; connections are
-    let through in the order their requests arrived, so the oldest is served first."""
+    let through in the order their requests arrived, so the oldest is served first.
 
-    def __init__(self, limits: ConnectionLimits, handler_kwargs: dict[str, Any]) -> None:
+    A request that waited in line meets the `screen` first, which may answer it at once (a
+    refusal whose wait has used up its deadline) without a request object, a task or a
+    response object: a refusal made there costs a fraction of one made by a handler, which is
+    what lets the line keep moving when more clients wait than the deadline has room for."""
+
+    def __init__(
+        self,
+        limits: ConnectionLimits,
+        handler_kwargs: dict[str, Any],
+        screen: Screen | None = None,
+    ) -> None:
         self.limits = limits
         self._handler_kwargs = handler_kwargs
+        self.screen = screen
+        self.screened = 0  # requests the screen answered at the gate
+        # Seconds from let through to answered, of the requests the screen let through.
+        self._answers: deque[float] = deque(maxlen=ANSWER_WINDOW)
+        self._answer_s = 0.0  # their ANSWER_QUANTILE, taken every ANSWER_EVERY answers
+        self._last_answer = 0.0
+        self._unsorted = 0  # answers since the quantile was last taken
         # A cap of 0 means none: a count that never reaches it keeps the check one compare.
         self.max_active = limits.max_active_requests or sys.maxsize
         self.active = 0
@@ -133,8 +171,9 @@ class ConnectionGuard:
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(
-            self.open, self.refused, self.header_timeouts, self.active, len(self._held)
-        )
+            self.open, self.refused, self.header_timeouts, self.active, len(self._held),
+            self.screened,
+        )  # fmt: skip
 
     def hold(self, connection: GuardedRequestHandler) -> None:
         self._held.append(connection)
@@ -144,6 +183,27 @@ class ConnectionGuard:
         with contextlib.suppress(ValueError):
             self._held.remove(connection)
 
+    def answered(self, seconds: float, now: float) -> None:
+        """A request the screen let through was answered `seconds` after."""
+        answers = self._answers
+        answers.append(seconds)
+        self._last_answer = now
+        self._unsorted += 1
+        if self._unsorted >= ANSWER_EVERY:
+            self._unsorted = 0
+            ordered = sorted(answers)
+            self._answer_s = ordered[int(ANSWER_QUANTILE * (len(ordered) - 1))]
+
+    def answer_s(self, now: float) -> float:
+        """How long an answer takes after the gate lately; 0 once that is no longer known:
+        with nothing let through for twice that long (everything refused), the figure is old,
+        and an old figure would go on refusing everything. 0 lets requests through to be
+        measured again."""
+        answer_s = self._answer_s
+        if now - self._last_answer > max(2 * answer_s, STALE_ANSWER_S):
+            return 0.0
+        return answer_s
+
     def finished(self) -> None:
         """A request finished (or a let-through connection closed without one): let the
         oldest held requests through while there is room. Each one let through counts as
@@ -152,7 +212,8 @@ class ConnectionGuard:
         held = self._held
         while held and self.active < self.max_active:
             self.active += 1
-            held.popleft().let_through()
+            if held.popleft().let_through():  # answered at the gate: its place is free again
+                self.active -= 1
 
 
 class _Refusal(asyncio.Protocol):
@@ -198,7 +259,7 @@ class GuardedRequestHandler(RequestHandler):
     answers a connection accepted before the listener closed instead of dropping it."""
 
     __slots__ = ("_answer_first", "_counted", "_first_answered", "_guard", "_header_timer",
-                 "_held_data", "_token", "arrived_at")  # fmt: skip
+                 "_held_data", "_let_at", "_token", "arrived_at", "screened")  # fmt: skip
 
     def __init__(self, manager: WebServer, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -206,6 +267,9 @@ class GuardedRequestHandler(RequestHandler):
         # (0: none pending). Under load a request waits here, behind the loop's backlog, before
         # its handler runs: a deadline the client counts must count that wait too.
         self.arrived_at = 0.0
+        # The request now parsed was let through by the guard's screen (its deadline checked).
+        self.screened = False
+        self._let_at = 0.0  # when the screen let this request through (0: it did not)
         self._guard = guard
         self._header_timer: asyncio.TimerHandle | None = None
         self._answer_first = False  # shutting down with no request read yet
@@ -274,15 +338,72 @@ class GuardedRequestHandler(RequestHandler):
         self._guard.hold(self)
         self._pause_transport_reading()
 
-    def let_through(self) -> None:
-        """The guard's turn for this connection's request (already counted as active)."""
+    def let_through(self, *, screened: bool = True) -> bool:
+        """The guard's turn for this connection's request (already counted as active). True
+        when it took no place after all: the screen answered it, or it had gone."""
         data, self._held_data = self._held_data, None
         if data is None:
-            return
+            return True
         self._token = True
         if not self._reading_paused and not self._buffer_paused:
             self._resume_transport_reading()
-        self._receive(data)
+        screen = self._guard.screen
+        if screen is None or not screened:
+            self._receive(data)
+            return False
+        # The handler is not woken by the parse: the screen looks at the request first.
+        waiter, self._waiter = self._waiter, None
+        try:
+            super().data_received(data)
+        finally:
+            self._waiter = waiter
+        answered = self._screen(screen)
+        if self._messages and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if answered:  # these bytes were one whole request: the connection is idle now
+            self._cancel_header_timer()
+        else:
+            self._watch_headers(data)
+        return answered
+
+    def _screen(self, screen: Screen) -> bool:
+        """Show the one whole request the held bytes made to the screen; write its answer if it
+        gives one. Anything else (part of a request, several pipelined, a parse error, one that
+        ends its connection or whose body is not all here) goes to the handler as usual."""
+        messages = self._messages
+        if len(messages) != 1 or self.transport is None:
+            return False
+        message, payload = messages[0]
+        if (
+            not isinstance(message, RawRequestMessage)  # a parse error
+            or message.method != "POST"
+            or message.should_close
+            or message.upgrade
+            or not payload.is_eof()
+        ):
+            return False
+        now = time.monotonic()
+        answer = screen(message, now - self.arrived_at, self._guard.answer_s(now))
+        if answer is False:
+            return False
+        if answer is True:
+            self.screened = True
+            self._let_at = now
+            return False
+        messages.popleft()
+        if self._parser is not None:
+            self._parser.message_consumed()
+        self.arrived_at = 0.0
+        self._token = False  # the caller frees the place: no `finished` from here
+        self._guard.screened += 1
+        self.transport.write(answer)
+        # Answered on a kept-alive connection, as the handler loop would have: its idle timer
+        # runs from now.
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+        return True
 
     def _process_keepalive(self) -> None:
         if self._held_data is None:  # a held request is waiting for the server, not idle
@@ -290,6 +411,9 @@ class GuardedRequestHandler(RequestHandler):
 
     def _receive(self, data: bytes) -> None:
         super().data_received(data)
+        self._watch_headers(data)
+
+    def _watch_headers(self, data: bytes) -> None:
         # Waiting for headers: no parsed request queued, and either none was ever parsed on
         # this connection or the handler sits idle between requests. (While a request is
         # handled, arriving bytes are its body: the body timeout covers those.)
@@ -325,7 +449,7 @@ class GuardedRequestHandler(RequestHandler):
         if self._held_data is not None and self.transport is not None:
             self._guard.forget(self)
             self._guard.active += 1
-            self.let_through()
+            self.let_through(screened=False)  # answered by its handler, which shutdown awaits
             self._answer_first = True
             return
         if self._request_count == 0 and self.transport is not None and not self._force_close:
@@ -365,6 +489,11 @@ class GuardedRequestHandler(RequestHandler):
             if skip_body:
                 self._lingering_time = 0.0
             self._first_done()
+            if self._let_at:
+                now = time.monotonic()
+                self._guard.answered(now - self._let_at, now)
+                self._let_at = 0.0
+                self.screened = False  # not taken (a handler that refused before it looked)
             # Answered: its place goes to the next in line. (A request that ends without an
             # answer ends with its connection: `connection_lost` gives the place back. One
             # pipelined behind another, read with it, is not counted: the cap is on reads.)
@@ -518,4 +647,10 @@ class ConnectionCollector(Collector):
             "batchserve_http_header_timeouts",
             "Connections closed with 408: request headers slower than --header-timeout-s.",
             value=stats.header_timeouts,
+        )
+        yield CounterMetricFamily(
+            "batchserve_http_gate_refusals",
+            "Requests held by --max-active-requests and refused when let through, before any "
+            "handler ran: their wait had used up their deadline (also in the requests counts).",
+            value=stats.screened,
         )

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from dataclasses import asdict
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -23,6 +27,7 @@ from batchserve.errors import (
     BodyTimeout,
     InvalidInput,
     NotReady,
+    Overloaded,
     PayloadTooLarge,
 )
 from batchserve.front import ServerState
@@ -59,6 +64,11 @@ METRICS = web.AppKey("metrics", CollectorRegistry)
 STATE = web.AppKey("state", ServerState)
 
 _JSON = "application/json"
+# The infer routes' paths, as `add_routes` declares them; percent-escapes are left to the router.
+# The share of the deadline a request let through the connection gate may expect to use: the
+# time an answer takes is measured (a high quantile of recent ones), so the margin is small.
+GATE_HEADROOM = 0.9
+_INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/?#%]+)(?:/versions/(?P<version>[^/?#%]+))?/infer")
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -163,22 +173,84 @@ class InferEndpoint:
         self._repository = repository
         self._state = state
 
-    def admit(self, request: web.Request, waited_s: float | None = None) -> Engine:
+    def admit(
+        self, request: web.Request, waited_s: float | None = None, *, deadline: bool = True
+    ) -> Engine:
         """The checks the headers allow, made before the body is read (and before `100
         Continue` when the client waits for one): a refusal costs far less than an answer.
-        `waited_s`: how long the request has waited since it reached the server."""
+        `waited_s`: how long the request has waited since it reached the server. `deadline`
+        False: its deadline was checked already (by the connection gate's screen)."""
         state = self._state
         match = request.match_info
         if state.api_key is not None:  # before the lookup: no probing names without a key
             authorize(state, request)
         engine = self._repository.get(match["name"], match.get("version"), request.headers)
         # Shed before reading the body: a refusal must cost far less than an answer.
-        state.admit(engine, state.timeout_s, state.lag.smoothed_s if waited_s is None else waited_s)
+        state.admit(
+            engine,
+            state.timeout_s if deadline else None,
+            state.lag.smoothed_s if waited_s is None else waited_s,
+        )
         length = request.content_length
         if length is not None and length > state.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds {state.max_body_bytes}")
         check_content_encoding(request.headers)
         return engine
+
+    def screen(self, message: RawRequestMessage, waited_s: float, answer_s: float) -> bytes | bool:
+        """A request the connection gate held in line, now let through: its refusal, as the
+        whole HTTP answer, when the time it has waited (`waited_s`, plus the loop's lag for its
+        time unread in the socket) and the time an answer takes from here lately (`answer_s`)
+        together pass its deadline; else True, and its handler takes it without judging the
+        deadline again; False for a request that is not the screen's to judge. A refusal is
+        counted, logged and traced as a handler's would be, without a request object, a task,
+        an exception or a response object. Only an infer request by a plain path with the key
+        it needs is judged: anything else (a 401, a 404) is the handler's to answer."""
+        state = self._state
+        timeout_s = state.timeout_s
+        if timeout_s is None:
+            return False
+        found = _INFER_PATH.fullmatch(message.path)
+        if found is None:
+            return False
+        started = time.perf_counter()
+        headers = message.headers
+        try:
+            if state.api_key is not None:
+                state.check_credentials(headers.get("Authorization", ""))
+            engine = self._repository.get(found["name"], found["version"], headers)
+        except Exception:
+            return False
+        waited_s += state.lag.smoothed_s
+        if waited_s + answer_s <= GATE_HEADROOM * timeout_s:
+            return True
+        engine.count_refusal()
+        message_text = (
+            f"waited {waited_s * 1000:.0f} ms in line; with the {answer_s * 1000:.0f} ms an answer "
+            f"takes now, past the request's deadline ({timeout_s * 1000:g} ms)"
+        )
+        tracer = state.tracer
+        trace = None if tracer is None else tracer.request(headers, "http")
+        body = orjson.dumps({"error": message_text})
+        length = headers.get("Content-Length", "")
+        received = int(length) if length.isdigit() else 0
+        request_id = headers.get("X-Request-ID") or state.request_ids.next()
+        status = Overloaded.status
+        answer = (
+            f"HTTP/1.1 429 Too Many Requests\r\nContent-Type: {_JSON}\r\nRetry-After: 1\r\n"
+            f"X-Request-ID: {request_id}\r\nDate: {rfc822_formatted_time()}\r\n"
+            f"Server: {SERVER_SOFTWARE}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode("utf-8", "surrogateescape") + body
+        elapsed = time.perf_counter() - started
+        state.requests.record(engine.name, status, elapsed, received, len(body))
+        if state.access_log.enabled:
+            state.access_log.record_call(
+                request_id, headers.get("traceparent"), engine.name, status,
+                elapsed, None, received, len(body), "http",
+            )  # fmt: skip
+        if trace is not None:
+            trace.end(engine.name, status, None)
+        return answer
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -190,11 +262,15 @@ class InferEndpoint:
         decoded: InferRequest | None  # None: a raw payload for the model's handler
         match = request.match_info
         waited = _waited(request, state.lag)
+        # Let through the connection gate by its screen a moment ago: judged against its
+        # deadline once, there (a second look here, a few loop turns later, would refuse some
+        # of what the screen let through, at a handler's cost).
+        screened = _screened(request)
         tracer = state.tracer  # None: tracing is off, and nothing below does any
         trace = None if tracer is None else tracer.request(request.headers, "http")
         # Errors are mapped here rather than by `guarded`: one coroutine less per request.
         try:
-            engine = self.admit(request, waited)
+            engine = self.admit(request, waited, deadline=not screened)
             model = engine.name
             if request.content.is_eof():
                 body = await request.read()  # already here: no timer needed
@@ -331,6 +407,14 @@ def _waited(request: web.Request, lag: LoopLag) -> float:
         return lag.smoothed_s
     setattr(protocol, "arrived_at", 0.0)  # noqa: B010 (taken: the next request is timed afresh)
     return max(0.0, time.monotonic() - arrived) + lag.smoothed_s
+
+
+def _screened(request: web.Request) -> bool:
+    protocol = request.protocol
+    if not getattr(protocol, "screened", False):
+        return False
+    setattr(protocol, "screened", False)  # noqa: B010 (taken: the next request is its own)
+    return True
 
 
 def _cache_allowed(request: web.Request, parameters: dict[str, Any] | None) -> bool:

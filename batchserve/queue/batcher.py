@@ -48,6 +48,12 @@ class Runner(Protocol):
         self, arrays: list[np.ndarray], done: Callable[[RunOutputs | BaseException], None]
     ) -> bool: ...
 
+    # While `done` runs: that run's own seconds, as its thread saw them (None: not known, the
+    # time until `done` is used). Under load the event loop takes a run's answer late; that
+    # delay is the loop's lag, which admission adds itself, and it stays in a median of run
+    # times long after the loop has caught up: priced twice, it refuses everything.
+    last_run_s: float | None
+
 
 class Pending:
     """One request in the queue; the caller's future travels with it."""
@@ -260,6 +266,10 @@ class Batcher(Lifecycle):
         self._idle.clear()
         self._schedule()
         return item
+
+    def count_refusal(self) -> None:
+        """A request refused before it reached `check_room` (see `Engine.count_refusal`)."""
+        self._stats.rejected += 1
 
     def check_room(self, deadline_s: float | None = None, waited_s: float = 0.0) -> None:
         """Refuse now, before the request is even read, when the queue is already full or its
@@ -633,8 +643,10 @@ class Batcher(Lifecycle):
         if isinstance(result, BaseException):
             self._failed(batch, result)
         else:
-            if elapsed > 0:
-                self._measure(rows, elapsed)
+            ran = self._runner.last_run_s
+            service = ran if ran is not None and 0 < ran < elapsed else elapsed
+            if service > 0:
+                self._measure(rows, service)
             if len(batch) == 1:
                 _resolve(batch[0].future, result)
                 self._count_answered(batch, started, elapsed)

@@ -69,13 +69,14 @@ class HealthPolicy:
 class _Slot:
     """One session and the thread that runs it."""
 
-    __slots__ = ("executor", "failures", "index", "session", "started_at")
+    __slots__ = ("executor", "failures", "index", "ran_s", "session", "started_at")
 
     def __init__(self, index: int, session: Any) -> None:
         self.index = index
         self.session = session
         self.failures = 0  # consecutive
         self.started_at = 0.0  # monotonic time the current run began; 0 when idle
+        self.ran_s = 0.0  # the last run's seconds, from its start to its end in the thread
         # One thread per session: ORT releases the GIL inside run(), so sessions overlap.
         self.executor = cf.ThreadPoolExecutor(1, thread_name_prefix=f"batchserve-session-{index}")
 
@@ -103,6 +104,8 @@ class SessionPool(Lifecycle):
         self._rebuilding: set[asyncio.Task[None]] = set()
         self._lost = 0
         self._runs = 0
+        # The seconds of the run whose `done` is being called (see `Runner.last_run_s`).
+        self.last_run_s: float | None = None
         self._failures = 0
         self._replacements = 0
         self._probes = 0
@@ -149,8 +152,14 @@ class SessionPool(Lifecycle):
         self._drained.clear()
         slot.started_at = time.monotonic()
         future = slot.executor.submit(run_session, slot.session, arrays, self._names)
-        future.add_done_callback(partial(self._from_thread, self._complete, slot, done, arrays))
+        future.add_done_callback(partial(self._ran, slot, done, arrays))
         return True
+
+    def _ran(self, slot: _Slot, done: RunCallback, arrays: list[np.ndarray], future: Any) -> None:
+        # In the session's thread, as the run ends: its time without the event loop's delay in
+        # taking the answer (which the front end's lag already counts, once).
+        slot.ran_s = time.monotonic() - slot.started_at
+        self._from_thread(self._complete, slot, done, arrays, future)
 
     def _from_thread(self, complete: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
@@ -181,6 +190,7 @@ class SessionPool(Lifecycle):
             else:
                 self._start_rebuild(slot)
         self._check_drained()
+        self.last_run_s = slot.ran_s
         done(future.result() if error is None else error)
 
     def _remember(self, arrays: list[np.ndarray]) -> None:
