@@ -424,7 +424,7 @@ async def test_a_request_whose_wait_in_line_used_its_deadline_is_refused_at_the_
     # The handler refuses the first by the same rule; the second is timed afresh.
     assert (await read_response(piped_reader)).startswith(b"HTTP/1.1 429 ")
     assert (await read_response(piped_reader)).startswith(b"HTTP/1.1 200 ")
-    assert server.connections.statistics().screened == 3
+    assert server.connections.statistics().gate_refusals == 3
     assert engine.statistics().batcher.rejected == 4  # with the handler's one
     statuses = server.app[STATE].requests.snapshot()["mlp"].statuses
     assert statuses == {200: 2, 429: 4}
@@ -450,7 +450,7 @@ async def test_a_held_request_inside_its_deadline_goes_to_its_handler(
     first.write(JSON[10:])
     assert (await read_response(first_reader)).startswith(b"HTTP/1.1 200 ")
     assert (await read_response(reader)).startswith(b"HTTP/1.1 200 ")
-    assert server.connections.statistics().screened == 0
+    assert server.connections.statistics().gate_refusals == 0
     for w in (first, writer):
         w.close()
 

@@ -73,7 +73,7 @@ class ConnectionStatistics:
     header_timeouts: int  # connections closed with 408 because their headers came too slowly
     active: int = 0  # requests read (or let through) and not yet answered
     held: int = 0  # connections whose next request waits for `active` to drop below the cap
-    screened: int = 0  # held requests answered at the gate (refused) when their turn came
+    gate_refusals: int = 0  # held requests refused at the gate when their turn came
 
 
 def _raw_response(status: str, message: str, extra: str = "") -> bytes:
@@ -132,7 +132,7 @@ class ConnectionGuard:
         self.limits = limits
         self._handler_kwargs = handler_kwargs
         self.screen = screen
-        self.screened = 0  # requests the screen answered at the gate
+        self.gate_refusals = 0  # requests the screen refused at the gate
         # Seconds from let through to answered, of the requests the screen let through.
         self._answers: deque[float] = deque(maxlen=ANSWER_WINDOW)
         self._answer_s = 0.0  # their ANSWER_QUANTILE, taken every ANSWER_EVERY answers
@@ -172,7 +172,7 @@ class ConnectionGuard:
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(
             self.open, self.refused, self.header_timeouts, self.active, len(self._held),
-            self.screened,
+            self.gate_refusals,
         )  # fmt: skip
 
     def hold(self, connection: GuardedRequestHandler) -> None:
@@ -395,7 +395,7 @@ class GuardedRequestHandler(RequestHandler):
             self._parser.message_consumed()
         self.arrived_at = 0.0
         self._token = False  # the caller frees the place: no `finished` from here
-        self._guard.screened += 1
+        self._guard.gate_refusals += 1
         self.transport.write(answer)
         # Answered on a kept-alive connection, as the handler loop would have: its idle timer
         # runs from now.
@@ -652,5 +652,5 @@ class ConnectionCollector(Collector):
             "batchserve_http_gate_refusals",
             "Requests held by --max-active-requests and refused when let through, before any "
             "handler ran: their wait had used up their deadline (also in the requests counts).",
-            value=stats.screened,
+            value=stats.gate_refusals,
         )

@@ -64,10 +64,10 @@ METRICS = web.AppKey("metrics", CollectorRegistry)
 STATE = web.AppKey("state", ServerState)
 
 _JSON = "application/json"
-# The infer routes' paths, as `add_routes` declares them; percent-escapes are left to the router.
 # The share of the deadline a request let through the connection gate may expect to use: the
-# time an answer takes is measured (a high quantile of recent ones), so the margin is small.
+# time an answer takes from there is measured, not estimated, so the margin is small.
 GATE_HEADROOM = 0.9
+# The infer routes' paths, as `add_routes` declares them; percent-escapes are left to the router.
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/?#%]+)(?:/versions/(?P<version>[^/?#%]+))?/infer")
 
 
