@@ -425,6 +425,8 @@ async def test_a_request_whose_wait_in_line_used_its_deadline_is_refused_at_the_
     assert (await read_response(piped_reader)).startswith(b"HTTP/1.1 429 ")
     assert (await read_response(piped_reader)).startswith(b"HTTP/1.1 200 ")
     assert server.connections.statistics().gate_refusals == 3
+    # The refusals' recorded durations count their ten seconds in line.
+    assert server.app[STATE].requests.snapshot()["mlp"].latency.total >= 3 * 10.0
     assert engine.statistics().batcher.rejected == 4  # with the handler's one
     statuses = server.app[STATE].requests.snapshot()["mlp"].statuses
     assert statuses == {200: 2, 429: 4}
@@ -447,10 +449,15 @@ async def test_a_held_request_inside_its_deadline_goes_to_its_handler(
     reader, writer = await connect(server)
     writer.write(infer_head() + JSON)
     await wait_until(lambda: server.connections.statistics().held == 1, "the request held")
+    _age_held(server, 10.0)  # long, but well inside the 60 s deadline
     first.write(JSON[10:])
     assert (await read_response(first_reader)).startswith(b"HTTP/1.1 200 ")
     assert (await read_response(reader)).startswith(b"HTTP/1.1 200 ")
     assert server.connections.statistics().gate_refusals == 0
+    # Its recorded duration counts its wait in line, not only its handler's time.
+    latency = server.app[STATE].requests.snapshot()["mlp"].latency
+    assert latency.count == 2
+    assert latency.total >= 10.0
     for w in (first, writer):
         w.close()
 

@@ -221,6 +221,7 @@ class InferEndpoint:
             engine = self._repository.get(found["name"], found["version"], headers)
         except Exception:
             return False
+        read_s = waited_s  # measured since its first bytes were read: its recorded duration
         waited_s += state.lag.smoothed_s
         if waited_s + answer_s <= GATE_HEADROOM * timeout_s:
             return True
@@ -241,7 +242,7 @@ class InferEndpoint:
             f"X-Request-ID: {request_id}\r\nDate: {rfc822_formatted_time()}\r\n"
             f"Server: {SERVER_SOFTWARE}\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode("utf-8", "surrogateescape") + body
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started + read_s
         state.requests.record(engine.name, status, elapsed, received, len(body))
         if state.access_log.enabled:
             state.access_log.record_call(
@@ -261,7 +262,9 @@ class InferEndpoint:
         served: Result | None = None
         decoded: InferRequest | None  # None: a raw payload for the model's handler
         match = request.match_info
-        waited = _waited(request, state.lag)
+        # The duration recorded runs from when its first bytes were read, not from here: under
+        # load a request waits before its handler runs, and a latency that hid that would too.
+        waited, before_handler = _waited(request, state.lag)
         # Let through the connection gate by its screen a moment ago: judged against its
         # deadline once, there (a second look here, a few loop turns later, would refuse some
         # of what the screen let through, at a handler's cost).
@@ -324,7 +327,7 @@ class InferEndpoint:
                 model = name  # a known model that refused (not ready, no key): count it there
         finally:
             stats.in_flight -= 1
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started + before_handler
         sent = len(response.body) if isinstance(response.body, bytes) else 0
         stats.record(model, response.status, elapsed, received, sent)
         request_id = request.headers.get("X-Request-ID") or state.request_ids.next()
@@ -397,16 +400,18 @@ async def _read_slow_body(request: web.Request, timeout_s: float) -> bytes:
         raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
 
 
-def _waited(request: web.Request, lag: LoopLag) -> float:
+def _waited(request: web.Request, lag: LoopLag) -> tuple[float, float]:
     """How long ago the client sent the request, as far as the server can tell: since its
-    first bytes were read (the wait behind the loop's backlog), plus the loop's smoothed lag
-    for the time they sat unread in the socket before that."""
+    first bytes were read (the wait behind the loop's backlog, or in the connection gate's
+    line), plus the loop's smoothed lag for the time they sat unread in the socket before
+    that; and the measured part alone (since the first bytes were read: 0 when not known)."""
     protocol = request.protocol
     arrived = getattr(protocol, "arrived_at", 0.0)
     if not arrived:
-        return lag.smoothed_s
+        return lag.smoothed_s, 0.0
     setattr(protocol, "arrived_at", 0.0)  # noqa: B010 (taken: the next request is timed afresh)
-    return max(0.0, time.monotonic() - arrived) + lag.smoothed_s
+    read = max(0.0, time.monotonic() - arrived)
+    return read + lag.smoothed_s, read
 
 
 def _screened(request: web.Request) -> bool:
