@@ -18,6 +18,7 @@ from batchserve.app import Server
 from batchserve.http import STATE
 from batchserve.http.connections import (
     ANSWER_EVERY,
+    MIN_ADAPTED_CAP,
     STALE_ANSWER_S,
     ConnectionGuard,
     ConnectionLimits,
@@ -472,3 +473,32 @@ def test_the_gate_prices_an_answer_by_recent_ones_and_forgets_an_old_figure() ->
     # Nothing answered for a while (everything refused): an old figure would go on refusing
     # everything, so it no longer counts.
     assert guard.answer_s(100.0 + 2 * STALE_ANSWER_S) == 0.0
+
+
+def test_under_a_line_the_cap_shrinks_while_answers_slow_down_and_grows_back() -> None:
+    guard = ConnectionGuard(ConnectionLimits(max_active_requests=128), {})
+
+    def answers(seconds: float, count: int) -> None:
+        for _ in range(count):
+            guard.answered(seconds, 100.0)
+
+    answers(0.005, 256)  # quick answers: the cap stays where it was configured
+    assert guard.cap == 128
+    assert guard.statistics().cap == 128
+    # Answers ten times slower (places queue inside the server): the cap comes down, by a
+    # tenth per ANSWER_EVERY answers, to no less than MIN_ADAPTED_CAP.
+    answers(0.05, 256)
+    assert MIN_ADAPTED_CAP <= guard.cap < 128
+    answers(0.05, 4096)
+    assert guard.cap == MIN_ADAPTED_CAP
+    answers(0.005, 8192)  # quick again: back up to the configured cap, and no further
+    assert guard.cap == 128
+
+
+def test_the_cap_never_rises_over_the_configured_one_nor_drops_below_it_when_small() -> None:
+    guard = ConnectionGuard(ConnectionLimits(max_active_requests=4), {})
+    for seconds in (0.005, 0.5):
+        for _ in range(1024):
+            guard.answered(seconds, 100.0)
+        assert guard.cap == 4
+    assert ConnectionGuard(ConnectionLimits(), {}).statistics().cap == 0  # no cap configured
