@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 SMOOTHING = 0.25  # weight of the newest tick in `smoothed_s`
 
@@ -25,9 +26,9 @@ class LoopLag:
     in a row spanning `window_s`): a burst that one long iteration absorbs, or a collection
     pause, is not overload; a loop that stays behind is."""
 
-    __slots__ = ("_due", "_handle", "_interval_s", "_late_since", "_late_ticks", "_limit_s",
-                 "_loop", "_measure", "_settled", "_sustain", "_window_s", "lag_s", "max_lag_s",
-                 "overloaded", "smoothed_s")  # fmt: skip
+    __slots__ = ("_clock", "_due", "_handle", "_interval_s", "_late_since", "_late_ticks",
+                 "_limit_s", "_loop", "_measure", "_settled", "_sustain", "_window_s", "lag_s",
+                 "max_lag_s", "overloaded", "smoothed_s")  # fmt: skip
 
     def __init__(
         self,
@@ -37,8 +38,10 @@ class LoopLag:
         sustain: int = 3,
         *,
         measure: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._limit_s = limit_s
+        self._clock = clock
         self._measure = measure  # run the timer even with no limit (deadlines need the lag)
         self._interval_s = interval_s
         self._window_s = window_s
@@ -63,7 +66,7 @@ class LoopLag:
             return
         self._loop = asyncio.get_running_loop()
         self._settled = False
-        self._arm(time.monotonic())
+        self._arm(self._clock())
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -78,7 +81,7 @@ class LoopLag:
         self._handle = self._loop.call_later(self._interval_s, self._tick)
 
     def _tick(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         late = max(0.0, now - self._due)
         if not self._settled:
             self._settled = True
