@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from compare import free_port  # noqa: E402
-from grpc_ceiling import run_h2load  # noqa: E402
+from grpc_ceiling import have_h2load, run_h2load  # noqa: E402
 
 from batchserve.protocol import decode_request, encode_request  # noqa: E402
 
@@ -95,8 +94,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    if shutil.which("h2load") is None:
-        print("h2load is needed (Debian: apt-get install nghttp2-client)", file=sys.stderr)
+    if not have_h2load():
         return 2
     import onnxruntime as ort
 

@@ -106,6 +106,14 @@ def h2load(url: str, body: Path, headers: list[str], args: argparse.Namespace,
                       seconds=args.duration, warmup_s=2, h1=h1)  # fmt: skip
 
 
+def have_h2load() -> bool:
+    """Whether h2load is on PATH; says how to get it when not."""
+    if shutil.which("h2load") is not None:
+        return True
+    print("h2load is needed (Debian: apt-get install nghttp2-client)", file=sys.stderr)
+    return False
+
+
 def run_h2load(url: str, body: Path, headers: list[str], *, connections: int, streams: int,
                seconds: float, warmup_s: float, h1: bool) -> dict[str, Any]:  # fmt: skip
     """One closed-loop `h2load` run posting `body`: req/s, mean ms, failed requests.
@@ -139,8 +147,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    if shutil.which("h2load") is None:
-        print("h2load is needed (Debian: apt-get install nghttp2-client)", file=sys.stderr)
+    if not have_h2load():
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="grpc-ceiling-"))
