@@ -22,6 +22,7 @@ from batchserve.front.stats import RequestStatistics
 from batchserve.handlers.config import ExecutorKind, HandlerConfig
 from batchserve.http import METRICS, REPOSITORY, STATE, add_routes
 from batchserve.http.connections import (
+    ANSWER_SHARE,
     ConnectionCollector,
     ConnectionGuard,
     ConnectionLimits,
@@ -252,6 +253,9 @@ class Server(Lifecycle):
             keepalive_timeout_s=config.keepalive_timeout_s,
             max_connections=config.max_connections or default_max_connections(),
             max_active_requests=config.max_active_requests,
+            # Under a deadline, answers after the gate are kept to a share of it (see
+            # `ConnectionGuard._adapt`); without one nothing is screened or measured.
+            answer_target_s=ANSWER_SHARE * (config.request_timeout_s or 0.0),
         )
         # Requests that waited in line for the cap meet the infer endpoint's admission first.
         screen = InferEndpoint(repository, self.app[STATE]).screen

@@ -18,6 +18,7 @@ from batchserve.app import Server
 from batchserve.http import STATE
 from batchserve.http.connections import (
     ANSWER_EVERY,
+    ANSWER_SHARE,
     MIN_ADAPTED_CAP,
     STALE_ANSWER_S,
     ConnectionGuard,
@@ -451,6 +452,8 @@ async def test_a_held_request_inside_its_deadline_goes_to_its_handler(
     writer.write(infer_head() + JSON)
     await wait_until(lambda: server.connections.statistics().held == 1, "the request held")
     _age_held(server, 10.0)  # long, but well inside the 60 s deadline
+    # The cap in force adapts to answers after the gate against a share of that deadline.
+    assert server.connections.limits.answer_target_s == ANSWER_SHARE * 60.0
     first.write(JSON[10:])
     assert (await read_response(first_reader)).startswith(b"HTTP/1.1 200 ")
     assert (await read_response(reader)).startswith(b"HTTP/1.1 200 ")
@@ -476,7 +479,9 @@ def test_the_gate_prices_an_answer_by_recent_ones_and_forgets_an_old_figure() ->
 
 
 def test_under_a_line_the_cap_shrinks_while_answers_slow_down_and_grows_back() -> None:
-    guard = ConnectionGuard(ConnectionLimits(max_active_requests=128), {})
+    # The target is a share of a 90 ms deadline, as the server sets it.
+    limits = ConnectionLimits(max_active_requests=128, answer_target_s=ANSWER_SHARE * 0.09)
+    guard = ConnectionGuard(limits, {})
 
     def answers(seconds: float, count: int) -> None:
         for _ in range(count):
@@ -485,20 +490,45 @@ def test_under_a_line_the_cap_shrinks_while_answers_slow_down_and_grows_back() -
     answers(0.005, 256)  # quick answers: the cap stays where it was configured
     assert guard.cap == 128
     assert guard.statistics().cap == 128
-    # Answers ten times slower (places queue inside the server): the cap comes down, by a
-    # tenth per ANSWER_EVERY answers, to no less than MIN_ADAPTED_CAP.
+    # Answers over the target (places queue inside the server): the cap comes down, by a tenth
+    # per ANSWER_EVERY answers, to no less than MIN_ADAPTED_CAP.
     answers(0.05, 256)
     assert MIN_ADAPTED_CAP <= guard.cap < 128
     answers(0.05, 4096)
+    assert guard.cap == MIN_ADAPTED_CAP
+    # Between three quarters of the target and the target: the cap stays where it is.
+    answers(0.8 * limits.answer_target_s, 1024)
     assert guard.cap == MIN_ADAPTED_CAP
     answers(0.005, 8192)  # quick again: back up to the configured cap, and no further
     assert guard.cap == 128
 
 
+def test_the_cap_does_not_take_its_bearings_from_the_first_answers_it_sees() -> None:
+    # A first window slower than the target (a server warming up under a line) must not make
+    # such answers the norm: later ones as slow still bring the cap down.
+    limits = ConnectionLimits(max_active_requests=128, answer_target_s=0.02)
+    slow_first = ConnectionGuard(limits, {})
+    for _ in range(4096):
+        slow_first.answered(0.06, 100.0)
+    assert slow_first.cap == MIN_ADAPTED_CAP
+    # A first window far quicker than usual (answers while the line formed) must not hold the
+    # cap at its floor once answers take their usual time under the target.
+    quick_first = ConnectionGuard(limits, {})
+    for seconds, count in ((0.001, 64), (0.06, 2048), (0.01, 8192)):
+        for _ in range(count):
+            quick_first.answered(seconds, 100.0)
+    assert quick_first.cap == 128
+
+
 def test_the_cap_never_rises_over_the_configured_one_nor_drops_below_it_when_small() -> None:
-    guard = ConnectionGuard(ConnectionLimits(max_active_requests=4), {})
+    guard = ConnectionGuard(ConnectionLimits(max_active_requests=4, answer_target_s=0.02), {})
     for seconds in (0.005, 0.5):
         for _ in range(1024):
             guard.answered(seconds, 100.0)
         assert guard.cap == 4
+    # Without a target (no deadline) the cap never moves.
+    fixed = ConnectionGuard(ConnectionLimits(max_active_requests=128), {})
+    for _ in range(1024):
+        fixed.answered(0.5, 100.0)
+    assert fixed.cap == 128
     assert ConnectionGuard(ConnectionLimits(), {}).statistics().cap == 0  # no cap configured

@@ -50,6 +50,9 @@ class ConnectionLimits:
     refusal_linger_s: how long a refused connection may stay open for the client to read its 503.
     max_active_requests: requests handled at once, all connections together (0: no cap); a new
         request that arrives past it waits, unread, in its connection until one finishes.
+    answer_target_s: while a line waits, the cap in force comes down while answers after the
+        gate take longer than this, and goes back up while they take under three quarters of
+        it (0: the cap never moves).
     """
 
     header_timeout_s: float = 30.0
@@ -57,13 +60,15 @@ class ConnectionLimits:
     max_connections: int = 1024
     refusal_linger_s: float = 1.0
     max_active_requests: int = 0
+    answer_target_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "keepalive_timeout_s", "max_connections"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_active_requests < 0:
-            raise ValueError(f"max_active_requests must be >= 0, got {self.max_active_requests}")
+        for name in ("max_active_requests", "answer_target_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +115,9 @@ ANSWER_QUANTILE = 0.5
 STALE_ANSWER_S = 0.1
 # The least the cap in force goes down to (see `ConnectionGuard._adapt`).
 MIN_ADAPTED_CAP = 16
+# The share of the request deadline an answer after the gate is kept under while a line waits
+# (`ConnectionLimits.answer_target_s`; see `ConnectionGuard._adapt`).
+ANSWER_SHARE = 0.25
 
 
 class ConnectionGuard:
@@ -143,10 +151,9 @@ class ConnectionGuard:
         self._unsorted = 0  # answers since the quantile was last taken
         # A cap of 0 means none: a count that never reaches it keeps the check one compare.
         self.max_active = limits.max_active_requests or sys.maxsize
-        # The cap in force: the configured one, lowered while answers after the gate take much
-        # longer than they do with few in the way (see `_adapt`).
+        # The cap in force: the configured one, lowered while answers after the gate take
+        # longer than `limits.answer_target_s` (see `_adapt`).
         self.cap = self.max_active
-        self._quickest = float("inf")  # the lowest median answer time after the gate seen
         self.active = 0
         self._held: deque[GuardedRequestHandler] = deque()
         self.open = 0
@@ -203,18 +210,26 @@ class ConnectionGuard:
             self._adapt(self._answer_s)
 
     def _adapt(self, median_s: float) -> None:
-        """Under a line (only held requests are measured), lower the cap in force while the
-        answers after the gate take over twice the quickest median seen, and raise it back
-        while they do not. Past what keeps the sessions busy, more places only lengthen every
-        answer (the answer time is the places over the answers per second); and once refusals
-        slow the loop, long answers under a deadline refuse more, which slows it further: with
-        the configured 128 places and 1,500 answers a second an answer took 85 ms and the gate
-        refused nearly everything. Without a line the configured cap stands untouched."""
-        self._quickest = quickest = min(self._quickest, median_s)
+        """Under a line (only held requests are measured), lower the cap in force by a tenth
+        while the median answer after the gate takes longer than `answer_target_s`, and raise
+        it back by 2 while it takes under three quarters of that. Past what keeps the sessions
+        busy, more places only lengthen every answer (the answer time is the places over the
+        answers per second); and once refusals slow the loop, long answers under a deadline
+        refuse more, which slows it further: with the configured 128 places and 1,500 answers a
+        second an answer took 85 ms and the gate refused nearly everything.
+
+        The target is a share of the deadline, not a multiple of the quickest answer time seen:
+        that figure is set by whichever window came first, and it failed both ways (a first
+        window of 1 ms held the cap at its floor for a whole run; one of 37 ms let answers take
+        60 ms with 128 places, refusing 11,000 requests a second for 500 answers). Without a
+        line the configured cap stands untouched."""
+        target = self.limits.answer_target_s
+        if not target:
+            return
         limit = self.max_active
-        if median_s > 2 * quickest:
+        if median_s > target:
             self.cap = max(min(limit, MIN_ADAPTED_CAP), int(self.cap * 0.9))
-        elif self.cap < limit:
+        elif median_s < 0.75 * target and self.cap < limit:
             self.cap = min(limit, self.cap + 2)
 
     def answer_s(self, now: float) -> float:
@@ -674,7 +689,7 @@ class ConnectionCollector(Collector):
         yield GaugeMetricFamily(
             "batchserve_http_requests_active_cap",
             "The cap on requests handled at once in force: --max-active-requests, lowered while "
-            "a line waits and answers take over twice their quickest (0: no cap).",
+            "a line waits and answers take over a quarter of the request deadline (0: no cap).",
             value=stats.cap,
         )
         yield CounterMetricFamily(
